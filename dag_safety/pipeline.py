@@ -1,0 +1,7 @@
+"""DAGStableDiffusionPipeline (work in progress: plain StableDiffusionPipeline behaviour for now)."""
+
+from diffusers import StableDiffusionPipeline
+
+
+class DAGStableDiffusionPipeline(StableDiffusionPipeline):
+    pass
