@@ -1,7 +1,556 @@
-"""DAGStableDiffusionPipeline (work in progress: plain StableDiffusionPipeline behaviour for now)."""
+"""`DAGStableDiffusionPipeline`: Stable Diffusion with Detect-and-Guide, SLD and SEGA safety guidance."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import deprecate, logging, replace_example_docstring
+
+from .attention import CrossAttentionCapture
+from .config import SLD_SAFETY_CONCEPT, DAGConfig, GuidanceMethod, SEGAConfig, SLDConfig, build_config
+from .config import split_dag_options
+from .detection import combine_concepts, concept_map, project_keys, token_maps, validate_embedding
+from .guidance import dag_noise_pred, dag_scale_map, sega_noise_pred, sld_noise_pred
+from .outputs import DAGPipelineOutput
+
+__all__ = ["DAGStableDiffusionPipeline"]
+
+logger = logging.get_logger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from dag_safety import DAGStableDiffusionPipeline
+
+        >>> pipe = DAGStableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4")
+        >>> pipe.enable_dag(guideline_embedding, guidance="sega")  # a (1+K, 768) tensor
+        >>> out = pipe("a prompt", safety_concept="nudity", generator=torch.manual_seed(0))
+        >>> out.images[0], out.unsafe_detected
+        ```
+"""
+
+
+@dataclass
+class _DAGState:
+    """What `enable_dag` prepared: config, embeddings, the installed capture and each concept's keys per layer."""
+
+    config: DAGConfig
+    embeddings: list[torch.Tensor]
+    capture: CrossAttentionCapture
+    keys: list[dict[str, torch.Tensor]]
+    scales: dict[str, float]
 
 
 class DAGStableDiffusionPipeline(StableDiffusionPipeline):
-    pass
+    r"""
+    [`StableDiffusionPipeline`] with inference-time safety guidance: Detect-and-Guide (DAG, Li et al., CVPR 2025)
+    and the baselines it builds on, Safe Latent Diffusion (SLD) and semantic guidance (SEGA).
+
+    DAG detects the unsafe region at every step from the UNet's cross-attention queries and an optimized
+    guideline-token embedding, and applies the SEGA or SLD safety direction only there, scaled per pixel by the
+    paper's AreaScaler and MagnitudeScaler. With neither DAG nor safety guidance enabled the pipeline is
+    `StableDiffusionPipeline`, output for output.
+
+    The constructor is `StableDiffusionPipeline`'s, so `from_pretrained(...)` and `from_pipe(pipe)` work as usual.
+    """
+
+    # Per-instance state, set by the enable/disable methods; `__init__` stays StableDiffusionPipeline's so that
+    # diffusers' loaders read the same component signature.
+    _dag: _DAGState | None = None
+    _safety_guidance: SLDConfig | SEGAConfig | None = None
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def dag_config(self) -> DAGConfig | None:
+        """The active [`DAGConfig`], or `None` when DAG is disabled."""
+        return None if self._dag is None else self._dag.config
+
+    @property
+    def safety_guidance_config(self) -> SLDConfig | SEGAConfig | None:
+        """The active plain safety guidance (no detection), or `None`."""
+        return self._safety_guidance
+
+    def enable_dag(
+        self,
+        embedding: torch.Tensor | list[torch.Tensor] | None = None,
+        guidance: str = "sega",
+        *,
+        preset: str | None = None,
+        **options: Any,
+    ) -> None:
+        r"""
+        Turns on Detect-and-Guide.
+
+        Args:
+            embedding (`torch.Tensor` or `list[torch.Tensor]`):
+                A guideline embedding `(1+K, D)` (a start-of-text row, then `K` concept rows, in the text encoder's
+                output space, `D = unet.config.cross_attention_dim`), or a list of them for several concepts.
+            guidance (`str`, *optional*, defaults to `"sega"`):
+                The base method whose mask and momentum DAG rescales: `"sega"` or `"sld"`.
+            preset (`str`, *optional*):
+                With `guidance="sld"`: the SLD preset whose threshold and momentum to use (default: SLD's defaults,
+                the `"medium"` values).
+            options:
+                Fields of [`DAGConfig`] (`unsafe_threshold`, `edit_mask_threshold`, `base_scale`, `max_magnitude`,
+                `max_edit_area`, `warmup_steps`, `area_scaler`, `magnitude_scaler`, `layer_fractions`) and of the
+                base method's config ([`SEGAConfig`] or [`SLDConfig`], e.g. `edit_threshold`).
+
+        Raises:
+            `ValueError`: no or malformed embedding (shape, width, NaN/Inf), unknown method, preset or option,
+            thresholds outside `(0, 1]`, no cross-attention layer at the chosen resolutions, or plain safety
+            guidance already enabled.
+        """
+        if embedding is None:
+            raise ValueError(
+                "`enable_dag` needs a guideline embedding: a (1+K, D) tensor, or a list of them for several"
+                " concepts."
+            )
+        if self._safety_guidance is not None:
+            raise ValueError("Plain safety guidance is enabled; call `disable_safety_guidance()` before `enable_dag`.")
+        embeddings = list(embedding) if isinstance(embedding, (list, tuple)) else [embedding]
+        if not embeddings:
+            raise ValueError("`enable_dag` got an empty list of guideline embeddings.")
+        for item in embeddings:
+            validate_embedding(item, self.unet.config.cross_attention_dim)
+        dag_options, base_options = split_dag_options(options)
+        config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)
+
+        self.disable_dag()
+        capture = CrossAttentionCapture(self.unet, config.layer_fractions)
+        modules = capture.attention_modules()
+        embeddings = [item.detach().to(device="cpu", dtype=torch.float32) for item in embeddings]
+        # Keys are fixed here: the embedding stays tied to the projections it was fitted to, even if weights
+        # loaded later change to_k.
+        with torch.no_grad():
+            keys = [{name: project_keys(attn, item) for name, attn in modules.items()} for item in embeddings]
+        capture.install()
+        self._dag = _DAGState(
+            config=config,
+            embeddings=embeddings,
+            capture=capture,
+            keys=keys,
+            scales={name: attn.scale for name, attn in modules.items()},
+        )
+
+    def disable_dag(self) -> None:
+        """Turns DAG off and restores the attention processors that were set before [`enable_dag`]."""
+        if self._dag is not None:
+            self._dag.capture.remove()
+            self._dag = None
+
+    def enable_safety_guidance(self, method: str = "sld", preset: str | None = None, **overrides: Any) -> None:
+        r"""
+        Turns on plain SLD or SEGA safety guidance (no detection), as diffusers' deprecated pipelines apply it.
+
+        Args:
+            method (`str`, *optional*, defaults to `"sld"`): `"sld"` or `"sega"`.
+            preset (`str`, *optional*): SLD only, `"weak"`, `"medium"`, `"strong"` or `"max"`.
+            overrides: fields of [`SLDConfig`] (`sld_guidance_scale`, ...) or [`SEGAConfig`] (`edit_guidance_scale`,
+                ...), in diffusers' names.
+
+        Raises:
+            `ValueError`: unknown method, preset or option, invalid values, or DAG already enabled.
+        """
+        if self._dag is not None:
+            raise ValueError("DAG is enabled; call `disable_dag()` before `enable_safety_guidance`.")
+        self._safety_guidance = build_config(method, preset, **overrides)
+
+    def disable_safety_guidance(self) -> None:
+        """Turns plain safety guidance off."""
+        self._safety_guidance = None
+
+    # ------------------------------------------------------------------ step helpers
+
+    def _encode_safety_concepts(
+        self, safety_concept: str | list[str], batch: int, device: torch.device, lora_scale: float | None
+    ) -> list[torch.Tensor]:
+        """Text-encoder states of each safety concept, repeated to the batch: a list of `(batch, L, D)`."""
+        concepts = [safety_concept] if isinstance(safety_concept, str) else list(safety_concept)
+        if not concepts or not all(isinstance(c, str) and c for c in concepts):
+            raise ValueError(f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}.")
+        if len(concepts) > 1 and isinstance(self._safety_guidance, SLDConfig):
+            raise ValueError(f"SLD guides away from one safety concept; got {len(concepts)}. Use SEGA for several.")
+        embeds = []
+        for concept in concepts:
+            concept_embeds, _ = self.encode_prompt(
+                concept, device, batch, False, lora_scale=lora_scale, clip_skip=self.clip_skip
+            )
+            embeds.append(concept_embeds)
+        return embeds
+
+    def _detect(self, latent_size: tuple[int, int]) -> torch.Tensor:
+        """`Â` from the queries captured in the last UNet call: `(B, h, w)` in `[0, 1]`, float32."""
+        state = self._dag
+        queries = state.capture.store.queries
+        maps = [concept_map(token_maps(queries, keys, state.scales, latent_size)) for keys in state.keys]
+        return maps[0] if len(maps) == 1 else combine_concepts(maps)
+
+    @staticmethod
+    def _repeat_added_cond(added_cond_kwargs: dict | None, parts: int) -> dict | None:
+        """IP-Adapter image embeds for a batch of `[uncond, cond] + [cond] * (parts - 2)` or of `[cond] * parts`."""
+        if added_cond_kwargs is None:
+            return None
+        embeds = []
+        for image_embeds in added_cond_kwargs["image_embeds"]:
+            negative, positive = image_embeds.chunk(2)
+            embeds.append(torch.cat([negative, positive] + [positive] * (parts - 2)) if parts >= 2 else positive)
+        return {"image_embeds": embeds}
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        safety_concept: str | list[str] = SLD_SAFETY_CONCEPT,
+        return_dag_maps: bool = False,
+        **kwargs,
+    ) -> DAGPipelineOutput | tuple:
+        r"""
+        Generates images; every argument of `StableDiffusionPipeline.__call__` works as there.
+
+        Args:
+            safety_concept (`str` or `list[str]`, *optional*, defaults to SLD's concept text):
+                The text of the concept to steer away from (`e_s`). Several concepts need SEGA (or DAG + SEGA).
+            return_dag_maps (`bool`, *optional*, defaults to `False`):
+                With DAG enabled, also return the last step's detection map per image as `dag_maps`.
+
+        Returns:
+            [`DAGPipelineOutput`] or `tuple`: with `return_dict=False`, `(images, nsfw_content_detected)` when no
+            safety guidance is enabled (as `StableDiffusionPipeline`), else `(images, nsfw_content_detected,
+            unsafe_detected, dag_maps)`.
+
+        Raises:
+            `ValueError`: safety guidance without classifier-free guidance (`guidance_scale <= 1`),
+            `return_dag_maps` without DAG, or a bad `safety_concept`.
+
+        Examples:
+        """
+        sd_arguments = dict(
+            prompt=prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            output_type=output_type,
+            return_dict=return_dict,
+            cross_attention_kwargs=cross_attention_kwargs,
+            guidance_rescale=guidance_rescale,
+            clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            **kwargs,
+        )
+        if return_dag_maps and self._dag is None:
+            raise ValueError("`return_dag_maps=True` needs DAG; call `pipe.enable_dag(embedding)` first.")
+        if self._dag is None and self._safety_guidance is None:
+            output = super().__call__(**sd_arguments)
+            if not return_dict:
+                return output
+            return DAGPipelineOutput(images=output.images, nsfw_content_detected=output.nsfw_content_detected)
+        return self._guided_call(safety_concept=safety_concept, return_dag_maps=return_dag_maps, **sd_arguments)
+
+    def _guided_call(
+        self,
+        prompt,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        guidance_scale,
+        negative_prompt,
+        num_images_per_prompt,
+        eta,
+        generator,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
+        output_type,
+        return_dict,
+        cross_attention_kwargs,
+        guidance_rescale,
+        clip_skip,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        safety_concept,
+        return_dag_maps,
+        **kwargs,
+    ):
+        """The denoising loop of `StableDiffusionPipeline.__call__` with a safety step after the CFG pass."""
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        if callback is not None:
+            deprecate("callback", "1.0.0", "Passing `callback` is deprecated, use `callback_on_step_end`")
+        if callback_steps is not None:
+            deprecate("callback_steps", "1.0.0", "Passing `callback_steps` is deprecated, use `callback_on_step_end`")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Default height and width to unet
+        if not height or not width:
+            sample_size = self.unet.config.sample_size
+            height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            callback_steps,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        if not self.do_classifier_free_guidance:
+            raise ValueError(
+                f"Safety guidance works on top of classifier-free guidance, which is off (guidance_scale="
+                f"{guidance_scale}, unet time_cond_proj_dim={self.unet.config.time_cond_proj_dim}). Use"
+                " `guidance_scale > 1` or disable safety guidance."
+            )
+        dag = self._dag
+
+        # 2. Define call parameters
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+        batch = batch_size * num_images_per_prompt
+
+        # 3. Encode input prompt and the safety concept(s)
+        lora_scale = self.cross_attention_kwargs.get("scale", None) if self.cross_attention_kwargs else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+        )
+        prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        safety_embeds = self._encode_safety_concepts(safety_concept, batch, device, lora_scale)
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, batch, self.do_classifier_free_guidance
+            )
+            added_cond_kwargs = {"image_embeds": image_embeds}
+        else:
+            added_cond_kwargs = None
+
+        # 4. Prepare timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+
+        # 5. Prepare latent variables
+        latents = self.prepare_latents(
+            batch,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        latent_size = tuple(latents.shape[-2:])
+
+        # 6. Prepare extra step kwargs and the guidance scale embedding
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(batch)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        def unet(sample: torch.Tensor, t, encoder_hidden_states: torch.Tensor, cond_kwargs) -> torch.Tensor:
+            sample = self.scheduler.scale_model_input(sample, t) if hasattr(self.scheduler, "scale_model_input") else sample
+            return self.unet(
+                sample,
+                t,
+                encoder_hidden_states=encoder_hidden_states,
+                timestep_cond=timestep_cond,
+                cross_attention_kwargs=self.cross_attention_kwargs,
+                added_cond_kwargs=cond_kwargs,
+                return_dict=False,
+            )[0]
+
+        # 7. Denoising loop
+        momentum = None
+        detection_map = None
+        unsafe_detected = torch.zeros(batch, dtype=torch.bool)
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+
+                if dag is None:
+                    # SLD / SEGA need e_s at every step (their momentum builds up during warm-up): one batch
+                    parts = 2 + len(safety_embeds)
+                    noise_pred = unet(
+                        torch.cat([latents] * parts),
+                        t,
+                        torch.cat([prompt_embeds, *safety_embeds]),
+                        self._repeat_added_cond(added_cond_kwargs, parts),
+                    )
+                    noise_pred_uncond, noise_pred_text, *noise_preds_safety = noise_pred.chunk(parts)
+                    if isinstance(self._safety_guidance, SLDConfig):
+                        noise_pred, momentum = sld_noise_pred(
+                            noise_pred_uncond,
+                            noise_pred_text,
+                            noise_preds_safety[0],
+                            self.guidance_scale,
+                            momentum,
+                            i,
+                            self._safety_guidance,
+                        )
+                    else:
+                        noise_pred, momentum = sega_noise_pred(
+                            noise_pred_uncond,
+                            noise_pred_text,
+                            noise_preds_safety,
+                            self.guidance_scale,
+                            momentum,
+                            i,
+                            self._safety_guidance,
+                        )
+                else:
+                    # DAG: the CFG pass as StableDiffusionPipeline runs it, capturing the prompt's queries when the
+                    # map is needed (guided steps, and the last step for `return_dag_maps`)
+                    guided = i >= dag.config.warmup_steps
+                    detect = guided or (return_dag_maps and i == len(timesteps) - 1)
+                    if detect:
+                        dag.capture.store.arm(slice(batch, 2 * batch))
+                    try:
+                        noise_pred = unet(torch.cat([latents] * 2), t, prompt_embeds, added_cond_kwargs)
+                    finally:
+                        dag.capture.store.disarm()
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    if detect:
+                        detection_map = self._detect(latent_size)
+                        dag.capture.store.clear()
+                    scale = None
+                    if guided:
+                        scale_map = dag_scale_map(detection_map, dag.config)
+                        unsafe_detected |= scale_map.detected.cpu()
+                        if bool(scale_map.detected.any()):
+                            scale = scale_map.scale
+                    if scale is None:
+                        # Nothing to guide: S_dag = 0 makes the safety term exactly zero, so the safety pass is
+                        # skipped and the step is the classifier-free one; the momentum only decays.
+                        noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                        if momentum is not None:
+                            momentum = dag.config.mom_beta * momentum
+                    else:
+                        noise_preds_safety = [
+                            unet(latents, t, embeds, self._repeat_added_cond(added_cond_kwargs, 1))
+                            for embeds in safety_embeds
+                        ]
+                        noise_pred, momentum = dag_noise_pred(
+                            noise_pred_uncond,
+                            noise_pred_text,
+                            noise_preds_safety,
+                            self.guidance_scale,
+                            scale,
+                            momentum,
+                            dag.config,
+                        )
+
+                if self.guidance_rescale > 0.0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+
+                # compute the previous noisy sample x_t -> x_t-1
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        step_idx = i // getattr(self.scheduler, "order", 1)
+                        callback(step_idx, t, latents)
+
+        # 8. Decode, safety checker, post-processing (as StableDiffusionPipeline)
+        if not output_type == "latent":
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+        else:
+            image = latents
+            has_nsfw_concept = None
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not x for x in has_nsfw_concept]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        self.maybe_free_model_hooks()
+
+        unsafe = unsafe_detected.tolist() if dag is not None else None
+        maps = detection_map.float().cpu() if return_dag_maps and detection_map is not None else None
+        if not return_dict:
+            return image, has_nsfw_concept, unsafe, maps
+        return DAGPipelineOutput(
+            images=image, nsfw_content_detected=has_nsfw_concept, unsafe_detected=unsafe, dag_maps=maps
+        )

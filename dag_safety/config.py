@@ -1,0 +1,268 @@
+"""Frozen, validated configurations for SLD, SEGA and DAG guidance.
+
+Field names of [`SLDConfig`] and [`SEGAConfig`] are the keyword arguments of diffusers' deprecated
+`StableDiffusionPipelineSafe` and `SemanticStableDiffusionPipeline`, so settings carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "DAGConfig",
+    "GuidanceMethod",
+    "SEGAConfig",
+    "SLDConfig",
+    "SLD_PRESETS",
+    "SLD_SAFETY_CONCEPT",
+    "build_config",
+]
+
+SLD_SAFETY_CONCEPT = (
+    "an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity,"
+    " bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child"
+    " abuse, brutality, cruelty"
+)
+"""The default safety concept text of Safe Latent Diffusion (and of `StableDiffusionPipelineSafe`)."""
+
+
+class GuidanceMethod(str, Enum):
+    """Safety guidance that produces the edit direction: SLD's threshold mask or SEGA's percentile mask."""
+
+    SLD = "sld"
+    SEGA = "sega"
+
+    @classmethod
+    def parse(cls, value: str | GuidanceMethod) -> GuidanceMethod:
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"Unknown guidance method {value!r}; expected one of {valid}.") from None
+
+
+def _check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+
+
+def _check_unit_interval(name: str, value: float, *, open_low: bool = True) -> None:
+    _check_finite(name, value)
+    low_ok = value > 0 if open_low else value >= 0
+    if not (low_ok and value <= 1):
+        interval = "(0, 1]" if open_low else "[0, 1]"
+        raise ValueError(f"`{name}` must lie in {interval}, got {value!r}.")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    _check_finite(name, value)
+    if value < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+
+
+def _check_steps(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer number of steps, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class SLDConfig:
+    """Safe Latent Diffusion (Schramowski et al.), as in diffusers' `StableDiffusionPipelineSafe`.
+
+    Args:
+        sld_guidance_scale (`float`, *optional*, defaults to 1000):
+            Multiplier of `|e_p - e_s|` before clamping to 1; the per-element scale of the safety direction.
+        sld_warmup_steps (`int`, *optional*, defaults to 10):
+            Steps before the safety direction is applied (momentum still builds up during warm-up).
+        sld_threshold (`float`, *optional*, defaults to 0.01):
+            Elements with `e_p - e_s < sld_threshold` are guided; a difference in noise units, not a probability.
+        sld_momentum_scale (`float`, *optional*, defaults to 0.3):
+            Weight of the momentum term added to the safety direction.
+        sld_mom_beta (`float`, *optional*, defaults to 0.4):
+            Momentum decay, in `[0, 1]`.
+    """
+
+    sld_guidance_scale: float = 1000.0
+    sld_warmup_steps: int = 10
+    sld_threshold: float = 0.01
+    sld_momentum_scale: float = 0.3
+    sld_mom_beta: float = 0.4
+
+    def __post_init__(self):
+        _check_non_negative("sld_guidance_scale", self.sld_guidance_scale)
+        _check_steps("sld_warmup_steps", self.sld_warmup_steps)
+        _check_finite("sld_threshold", self.sld_threshold)
+        _check_non_negative("sld_momentum_scale", self.sld_momentum_scale)
+        _check_unit_interval("sld_mom_beta", self.sld_mom_beta, open_low=False)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> SLDConfig:
+        """The SLD presets `"weak"`, `"medium"`, `"strong"`, `"max"`, optionally with fields overridden."""
+        if preset not in SLD_PRESETS:
+            valid = ", ".join(repr(p) for p in SLD_PRESETS)
+            raise ValueError(f"Unknown SLD preset {preset!r}; expected one of {valid} or None.")
+        return dataclasses.replace(SLD_PRESETS[preset], **overrides)
+
+
+SLD_PRESETS: dict[str, SLDConfig] = {
+    "weak": SLDConfig(20, 15, 0.0, 0.0, 0.0),
+    "medium": SLDConfig(1000, 10, 0.01, 0.3, 0.4),
+    "strong": SLDConfig(2000, 7, 0.025, 0.5, 0.7),
+    "max": SLDConfig(5000, 0, 1.0, 0.5, 0.7),
+}
+"""Safe Latent Diffusion's hyper-parameter presets (diffusers' `SafetyConfig`)."""
+
+
+@dataclass(frozen=True)
+class SEGAConfig:
+    """Semantic guidance (Brack et al.) with a reversed safety concept, as in `SemanticStableDiffusionPipeline`.
+
+    Args:
+        edit_guidance_scale (`float`, *optional*, defaults to 5):
+            Scale of the (reversed) concept direction. The DAG paper uses 10 for nudity.
+        edit_warmup_steps (`int`, *optional*, defaults to 10):
+            Steps before the edit is applied (momentum still builds up during warm-up).
+        edit_threshold (`float`, *optional*, defaults to 0.9):
+            Percentile in `(0, 1]`: per image and channel, only elements whose magnitude reaches this quantile
+            over the `h×w` latent are guided.
+        edit_momentum_scale (`float`, *optional*, defaults to 0.1):
+            Weight of the momentum term.
+        edit_mom_beta (`float`, *optional*, defaults to 0.4):
+            Momentum decay, in `[0, 1]`.
+    """
+
+    edit_guidance_scale: float = 5.0
+    edit_warmup_steps: int = 10
+    edit_threshold: float = 0.9
+    edit_momentum_scale: float = 0.1
+    edit_mom_beta: float = 0.4
+
+    def __post_init__(self):
+        _check_non_negative("edit_guidance_scale", self.edit_guidance_scale)
+        _check_steps("edit_warmup_steps", self.edit_warmup_steps)
+        _check_unit_interval("edit_threshold", self.edit_threshold)
+        _check_non_negative("edit_momentum_scale", self.edit_momentum_scale)
+        _check_unit_interval("edit_mom_beta", self.edit_mom_beta, open_low=False)
+
+
+@dataclass(frozen=True)
+class DAGConfig:
+    """Detect-and-Guide settings (spec section 3; paper Table 1, A.2, Algorithm 1).
+
+    The safety direction of the base method (`base`: SEGA's percentile mask or SLD's threshold mask, and its
+    momentum) is rescaled per latent pixel by `S_dag = S_area ⊙ T` and masked to the detected edit region.
+
+    Args:
+        base (`SEGAConfig` or `SLDConfig`, *optional*, defaults to `SEGAConfig()`):
+            The base method. Only its mask (`edit_threshold` / `sld_threshold`) and momentum
+            (`*_momentum_scale`, `*_mom_beta`) are used: DAG's scale map replaces the base scale, and DAG's own
+            warm-up replaces the base warm-up.
+        unsafe_threshold (`float`, *optional*, defaults to 0.5):
+            `τ_u` in `(0, 1]`: pixels with `Â >= τ_u` form the unsafe components.
+        edit_mask_threshold (`float`, *optional*, defaults to 0.01):
+            `τ_e` in `(0, 1]`: pixels with `Â >= τ_e` form the edit region `M_edit`.
+        base_scale (`float`, *optional*, defaults to 5):
+            Numerator of the base scale `s̄ = base_scale / (h·w)`: a component covering `1/base_scale` of the
+            latent gets `S_area = 1`.
+        max_magnitude (`float`, *optional*, defaults to 5):
+            Upper clip of the MagnitudeScaler `T = clip(Â / τ_e, 1, max_magnitude)`.
+        max_edit_area (`float`, *optional*, defaults to 0.8):
+            If the edit region covers at least this share of the latent, no object has formed yet ("mode
+            undefined") and the step is left unguided.
+        warmup_steps (`int`, *optional*, defaults to 5):
+            Steps before DAG guides. Nothing beyond the plain classifier-free guidance pass runs during warm-up,
+            and the momentum starts at the first guided step.
+        area_scaler (`bool`, *optional*, defaults to `True`):
+            `False` is the paper's ablation "DAG without AreaScaler": `S_area := 1` on `M_edit`.
+        magnitude_scaler (`bool`, *optional*, defaults to `True`):
+            `False` is the ablation "DAG without MagnitudeScaler": `T := 1` on `M_edit`.
+        layer_fractions (`tuple[float, ...]`, *optional*, defaults to `(0.25, 0.5)`):
+            Cross-attention layers whose query side is this fraction of the latent side are used for detection
+            (16² and 32² for a 64² latent).
+    """
+
+    base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
+    unsafe_threshold: float = 0.5
+    edit_mask_threshold: float = 0.01
+    base_scale: float = 5.0
+    max_magnitude: float = 5.0
+    max_edit_area: float = 0.8
+    warmup_steps: int = 5
+    area_scaler: bool = True
+    magnitude_scaler: bool = True
+    layer_fractions: tuple[float, ...] = (0.25, 0.5)
+
+    def __post_init__(self):
+        if not isinstance(self.base, (SEGAConfig, SLDConfig)):
+            raise ValueError(f"`base` must be a SEGAConfig or an SLDConfig, got {type(self.base).__name__}.")
+        _check_unit_interval("unsafe_threshold", self.unsafe_threshold)
+        _check_unit_interval("edit_mask_threshold", self.edit_mask_threshold)
+        if self.edit_mask_threshold > self.unsafe_threshold:
+            raise ValueError(
+                f"`edit_mask_threshold` ({self.edit_mask_threshold}) must not exceed `unsafe_threshold`"
+                f" ({self.unsafe_threshold}): the edit region has to contain the unsafe components."
+            )
+        _check_non_negative("base_scale", self.base_scale)
+        _check_finite("max_magnitude", self.max_magnitude)
+        if self.max_magnitude < 1:
+            raise ValueError(f"`max_magnitude` must be >= 1, got {self.max_magnitude!r}.")
+        _check_unit_interval("max_edit_area", self.max_edit_area)
+        _check_steps("warmup_steps", self.warmup_steps)
+        fractions = tuple(self.layer_fractions)
+        if not fractions or any(not (0 < f <= 1) for f in fractions):
+            raise ValueError(
+                f"`layer_fractions` must be a non-empty tuple of fractions in (0, 1] of the latent side,"
+                f" got {self.layer_fractions!r}."
+            )
+        object.__setattr__(self, "layer_fractions", fractions)
+
+    @property
+    def method(self) -> GuidanceMethod:
+        return GuidanceMethod.SEGA if isinstance(self.base, SEGAConfig) else GuidanceMethod.SLD
+
+    @property
+    def momentum_scale(self) -> float:
+        return self.base.edit_momentum_scale if isinstance(self.base, SEGAConfig) else self.base.sld_momentum_scale
+
+    @property
+    def mom_beta(self) -> float:
+        return self.base.edit_mom_beta if isinstance(self.base, SEGAConfig) else self.base.sld_mom_beta
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def build_config(
+    method: str | GuidanceMethod, preset: str | None = None, **options: Any
+) -> SEGAConfig | SLDConfig:
+    """Builds the base safety-guidance configuration from a method name, an optional SLD preset and overrides.
+
+    Raises:
+        `ValueError`: unknown method, unknown preset, a preset with SEGA, or an option the method does not have.
+    """
+    method = GuidanceMethod.parse(method)
+    cls = SLDConfig if method is GuidanceMethod.SLD else SEGAConfig
+    unknown = sorted(set(options) - _field_names(cls))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for {method.value!r} guidance; valid options: {sorted(_field_names(cls))}."
+        )
+    if preset is not None:
+        if method is not GuidanceMethod.SLD:
+            raise ValueError(f"Presets exist for SLD only; got preset={preset!r} with method={method.value!r}.")
+        return SLDConfig.from_preset(preset, **options)
+    return cls(**options)
+
+
+def split_dag_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits `enable_dag(**options)` into `DAGConfig` fields and base-method fields (validated later)."""
+    dag_fields = _field_names(DAGConfig) - {"base"}
+    return (
+        {k: v for k, v in options.items() if k in dag_fields},
+        {k: v for k, v in options.items() if k not in dag_fields},
+    )

@@ -1,0 +1,165 @@
+"""Guideline-token cross-attention maps (spec section 2).
+
+A guideline embedding `c*` is a `(1+K, D)` tensor in the cross-attention context space (the text encoder's
+output space): a start-of-text row, then `K` concept rows. At each selected layer `l` the captured queries
+`Q_l` attend to `K_l = to_k(c*)`; the softmax runs over the `1+K` rows only (the start-of-text row is the
+"background" a query that matches nothing puts its mass on, as in OVAM), the heads are averaged, the maps are
+bilinearly upsampled to the latent size and averaged over layers, the concept rows are averaged and the result
+is min-max normalised per image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from .attention import CapturedQuery
+
+__all__ = [
+    "combine_concepts",
+    "concept_map",
+    "layer_token_maps",
+    "minmax_normalize",
+    "project_keys",
+    "token_maps",
+    "validate_embedding",
+]
+
+
+def validate_embedding(embedding: torch.Tensor, cross_attention_dim: int) -> None:
+    """Checks a guideline embedding: `(1+K, D)` with `K >= 1`, `D == cross_attention_dim`, finite values.
+
+    Raises:
+        `ValueError`: naming the problem and what is expected.
+    """
+    if not isinstance(embedding, torch.Tensor):
+        raise ValueError(
+            f"A guideline embedding must be a torch.Tensor of shape (1+K, {cross_attention_dim}),"
+            f" got {type(embedding).__name__}."
+        )
+    if embedding.ndim != 2 or embedding.shape[0] < 2:
+        raise ValueError(
+            f"A guideline embedding must have shape (1+K, D) with a start-of-text row and K >= 1 concept rows,"
+            f" got shape {tuple(embedding.shape)}."
+        )
+    if embedding.shape[1] != cross_attention_dim:
+        raise ValueError(
+            f"The guideline embedding has width {embedding.shape[1]}, but this UNet's cross-attention width"
+            f" (`unet.config.cross_attention_dim`) is {cross_attention_dim}: the embedding was made for another"
+            " base model. Use an embedding optimized for this model."
+        )
+    if not torch.isfinite(embedding).all():
+        raise ValueError("The guideline embedding contains NaN or Inf values; re-create or re-download it.")
+
+
+def project_keys(attn: Attention, embedding: torch.Tensor) -> torch.Tensor:
+    """Keys of a guideline embedding at one cross-attention layer, as the layer's processor computes them.
+
+    Args:
+        embedding (`torch.Tensor`): `(1+K, D)`.
+
+    Returns:
+        `torch.Tensor`: `(heads, 1+K, head_dim)` (differentiable in `embedding`).
+    """
+    context = embedding[None].to(dtype=attn.to_k.weight.dtype, device=attn.to_k.weight.device)
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key = attn.to_k(context)
+    head_dim = key.shape[-1] // attn.heads
+    key = key.view(1, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return key[0]
+
+
+def _spatial_size(captured: CapturedQuery, latent_size: tuple[int, int]) -> tuple[int, int]:
+    if captured.spatial_size is not None:
+        return captured.spatial_size
+    tokens = captured.query.shape[2]
+    height, width = latent_size
+    factor = math.sqrt(height * width / tokens)
+    layer_height = max(1, round(height / factor))
+    if tokens % layer_height or layer_height * (tokens // layer_height) != tokens:
+        raise ValueError(f"Cannot infer the spatial size of a layer with {tokens} queries for latent {latent_size}.")
+    return layer_height, tokens // layer_height
+
+
+def layer_token_maps(
+    captured: CapturedQuery, keys: torch.Tensor, scale: float, latent_size: tuple[int, int]
+) -> torch.Tensor:
+    """Attention of each query pixel over the `1+K` guideline rows at one layer, averaged over heads.
+
+    Args:
+        captured (`CapturedQuery`): queries `(B, heads, N, head_dim)`.
+        keys (`torch.Tensor`): from [`project_keys`], `(heads, 1+K, head_dim)`.
+        scale (`float`): the layer's `attn.scale` (`head_dim ** -0.5`).
+        latent_size (`tuple[int, int]`): `(h, w)` of the latent, to infer `(h_l, w_l)` for 3-D inputs.
+
+    Returns:
+        `torch.Tensor`: `(B, 1+K, h_l, w_l)`, each pixel's values summing to 1 over the rows.
+    """
+    query = captured.query
+    scores = torch.matmul(query, keys.to(query.dtype).transpose(-1, -2)) * scale
+    probs = scores.float().softmax(dim=-1).mean(dim=1)  # (B, N, 1+K)
+    height, width = _spatial_size(captured, latent_size)
+    return probs.transpose(1, 2).reshape(probs.shape[0], -1, height, width)
+
+
+def token_maps(
+    queries: dict[str, CapturedQuery],
+    keys: dict[str, torch.Tensor],
+    scales: dict[str, float],
+    latent_size: tuple[int, int],
+) -> torch.Tensor:
+    """Layer-averaged token maps: each layer's [`layer_token_maps`] upsampled (bilinear) to the latent size.
+
+    Returns:
+        `torch.Tensor`: `(B, 1+K, h, w)`, float32.
+    """
+    if not queries:
+        raise RuntimeError("No cross-attention queries were captured in this UNet call.")
+    maps = [
+        F.interpolate(
+            layer_token_maps(queries[name], keys[name], scales[name], latent_size),
+            size=latent_size,
+            mode="bilinear",
+            align_corners=False,
+        )
+        for name in sorted(queries)
+    ]
+    return torch.stack(maps).mean(dim=0)
+
+
+def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max normalisation of `(B, h, w)` maps to `[0, 1]`.
+
+    A constant map carries no location and becomes all zeros (nothing detected). "Constant" allows for rounding:
+    a span below `1e-5` of the map's magnitude (a uniform attention map after bilinear upsampling, say) is only
+    float noise, which min-max would otherwise blow up into a detection.
+    """
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    high = flat.max(dim=1).values[:, None, None]
+    span = high - low
+    informative = span > 1e-5 * torch.maximum(low.abs(), high.abs())
+    return torch.where(informative, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+
+
+def concept_map(layer_averaged: torch.Tensor) -> torch.Tensor:
+    """`Â` of one concept: drop the start-of-text row, mean over the `K` concept rows, min-max per image.
+
+    Args:
+        layer_averaged (`torch.Tensor`): `(B, 1+K, h, w)` from [`token_maps`].
+
+    Returns:
+        `torch.Tensor`: `(B, h, w)` in `[0, 1]`.
+    """
+    return minmax_normalize(layer_averaged[:, 1:].mean(dim=1))
+
+
+def combine_concepts(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Several concepts: the element-wise max of their normalised maps, `(B, h, w)` in `[0, 1]` (paper C)."""
+    return torch.stack(maps).amax(dim=0)

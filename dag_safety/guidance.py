@@ -1,0 +1,233 @@
+"""Safety guidance math: SLD, SEGA and DAG's scale map, as pure tensor functions.
+
+All noise predictions are `(B, C, h, w)` latent tensors: `noise_pred_uncond` (`e_u`, empty or negative
+prompt), `noise_pred_text` (`e_p`, the user's prompt) and `noise_pred_safety` (`e_s`, the safety concept).
+Each `*_noise_pred` function returns the guided noise prediction and the updated momentum; the caller keeps
+the momentum between steps (it starts as `None`, read as zeros).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .config import DAGConfig, SEGAConfig, SLDConfig
+
+__all__ = [
+    "DAGScaleMap",
+    "area_scaler",
+    "dag_noise_pred",
+    "dag_scale_map",
+    "magnitude_scaler",
+    "sega_noise_pred",
+    "sld_noise_pred",
+]
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def sld_noise_pred(
+    noise_pred_uncond: torch.Tensor,
+    noise_pred_text: torch.Tensor,
+    noise_pred_safety: torch.Tensor,
+    guidance_scale: float,
+    momentum: torch.Tensor | None,
+    step_index: int,
+    config: SLDConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Safe Latent Diffusion, in the order of operations of diffusers' `StableDiffusionPipelineSafe`.
+
+    `e = e_u + s_g * ((e_p - e_u) - g)` with `g = S ⊙ M ⊙ (e_s - e_u) + sld_momentum_scale * v`,
+    `S = clamp(|e_p - e_s| * sld_guidance_scale, max=1)`, `M = 1[e_p - e_s < sld_threshold]`; the momentum
+    `v <- beta * v + (1 - beta) * g` is updated every step, `g` is applied from `sld_warmup_steps` on.
+
+    Returns:
+        `(noise_pred, momentum)`, both `(B, C, h, w)`.
+    """
+    noise_guidance = noise_pred_text - noise_pred_uncond
+    if momentum is None:
+        momentum = torch.zeros_like(noise_guidance)
+    difference = noise_pred_text - noise_pred_safety
+    scale = torch.clamp(torch.abs(difference) * config.sld_guidance_scale, max=1.0)
+    scale = torch.where(difference >= config.sld_threshold, torch.zeros_like(scale), scale)
+    safety = torch.mul(noise_pred_safety - noise_pred_uncond, scale)
+    safety = safety + config.sld_momentum_scale * momentum
+    momentum = config.sld_mom_beta * momentum + (1 - config.sld_mom_beta) * safety
+    if step_index >= config.sld_warmup_steps:
+        noise_guidance = noise_guidance - safety
+    return noise_pred_uncond + guidance_scale * noise_guidance, momentum
+
+
+def _percentile_mask(direction: torch.Tensor, percentile: float) -> torch.Tensor:
+    """`1[|direction| >= quantile(|direction|, percentile)]`, the quantile taken over `h×w` per `(B, C)`."""
+    magnitude = torch.abs(direction)
+    # torch.quantile needs float32 or float64
+    quantile = torch.quantile(magnitude.flatten(start_dim=2).float(), percentile, dim=2).to(magnitude.dtype)
+    return magnitude >= quantile[:, :, None, None]
+
+
+def sega_noise_pred(
+    noise_pred_uncond: torch.Tensor,
+    noise_pred_text: torch.Tensor,
+    noise_preds_safety: list[torch.Tensor],
+    guidance_scale: float,
+    momentum: torch.Tensor | None,
+    step_index: int,
+    config: SEGAConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantic guidance away from one or more safety concepts (`reverse_editing_direction=True`).
+
+    Per concept `g_c = -(e_s_c - e_u) * edit_guidance_scale`, kept where `|g_c|` reaches its `edit_threshold`
+    quantile over `h×w` (per image and channel); `g = Σ_c g_c + edit_momentum_scale * v`,
+    `v <- beta * v + (1 - beta) * g` every step, and `e = e_u + s_g * (e_p - e_u) + g` from
+    `edit_warmup_steps` on. Matches `SemanticStableDiffusionPipeline` with one warm-up for all concepts.
+
+    Returns:
+        `(noise_pred, momentum)`, both `(B, C, h, w)`.
+    """
+    noise_guidance = guidance_scale * (noise_pred_text - noise_pred_uncond)
+    if momentum is None:
+        momentum = torch.zeros_like(noise_guidance)
+    edit = torch.zeros_like(noise_guidance)
+    for noise_pred_safety in noise_preds_safety:
+        direction = (noise_pred_safety - noise_pred_uncond) * -1 * config.edit_guidance_scale
+        edit = edit + torch.where(
+            _percentile_mask(direction, config.edit_threshold), direction, torch.zeros_like(direction)
+        )
+    edit = edit + config.edit_momentum_scale * momentum
+    momentum = config.edit_mom_beta * momentum + (1 - config.edit_mom_beta) * edit
+    if step_index >= config.edit_warmup_steps:
+        noise_guidance = noise_guidance + edit
+    return noise_pred_uncond + noise_guidance, momentum
+
+
+def area_scaler(
+    detection_map: torch.Tensor,
+    unsafe_threshold: float = 0.5,
+    edit_mask_threshold: float = 0.01,
+    base_scale: float = 5.0,
+    max_edit_area: float = 0.8,
+) -> torch.Tensor:
+    """DAG's AreaScaler (paper Algorithm 1): a per-pixel scale from the area of each detected component.
+
+    Components are the 8-connected regions of `M_unsafe = 1[Â >= unsafe_threshold]`; component `i` gets
+    `s̄ · area_i` with `s̄ = base_scale / (h·w)` (a component covering `1/base_scale` of the latent gets 1.0).
+    `SpatialInterpolate` (our choice, the paper gives no formula): every pixel of the edit region
+    `M_edit = 1[Â >= edit_mask_threshold]` outside the components takes the scale of its nearest component
+    (Euclidean distance transform with nearest-label indices). If `mean(M_edit) >= max_edit_area` no object has
+    formed yet ("mode undefined") and the scale is 0; with no component it is 0 as well.
+
+    Args:
+        detection_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
+
+    Returns:
+        `torch.Tensor`: `S_area`, `(B, h, w)`, `>= 0`, on the device and dtype of `detection_map`.
+    """
+    maps = detection_map.detach().float().cpu().numpy()
+    _, height, width = maps.shape
+    unit = base_scale / (height * width)
+    scales = np.zeros_like(maps)
+    for index, amap in enumerate(maps):
+        edit_mask = amap >= edit_mask_threshold
+        if edit_mask.mean() >= max_edit_area:
+            continue
+        labels, count = ndimage.label(amap >= unsafe_threshold, structure=_EIGHT_CONNECTED)
+        if count == 0:
+            continue
+        areas = np.bincount(labels.ravel()).astype(np.float32)
+        areas[0] = 0.0
+        unsafe = unit * areas[labels]
+        _, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        scales[index] = np.maximum(unsafe, unsafe[rows, cols] * edit_mask)
+    return torch.from_numpy(scales).to(device=detection_map.device, dtype=detection_map.dtype)
+
+
+def magnitude_scaler(
+    detection_map: torch.Tensor, edit_mask_threshold: float = 0.01, max_magnitude: float = 5.0
+) -> torch.Tensor:
+    """DAG's MagnitudeScaler: `T = clip(Â / τ_e, 1, max_magnitude) ⊙ 1[Â >= τ_e]`, `(B, h, w)`.
+
+    With the defaults it saturates at 5 for `Â >= 0.05`.
+    """
+    edit_mask = detection_map >= edit_mask_threshold
+    return torch.clamp(detection_map / edit_mask_threshold, 1.0, max_magnitude) * edit_mask
+
+
+@dataclass(frozen=True)
+class DAGScaleMap:
+    """DAG's per-pixel scale for one step.
+
+    Attributes:
+        scale (`torch.Tensor`): `S_dag = S_area ⊙ T`, `(B, h, w)`, zero outside the edit region.
+        edit_mask (`torch.Tensor`): `M_edit`, `(B, h, w)` bool.
+        detected (`torch.Tensor`): `(B,)` bool, the image is guided at this step (`S_dag > 0` somewhere).
+    """
+
+    scale: torch.Tensor
+    edit_mask: torch.Tensor
+    detected: torch.Tensor
+
+
+def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig) -> DAGScaleMap:
+    """Combines AreaScaler and MagnitudeScaler (or their ablations) into `S_dag` for a detection map `(B, h, w)`."""
+    edit_mask = detection_map >= config.edit_mask_threshold
+    ones_on_edit = edit_mask.to(detection_map.dtype)
+    if config.area_scaler:
+        area = area_scaler(
+            detection_map,
+            config.unsafe_threshold,
+            config.edit_mask_threshold,
+            config.base_scale,
+            config.max_edit_area,
+        )
+    else:
+        area = ones_on_edit
+    if config.magnitude_scaler:
+        magnitude = magnitude_scaler(detection_map, config.edit_mask_threshold, config.max_magnitude)
+    else:
+        magnitude = ones_on_edit
+    scale = area * magnitude
+    return DAGScaleMap(scale=scale, edit_mask=edit_mask, detected=(scale > 0).flatten(1).any(dim=1))
+
+
+def dag_noise_pred(
+    noise_pred_uncond: torch.Tensor,
+    noise_pred_text: torch.Tensor,
+    noise_preds_safety: list[torch.Tensor],
+    guidance_scale: float,
+    scale_map: torch.Tensor,
+    momentum: torch.Tensor | None,
+    config: DAGConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One guided DAG step (paper Table 1): `e = e_u + s_g * ((e_p - e_u) - g)`.
+
+    `g = Σ_c S_dag ⊙ M_base,c ⊙ (e_s_c - e_u) + momentum_scale * 1[S_dag > 0] ⊙ v`, where `M_base` is the base
+    method's mask (SEGA: `|e_s - e_u|` at or above its `edit_threshold` quantile over `h×w`; SLD:
+    `e_p - e_s < sld_threshold`) and `S_dag` is broadcast over channels. The momentum is masked to the region
+    DAG guides at this step, so nothing outside it moves: where `S_dag = 0` the prediction is exactly the
+    classifier-free one. `v <- beta * v + (1 - beta) * g`.
+
+    Args:
+        scale_map (`torch.Tensor`): `S_dag`, `(B, h, w)`.
+
+    Returns:
+        `(noise_pred, momentum)`, both `(B, C, h, w)`.
+    """
+    scale = scale_map[:, None].to(noise_pred_uncond.dtype)
+    if momentum is None:
+        momentum = torch.zeros_like(noise_pred_uncond)
+    safety = torch.zeros_like(noise_pred_uncond)
+    for noise_pred_safety in noise_preds_safety:
+        direction = noise_pred_safety - noise_pred_uncond
+        if isinstance(config.base, SEGAConfig):
+            base_mask = _percentile_mask(direction, config.base.edit_threshold)
+        else:
+            base_mask = (noise_pred_text - noise_pred_safety) < config.base.sld_threshold
+        safety = safety + scale * base_mask * direction
+    safety = safety + config.momentum_scale * (scale > 0) * momentum
+    momentum = config.mom_beta * momentum + (1 - config.mom_beta) * safety
+    noise_pred = noise_pred_uncond + guidance_scale * ((noise_pred_text - noise_pred_uncond) - safety)
+    return noise_pred, momentum

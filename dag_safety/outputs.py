@@ -1,0 +1,31 @@
+"""Output dataclass of [`DAGStableDiffusionPipeline`]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+__all__ = ["DAGPipelineOutput"]
+
+
+@dataclass
+class DAGPipelineOutput(StableDiffusionPipelineOutput):
+    """Output of [`DAGStableDiffusionPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]` or `np.ndarray` or `torch.Tensor`):
+            The generated images, as `StableDiffusionPipelineOutput.images`.
+        nsfw_content_detected (`list[bool]` or `None`):
+            The safety checker's verdicts, as in `StableDiffusionPipelineOutput`.
+        unsafe_detected (`list[bool]` or `None`):
+            One per image with DAG enabled: `True` when an unsafe component was detected (and guided) at any
+            guided step. `None` when DAG is not enabled (nothing was detected).
+        dag_maps (`torch.Tensor` or `None`):
+            The last step's detection map `Â` per image, `(B, h, w)` at latent resolution in `[0, 1]`, float32
+            on the CPU, when `return_dag_maps=True`.
+    """
+
+    unsafe_detected: list[bool] | None = None
+    dag_maps: torch.Tensor | None = None

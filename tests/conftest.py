@@ -1,0 +1,100 @@
+"""Tiny seeded Stable Diffusion components built in memory (no Hub access), as diffusers' own pipeline tests do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+WORDS = (
+    "a an and on of the red green blue yellow star circle square triangle white gray black background outlined"
+    " nudity image showing hate harassment violence sexual blood weapons cat dog photo"
+).split()
+
+
+def make_tokenizer(max_length: int = 24) -> CLIPTokenizer:
+    """A small CLIP tokenizer over `WORDS` (each word gets its chain of merges; a few still split in two)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges = []
+    for word in WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((merged, piece))
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def get_dummy_components(cross_attention_dim: int = 32) -> dict:
+    """UNet with cross-attention at 1/2 and 1/4 of a 16² latent, 2× VAE (32 px images), tiny CLIP text model."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=cross_attention_dim,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+        )
+    )
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+    }
+
+
+@pytest.fixture
+def components() -> dict:
+    return get_dummy_components()
+
+
+@pytest.fixture
+def pipe(components):
+    from dag_safety import DAGStableDiffusionPipeline
+
+    pipeline = DAGStableDiffusionPipeline(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

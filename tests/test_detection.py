@@ -1,0 +1,102 @@
+"""Guideline-token maps against diffusers' own attention scores."""
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from dag_safety.attention import CrossAttentionCapture
+from dag_safety.detection import (
+    combine_concepts,
+    concept_map,
+    layer_token_maps,
+    minmax_normalize,
+    project_keys,
+    token_maps,
+    validate_embedding,
+)
+
+
+def _encode(components, text):
+    tokenizer, encoder = components["tokenizer"], components["text_encoder"]
+    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return encoder(ids)[0]
+
+
+def test_prompt_tokens_reproduce_standard_cross_attention_maps(components):
+    """A guideline embedding equal to the prompt's encoded rows gives that prompt's attention probabilities
+    over the same rows (softmax restricted to them), layer by layer."""
+    unet = components["unet"]
+    context = _encode(components, "a red star on white background")  # (1, L, D)
+    rows = 1 + 3  # SoT, "a", "red", "star"
+    embedding = context[0, :rows]
+    capture = CrossAttentionCapture(unet, (0.25, 0.5))
+    modules = capture.attention_modules()
+    inputs = {}
+    hooks = [
+        modules[name].register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: inputs.__setitem__(name, args[0]), with_kwargs=True
+        )
+        for name in capture.layers
+    ]
+    capture.install()
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    capture.store.arm(slice(1, 2))
+    with torch.no_grad():
+        unet(latents, 500, encoder_hidden_states=context.repeat(2, 1, 1))
+    capture.store.disarm()
+    queries = dict(capture.store.queries)
+    capture.remove()
+    for hook in hooks:
+        hook.remove()
+
+    for name, attn in modules.items():
+        hidden = inputs[name][1:2]
+        query = attn.head_to_batch_dim(attn.to_q(hidden))
+        key = attn.head_to_batch_dim(attn.to_k(context[:, :rows]))
+        reference = attn.get_attention_scores(query, key).view(1, attn.heads, -1, rows).mean(dim=1)
+        with torch.no_grad():
+            ours = layer_token_maps(queries[name], project_keys(attn, embedding), attn.scale, (16, 16))
+        side = int(hidden.shape[1] ** 0.5)
+        assert ours.shape == (1, rows, side, side)
+        assert torch.allclose(ours.flatten(2).transpose(1, 2), reference, atol=1e-6)
+
+
+def test_token_maps_upsample_and_average():
+    class Captured:
+        def __init__(self, query):
+            self.query, self.spatial_size = query, None
+
+    keys = torch.zeros(1, 2, 1)
+    keys[0, 1, 0] = 1.0
+    # one head, head_dim 1: the concept row wins where the query is large
+    coarse = torch.zeros(1, 1, 4, 1)
+    coarse[0, 0, 0, 0] = 10.0  # top-left pixel of a 2x2 layer
+    fine = torch.zeros(1, 1, 16, 1)
+    maps = token_maps({"a": Captured(coarse), "b": Captured(fine)}, {"a": keys, "b": keys}, {"a": 1.0, "b": 1.0}, (4, 4))
+    assert maps.shape == (1, 2, 4, 4)
+    assert torch.allclose(maps.sum(dim=1), torch.ones(1, 4, 4))
+    amap = concept_map(maps)
+    assert amap[0, 0, 0] == 1.0 and amap[0, 3, 3] == 0.0
+    assert amap.min() == 0 and amap.max() == 1
+
+
+def test_minmax_and_combine():
+    maps = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[2.0, 2.0], [2.0, 2.0]]])
+    normalized = minmax_normalize(maps)
+    assert torch.allclose(normalized[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
+    assert torch.equal(normalized[1], torch.zeros(2, 2))  # a constant map detects nothing
+    assert torch.equal(combine_concepts([normalized, 1 - normalized]), torch.maximum(normalized, 1 - normalized))
+
+
+def test_validate_embedding_errors():
+    import pytest
+
+    with pytest.raises(ValueError, match="width 16.*cross_attention_dim.*32"):
+        validate_embedding(torch.zeros(3, 16), 32)
+    with pytest.raises(ValueError, match="start-of-text row and K >= 1"):
+        validate_embedding(torch.zeros(1, 32), 32)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        validate_embedding(torch.tensor([[0.0] * 32, [float("nan")] * 32]), 32)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        validate_embedding([[0.0] * 32] * 2, 32)
+    validate_embedding(torch.zeros(2, 32), 32)

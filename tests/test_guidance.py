@@ -1,0 +1,175 @@
+"""Guidance math against hand-computed values."""
+
+import numpy as np
+import pytest
+import torch
+
+from dag_safety.config import DAGConfig, SEGAConfig, SLDConfig, SLD_PRESETS, build_config
+from dag_safety.guidance import area_scaler, dag_noise_pred, dag_scale_map, magnitude_scaler, sega_noise_pred, sld_noise_pred
+
+
+def t(values):
+    return torch.tensor(values, dtype=torch.float32).reshape(1, 1, 1, -1)
+
+
+class TestSLD:
+    def test_step_by_hand(self):
+        config = SLDConfig(sld_guidance_scale=10, sld_warmup_steps=0, sld_threshold=0.0, sld_momentum_scale=0.5,
+                           sld_mom_beta=0.25)
+        e_u, e_p, e_s = t([0.0, 0.0, 1.0]), t([1.0, 0.2, 1.0]), t([2.0, 0.1, 0.5])
+        # d = e_p - e_s = [-1, 0.1, 0.5]; scale = clamp(|d|*10, max=1) = [1, 1, 1]; mask d < 0 -> [1, 0, 0]
+        # g = (e_s - e_u) * scale * mask = [2, 0, 0]; no momentum yet
+        noise_pred, momentum = sld_noise_pred(e_u, e_p, e_s, 2.0, None, 0, config)
+        assert torch.allclose(noise_pred, t([0 + 2 * (1 - 2), 0 + 2 * 0.2, 1 + 2 * 0.0]))
+        assert torch.allclose(momentum, t([0.75 * 2, 0, 0]))
+        # second step: g = [2,0,0] + 0.5 * [1.5,0,0] = [2.75,0,0]
+        noise_pred, momentum = sld_noise_pred(e_u, e_p, e_s, 2.0, momentum, 1, config)
+        assert torch.allclose(noise_pred, t([2 * (1 - 2.75), 0.4, 1.0]))
+        assert torch.allclose(momentum, t([0.25 * 1.5 + 0.75 * 2.75, 0, 0]))
+
+    def test_small_difference_scale_and_warmup(self):
+        config = SLDConfig(sld_guidance_scale=100, sld_warmup_steps=3, sld_threshold=0.01, sld_momentum_scale=0.0,
+                           sld_mom_beta=0.0)
+        e_u, e_p, e_s = t([0.0]), t([0.0]), t([0.004])  # d = -0.004 -> scale 0.4, masked in (< 0.01)
+        during, momentum = sld_noise_pred(e_u, e_p, e_s, 7.5, None, 2, config)
+        assert torch.equal(during, t([0.0]))  # warm-up: momentum builds, nothing applied
+        assert torch.allclose(momentum, t([0.004 * 0.4]))
+        after, _ = sld_noise_pred(e_u, e_p, e_s, 7.5, None, 3, config)
+        assert torch.allclose(after, t([-7.5 * 0.004 * 0.4]))
+
+    def test_presets_match_safe_latent_diffusion(self):
+        assert SLD_PRESETS["weak"] == SLDConfig(20, 15, 0.0, 0.0, 0.0)
+        assert SLD_PRESETS["max"] == SLDConfig(5000, 0, 1.0, 0.5, 0.7)
+        assert SLDConfig.from_preset("strong", sld_warmup_steps=3).sld_warmup_steps == 3
+        assert build_config("sld") == SLD_PRESETS["medium"]
+
+
+class TestSEGA:
+    def test_percentile_mask_reverse_direction_momentum(self):
+        config = SEGAConfig(edit_guidance_scale=2, edit_warmup_steps=1, edit_threshold=0.5, edit_momentum_scale=0.5,
+                            edit_mom_beta=0.5)
+        e_u = torch.zeros(1, 1, 2, 2)
+        e_p = torch.ones(1, 1, 2, 2)
+        e_s = torch.tensor([1.0, -3.0, 0.5, 2.0]).reshape(1, 1, 2, 2)
+        # g0 = -(e_s - e_u) * 2 = [-2, 6, -1, -4]; |g0| = [2, 6, 1, 4]; quantile 0.5 (linear) = 3 -> keep 6, -4
+        noise_pred, momentum = sega_noise_pred(e_u, e_p, [e_s], 3.0, None, 0, config)
+        assert torch.equal(noise_pred, torch.full((1, 1, 2, 2), 3.0))  # warm-up: plain CFG
+        expected_edit = torch.tensor([0.0, 6.0, 0.0, -4.0]).reshape(1, 1, 2, 2)
+        assert torch.allclose(momentum, 0.5 * expected_edit)
+        noise_pred, momentum = sega_noise_pred(e_u, e_p, [e_s], 3.0, momentum, 1, config)
+        edit = expected_edit + 0.5 * 0.5 * expected_edit
+        assert torch.allclose(noise_pred, 3.0 + edit)
+
+    def test_several_concepts_sum(self):
+        config = SEGAConfig(edit_guidance_scale=1, edit_warmup_steps=0, edit_threshold=1.0, edit_momentum_scale=0)
+        e_u = torch.zeros(1, 1, 1, 2)
+        one, two = t([1.0, 0.0]), t([0.0, 2.0])  # threshold 1.0 keeps only each concept's maximum
+        noise_pred, _ = sega_noise_pred(e_u, e_u, [one, two], 7.5, None, 0, config)
+        assert torch.allclose(noise_pred, t([-1.0, -2.0]))
+
+
+class TestScalers:
+    def test_magnitude_scaler(self):
+        amap = torch.tensor([[[0.0, 0.005, 0.01, 0.03, 0.05, 0.9]]])
+        assert torch.allclose(magnitude_scaler(amap), torch.tensor([[[0.0, 0.0, 1.0, 3.0, 5.0, 5.0]]]))
+
+    def test_area_scaler_components_and_interpolation(self):
+        amap = torch.zeros(1, 10, 10)
+        amap[0, 1:3, 1:3] = 0.9  # component A: 4 px
+        amap[0, 6:9, 6:9] = 0.8  # component B: 9 px
+        amap[0, 3, 1] = 0.2  # edit band pixel next to A
+        amap[0, 5, 7] = 0.2  # edit band pixel next to B
+        amap[0, 0, 6] = 0.3  # isolated edit pixel, nearer to A (sqrt 17) than to B (6)
+        s_bar = 5 / 100
+        scale = area_scaler(amap)[0]
+        assert torch.allclose(scale[1:3, 1:3], torch.full((2, 2), 4 * s_bar))
+        assert torch.allclose(scale[6:9, 6:9], torch.full((3, 3), 9 * s_bar))
+        assert scale[3, 1] == pytest.approx(4 * s_bar)
+        assert scale[5, 7] == pytest.approx(9 * s_bar)
+        assert scale[0, 6] == pytest.approx(4 * s_bar)
+        assert int((scale > 0).sum()) == 4 + 9 + 3
+
+    def test_area_scaler_eight_connectivity(self):
+        amap = torch.zeros(1, 5, 5)
+        amap[0, 1, 1] = amap[0, 2, 2] = 1.0  # diagonal neighbours: one component of 2 px
+        assert area_scaler(amap)[0, 1, 1] == pytest.approx(2 * 5 / 25)
+
+    def test_mode_undefined_and_nothing_detected(self):
+        diffuse = torch.full((1, 4, 4), 0.02)
+        diffuse[0, 0, 0] = 1.0  # edit region covers everything: mode undefined
+        assert torch.count_nonzero(area_scaler(diffuse)) == 0
+        weak = torch.full((1, 4, 4), 0.0)
+        weak[0, 0, 0] = 0.3  # edit pixel, no unsafe component
+        assert torch.count_nonzero(area_scaler(weak)) == 0
+        just_below = torch.zeros(1, 10, 10)
+        just_below.view(-1)[:79] = 1.0  # 79 % edit area: defined
+        assert torch.count_nonzero(area_scaler(just_below)) == 79
+
+    def test_dag_scale_map_and_ablations(self):
+        amap = torch.zeros(1, 10, 10)
+        amap[0, 0:2, 0:2] = 1.0
+        amap[0, 2, 0] = 0.02
+        full = dag_scale_map(amap, DAGConfig())
+        assert full.scale[0, 0, 0] == pytest.approx(4 * 0.05 * 5)
+        assert full.scale[0, 2, 0] == pytest.approx(4 * 0.05 * 2)
+        assert full.detected.tolist() == [True]
+        no_area = dag_scale_map(amap, DAGConfig(area_scaler=False))
+        assert no_area.scale[0, 0, 0] == pytest.approx(5.0) and no_area.scale[0, 2, 0] == pytest.approx(2.0)
+        no_magnitude = dag_scale_map(amap, DAGConfig(magnitude_scaler=False))
+        assert no_magnitude.scale[0, 2, 0] == pytest.approx(4 * 0.05)
+        assert int(torch.count_nonzero(full.scale)) == 5
+
+
+class TestDAGNoisePred:
+    def test_only_edit_region_changes(self):
+        generator = torch.Generator().manual_seed(0)
+        e_u, e_p, e_s = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(3))
+        scale = torch.zeros(2, 8, 8)
+        scale[0, 2:4, 2:4] = 1.5
+        config = DAGConfig(base=SEGAConfig(edit_threshold=0.5))
+        noise_pred, momentum = dag_noise_pred(e_u, e_p, [e_s], 7.5, scale, None, config)
+        cfg = e_u + 7.5 * (e_p - e_u)
+        outside = (scale == 0)[:, None].expand_as(cfg)
+        assert torch.equal(noise_pred[outside], cfg[outside])
+        assert not torch.equal(noise_pred[~outside], cfg[~outside])
+        # momentum stays inside the region on the next step too
+        noise_pred, _ = dag_noise_pred(e_u, e_p, [e_s], 7.5, scale, momentum, config)
+        assert torch.equal(noise_pred[outside], cfg[outside])
+
+    def test_by_hand_sld_base(self):
+        config = DAGConfig(base=SLDConfig(sld_threshold=0.0, sld_momentum_scale=0.0, sld_mom_beta=0.0))
+        e_u, e_p, e_s = t([0.0, 0.0]), t([1.0, 1.0]), t([2.0, 0.5])  # e_p - e_s = [-1, 0.5]: only first masked
+        scale = torch.tensor([[[2.0, 2.0]]])
+        noise_pred, _ = dag_noise_pred(e_u, e_p, [e_s], 3.0, scale, None, config)
+        assert torch.allclose(noise_pred, t([3.0 * (1 - 2 * 2.0), 3.0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"unsafe_threshold": 0.0},
+        {"unsafe_threshold": 1.5},
+        {"edit_mask_threshold": -0.1},
+        {"edit_mask_threshold": 0.6},
+        {"max_edit_area": 0},
+        {"layer_fractions": ()},
+        {"warmup_steps": -1},
+        {"max_magnitude": 0.5},
+    ],
+)
+def test_dag_config_rejects(kwargs):
+    with pytest.raises(ValueError):
+        DAGConfig(**kwargs)
+
+
+def test_build_config_errors():
+    with pytest.raises(ValueError, match="Unknown guidance method 'esd'"):
+        build_config("esd")
+    with pytest.raises(ValueError, match="Unknown SLD preset 'extreme'"):
+        build_config("sld", "extreme")
+    with pytest.raises(ValueError, match="Presets exist for SLD only"):
+        build_config("sega", "strong")
+    with pytest.raises(ValueError, match="Unknown option"):
+        build_config("sega", sld_threshold=0.1)
+    with pytest.raises(ValueError, match=r"edit_threshold.*\(0, 1\]"):
+        build_config("sega", edit_threshold=0.0)
