@@ -1,0 +1,548 @@
+"""Loaders for fine-tuned safety weights: Focus-N-Fix LoRA adapters and SPF-Portrait cross-attention weights.
+
+Two families of safety fine-tunes combine with inference-time guidance:
+
+- **Focus-N-Fix** (region-aware LoRA, rank 64 on the SD v1.4 UNet) ships LoRA adapters. Every format diffusers'
+  [`~loaders.StableDiffusionLoraLoaderMixin.load_lora_weights`] reads is accepted (diffusers, kohya `lora_unet_*`),
+  plus a raw PEFT adapter (`adapter_model.safetensors` + `adapter_config.json`, keys `base_model.model.<module>...`).
+  They are loaded through diffusers and peft as named adapters, scaled with `set_adapters`, and can be fused.
+- **SPF-Portrait** fine-tunes the UNet's cross-attention (`attn2`) projections. Its weights are a safetensors state
+  dict keyed like the UNet's (`down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight`), either the full
+  fine-tuned tensors or their difference to the base (safetensors metadata `{"format": "delta"}`). They are written
+  into the UNet as `W0 + scale * (W - W0)` (or `W0 + scale * delta`), after a CPU copy of every touched tensor is
+  kept, so unloading restores the base weights bit for bit.
+
+Only safetensors files are read; pickled checkpoints (`.bin`, `.pt`, ...) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import logging
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+__all__ = [
+    "LoadedSafetyWeights",
+    "SafetyWeightsKind",
+    "SafetyWeightsMixin",
+    "lora_to_kohya",
+    "read_safetensors_header",
+]
+
+logger = logging.get_logger(__name__)
+
+#: File names tried, in order, when a directory or Hub repo holds several safetensors files and no `weight_name`.
+DEFAULT_WEIGHT_NAMES: tuple[str, ...] = (
+    "pytorch_lora_weights.safetensors",
+    "adapter_model.safetensors",
+    "spf_attn2.safetensors",
+    "diffusion_pytorch_model.safetensors",
+)
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: safetensors metadata key (and values) that mark an SPF file as a delta or as full weights.
+SPF_FORMAT_KEY = "format"
+SPF_FORMATS: tuple[str, ...] = ("full", "delta")
+#: Prefix of a raw PEFT adapter's keys (`PeftModel.save_pretrained`).
+PEFT_PREFIX = "base_model.model."
+DEFAULT_LORA_ADAPTER = "focus_n_fix"
+DEFAULT_SPF_NAME = "spf"
+
+
+class SafetyWeightsKind(str, Enum):
+    """What a safety-weights file holds."""
+
+    AUTO = "auto"
+    FOCUS_N_FIX = "focus-n-fix"
+    SPF = "spf"
+
+
+@dataclass(frozen=True)
+class LoadedSafetyWeights:
+    r"""
+    A record of one loaded set of safety weights, as [`SafetyWeightsMixin.load_safety_weights`] returns it.
+
+    Args:
+        name (`str`): The adapter name (LoRA) or record name (SPF) to pass to `unload_safety_weights`.
+        kind (`SafetyWeightsKind`): `FOCUS_N_FIX` (a LoRA adapter) or `SPF` (cross-attention weights).
+        path (`str`): The local safetensors file that was read.
+        scale (`float`): The strength the weights were applied at.
+        detail (`str`): How the kind was decided and, for SPF, the format (`"full"` / `"delta"`) and tensor count.
+    """
+
+    name: str
+    kind: SafetyWeightsKind
+    path: str
+    scale: float
+    detail: str = ""
+
+
+@dataclass
+class _SPFState:
+    record: LoadedSafetyWeights
+    originals: dict[str, torch.Tensor]
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and the `__metadata__` of a safetensors file, without reading the tensors."""
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys()), dict(handle.metadata() or {})
+
+
+def detect_kind(keys: list[str], metadata: dict[str, str]) -> tuple[SafetyWeightsKind, str]:
+    """Decides whether a file holds a LoRA or SPF weights from its keys and metadata; returns the kind and why."""
+    lora_keys = [k for k in keys if "lora" in k.lower()]
+    if lora_keys:
+        return SafetyWeightsKind.FOCUS_N_FIX, f"{len(lora_keys)}/{len(keys)} keys contain 'lora' (e.g. {lora_keys[0]!r})"
+    if "lora_adapter_metadata" in metadata:
+        return SafetyWeightsKind.FOCUS_N_FIX, "the metadata holds 'lora_adapter_metadata'"
+    if metadata.get(SPF_FORMAT_KEY) in SPF_FORMATS:
+        return SafetyWeightsKind.SPF, f"metadata {SPF_FORMAT_KEY}={metadata[SPF_FORMAT_KEY]!r} and no LoRA keys"
+    attn2 = [k for k in keys if ".attn2." in k]
+    if keys and len(attn2) == len(keys):
+        return SafetyWeightsKind.SPF, f"all {len(keys)} keys are attn2 parameters and none is a LoRA key"
+    raise ValueError(
+        f"Cannot tell what the weights are: no key contains 'lora' and not every key is an attn2 parameter (first"
+        f" key {keys[0] if keys else None!r}). Pass `kind='focus-n-fix'` or `kind='spf'`."
+    )
+
+
+def lora_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float | dict[str, float]) -> dict[str, torch.Tensor]:
+    r"""
+    Converts a diffusers/PEFT UNet LoRA state dict to kohya-ss keys (SD 1.x, diffusers module names).
+
+    `unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight` (`(r, in)`) becomes
+    `lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight`, `lora_B` becomes
+    `lora_up`, and each module gets a scalar `.alpha` (kohya scales the update by `alpha / r`, as peft does with
+    `lora_alpha / r`). Keys may carry a `unet.` or `base_model.model.` prefix.
+
+    Args:
+        state_dict (`dict[str, torch.Tensor]`): UNet LoRA weights with `lora_A` / `lora_B` keys.
+        alpha (`float` or `dict[str, float]`): The LoRA alpha, for every module or per module path.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the kohya state dict.
+    """
+    converted: dict[str, torch.Tensor] = {}
+    pattern = re.compile(r"^(?:unet\.|base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+    for key, value in state_dict.items():
+        match = pattern.match(key)
+        if match is None:
+            raise ValueError(f"Not a UNet LoRA key with lora_A / lora_B: {key!r}.")
+        module = match["module"]
+        name = "lora_unet_" + module.replace(".", "_")
+        converted[f"{name}.{'lora_down' if match['part'] == 'A' else 'lora_up'}.weight"] = value
+        module_alpha = alpha[module] if isinstance(alpha, dict) else alpha
+        converted[f"{name}.alpha"] = torch.tensor(float(module_alpha), dtype=value.dtype)
+    return converted
+
+
+def _is_pickle(name: str) -> bool:
+    return name.lower().endswith(PICKLE_SUFFIXES)
+
+
+def _pickle_error(name: str) -> ValueError:
+    return ValueError(
+        f"{name!r} is a pickled checkpoint; safety weights are only read from safetensors files and never unpickled."
+        " Convert it once in a trusted environment, e.g."
+        " `safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors')`."
+    )
+
+
+def _pick_file(names: list[str], where: str) -> str:
+    """One safetensors file out of a listing: the only one, or the first of `DEFAULT_WEIGHT_NAMES` present."""
+    safe = sorted(n for n in names if n.endswith(".safetensors"))
+    if len(safe) == 1:
+        return safe[0]
+    for default in DEFAULT_WEIGHT_NAMES:
+        if default in safe:
+            return default
+    if safe:
+        raise ValueError(f"{where} holds several safetensors files {safe}; pass `weight_name=` to choose one.")
+    pickled = sorted(n for n in names if _is_pickle(n))
+    if pickled:
+        raise _pickle_error(f"{where}/{pickled[0]}")
+    raise ValueError(f"{where} holds no .safetensors file; pass a file, or `weight_name=`.")
+
+
+def resolve_weights_file(path_or_repo_id: str | os.PathLike, weight_name: str | None = None, **hub_kwargs: Any) -> str:
+    r"""
+    Finds the safetensors file to read: a local file, a file in a local directory, or one downloaded from the Hub.
+
+    Args:
+        path_or_repo_id (`str` or `os.PathLike`): A `.safetensors` file, a directory, or a Hub repo id.
+        weight_name (`str`, *optional*): The file's name inside the directory or repo (default: the only
+            `.safetensors` file of a directory, else the first of `DEFAULT_WEIGHT_NAMES` found).
+        hub_kwargs: Passed to `huggingface_hub.hf_hub_download` (`revision`, `subfolder`, `cache_dir`, `token`,
+            `local_files_only`, ...).
+
+    Returns:
+        `str`: the local path of the file.
+    """
+    if weight_name is not None and _is_pickle(weight_name):
+        raise _pickle_error(weight_name)
+    if weight_name is not None and not weight_name.endswith(".safetensors"):
+        raise ValueError(f"`weight_name={weight_name!r}` is not a .safetensors file.")
+    path = Path(path_or_repo_id)
+    if path.is_file():
+        if _is_pickle(path.name):
+            raise _pickle_error(str(path))
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{str(path)!r} is not a .safetensors file.")
+        return str(path)
+    if path.is_dir():
+        folder = path / hub_kwargs["subfolder"] if hub_kwargs.get("subfolder") else path
+        if weight_name is not None:
+            if not (folder / weight_name).is_file():
+                raise ValueError(f"No file {weight_name!r} in {str(folder)!r}.")
+            return str(folder / weight_name)
+        return str(folder / _pick_file([p.name for p in folder.iterdir() if p.is_file()], str(folder)))
+    text = str(path_or_repo_id)
+    if _is_pickle(text):
+        raise _pickle_error(text)
+    if text.endswith(".safetensors") or os.path.isabs(text) or text.startswith(".") or text.count("/") > 1:
+        raise ValueError(f"{text!r} is neither an existing file or directory nor a Hub repo id ('owner/name').")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    candidates = [weight_name] if weight_name is not None else list(DEFAULT_WEIGHT_NAMES)
+    for candidate in candidates:
+        try:
+            return hf_hub_download(text, candidate, **hub_kwargs)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            if weight_name is not None:
+                raise
+    raise ValueError(f"The Hub repo {text!r} holds none of {list(DEFAULT_WEIGHT_NAMES)}; pass `weight_name=`.")
+
+
+class SafetyWeightsMixin:
+    r"""
+    Loads, scales, fuses and unloads fine-tuned safety weights on a [`StableDiffusionPipeline`] subclass.
+
+    - [`load_safety_weights`]: a Focus-N-Fix LoRA (a named peft adapter) or SPF-Portrait `attn2` weights.
+    - [`unload_safety_weights`]: removes one or all of them; the UNet and text encoder are bit-identical afterwards.
+    - [`set_safety_weights_scale`], [`fuse_safety_weights`] / [`unfuse_safety_weights`] for LoRA adapters.
+
+    Guideline embeddings stay valid: `enable_dag` snapshots the detection layers' `to_q` / `to_k`, so loading weights
+    after it changes the generation, not how a hidden state is scored.
+    """
+
+    _safety_lora: dict[str, LoadedSafetyWeights] | None = None
+    _safety_spf: _SPFState | None = None
+    _safety_fused: tuple[list[str], dict[str, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def safety_weights(self) -> dict[str, LoadedSafetyWeights]:
+        """The loaded safety weights by name (LoRA adapters, then the SPF record)."""
+        records = dict(self._safety_lora or {})
+        if self._safety_spf is not None:
+            records[self._safety_spf.record.name] = self._safety_spf.record
+        return records
+
+    def load_safety_weights(
+        self,
+        path_or_repo_id: str | os.PathLike,
+        kind: str | SafetyWeightsKind = "auto",
+        scale: float = 1.0,
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        *,
+        replace: bool = False,
+        allow_non_attn2: bool = False,
+        **hub_kwargs: Any,
+    ) -> LoadedSafetyWeights:
+        r"""
+        Loads Focus-N-Fix LoRA weights or SPF-Portrait cross-attention weights into the pipeline.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`):
+                A `.safetensors` file, a directory holding one, or a Hub repo id (downloaded with
+                `huggingface_hub.hf_hub_download` and `hub_kwargs`).
+            kind (`str`, *optional*, defaults to `"auto"`):
+                `"focus-n-fix"` (a LoRA: diffusers, kohya or PEFT keys), `"spf"` (an `attn2` state dict), or `"auto"`
+                (LoRA when a key contains `"lora"`, SPF when the metadata says `format` or every key is an `attn2`
+                parameter; the decision is logged and returned in `detail`).
+            scale (`float`, *optional*, defaults to 1.0):
+                Strength: the LoRA adapter weight, or the SPF interpolation `W0 + scale * (W - W0)`. 0 leaves the
+                output unchanged.
+            adapter_name (`str`, *optional*):
+                The name to load under (defaults to `"focus_n_fix"` for a LoRA, `"spf"` for SPF). Several LoRA
+                adapters can be loaded under different names; only one set of SPF weights at a time.
+            weight_name (`str`, *optional*):
+                The file inside a directory or Hub repo.
+            replace (`bool`, *optional*, defaults to `False`):
+                Unload what is loaded under the same name (for SPF: the loaded SPF weights) first, instead of
+                raising.
+            allow_non_attn2 (`bool`, *optional*, defaults to `False`):
+                SPF only: accept UNet parameters outside the cross-attention modules.
+            hub_kwargs:
+                `revision`, `subfolder`, `cache_dir`, `token`, `local_files_only`, ... for the Hub download.
+
+        Returns:
+            [`LoadedSafetyWeights`]: what was loaded, under which name, and why it was read as that kind.
+
+        Raises:
+            `ValueError`: a pickled or missing file, an undecidable or unknown `kind`, a name already loaded without
+            `replace=True`, a LoRA fused at the moment, or (SPF) an unknown key, a non-`attn2` key, a shape mismatch,
+            a non-finite value, or an unknown `format` in the metadata.
+        """
+        try:
+            kind = SafetyWeightsKind(kind)
+        except ValueError:
+            raise ValueError(
+                f"Unknown `kind={kind!r}`; expected one of {[k.value for k in SafetyWeightsKind]}."
+            ) from None
+        if not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(float(scale))):
+            raise ValueError(f"`scale` must be a finite number, got {scale!r}.")
+        if self._safety_fused is not None:
+            raise ValueError(
+                f"LoRA adapters {self._safety_fused[0]} are fused; call `unfuse_safety_weights()` before loading."
+            )
+        path = resolve_weights_file(path_or_repo_id, weight_name, **hub_kwargs)
+        keys, metadata = read_safetensors_header(path)
+        if kind is SafetyWeightsKind.AUTO:
+            kind, reason = detect_kind(keys, metadata)
+            logger.info(f"`load_safety_weights`: {path!r} read as {kind.value!r}: {reason}.")
+        else:
+            reason = f"kind={kind.value!r} given"
+        if kind is SafetyWeightsKind.FOCUS_N_FIX:
+            return self._load_lora(path, keys, float(scale), adapter_name or DEFAULT_LORA_ADAPTER, replace, reason)
+        return self._load_spf(path, float(scale), adapter_name or DEFAULT_SPF_NAME, replace, allow_non_attn2, reason)
+
+    def unload_safety_weights(self, adapter_name: str | list[str] | None = None) -> None:
+        r"""
+        Unloads safety weights and restores the original UNet / text encoder weights bit-identically.
+
+        Args:
+            adapter_name (`str` or `list[str]`, *optional*):
+                The name(s) given at load time. `None` unloads every safety weight (a fused LoRA is unfused first).
+                LoRA adapters loaded with `load_lora_weights` directly are left alone.
+        """
+        names = list(self.safety_weights) if adapter_name is None else (
+            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        )
+        unknown = [n for n in names if n not in self.safety_weights]
+        if unknown:
+            raise ValueError(f"No safety weights named {unknown[0]!r} are loaded; loaded: {list(self.safety_weights)}.")
+        spf_name = None if self._safety_spf is None else self._safety_spf.record.name
+        if self._safety_fused is not None and any(n in self._safety_fused[0] or n == spf_name for n in names):
+            # Unfuse first: the fused copies hold the weights from before fusing, SPF included.
+            self.unfuse_safety_weights()
+        for name in names:
+            if self._safety_spf is not None and name == self._safety_spf.record.name:
+                self._restore_spf()
+            else:
+                self._unload_lora(name)
+
+    def set_safety_weights_scale(self, adapter_name: str, scale: float) -> None:
+        """Changes the strength of a loaded LoRA adapter (SPF weights: unload and load again at the new scale)."""
+        lora = self._safety_lora or {}
+        if adapter_name not in lora:
+            raise ValueError(f"No safety LoRA adapter named {adapter_name!r}; loaded: {list(lora)}.")
+        if self._safety_fused is not None:
+            raise ValueError("Safety LoRA adapters are fused; call `unfuse_safety_weights()` before rescaling.")
+        record = lora[adapter_name]
+        lora[adapter_name] = LoadedSafetyWeights(record.name, record.kind, record.path, float(scale), record.detail)
+        self._apply_lora_scales()
+
+    def fuse_safety_weights(self, adapter_names: list[str] | None = None) -> None:
+        r"""
+        Fuses safety LoRA adapters into the base weights at their current scales (faster inference).
+
+        The touched base weights are copied to CPU first, so [`unfuse_safety_weights`] (and
+        [`unload_safety_weights`]) restore them exactly instead of subtracting the update back.
+
+        Args:
+            adapter_names (`list[str]`, *optional*): The adapters to fuse; all safety LoRA adapters by default.
+        """
+        lora = self._safety_lora or {}
+        names = list(lora) if adapter_names is None else list(adapter_names)
+        if not names or any(n not in lora for n in names):
+            raise ValueError(f"Cannot fuse {names}: loaded safety LoRA adapters are {list(lora)}.")
+        if self._safety_fused is not None:
+            raise ValueError(f"Adapters {self._safety_fused[0]} are already fused; call `unfuse_safety_weights()`.")
+        originals = {}
+        for prefix, model in self._lora_models():
+            for module_name, module in model.named_modules():
+                if hasattr(module, "base_layer") and any(n in getattr(module, "lora_A", {}) for n in names):
+                    originals[f"{prefix}.{module_name}"] = module.base_layer.weight.detach().to("cpu", copy=True)
+        self.fuse_lora(adapter_names=names)
+        self._safety_fused = (names, originals)
+
+    def unfuse_safety_weights(self) -> None:
+        """Reverses [`fuse_safety_weights`], restoring the base weights bit-identically from the CPU copies."""
+        if self._safety_fused is None:
+            raise ValueError("No safety LoRA adapters are fused.")
+        _, originals = self._safety_fused
+        self.unfuse_lora()
+        models = dict(self._lora_models())
+        with torch.no_grad():
+            for name, original in originals.items():
+                prefix, module_name = name.split(".", 1)
+                weight = models[prefix].get_submodule(module_name).base_layer.weight
+                weight.copy_(original.to(device=weight.device, dtype=weight.dtype))
+        self._safety_fused = None
+
+    # ------------------------------------------------------------------ LoRA
+
+    def _lora_models(self) -> list[tuple[str, torch.nn.Module]]:
+        return [(n, m) for n in ("unet", "text_encoder") if (m := getattr(self, n, None)) is not None]
+
+    def _loaded_adapters(self) -> set[str]:
+        return {name for names in self.get_list_adapters().values() for name in names}
+
+    def _load_lora(
+        self, path: str, keys: list[str], scale: float, name: str, replace: bool, reason: str
+    ) -> LoadedSafetyWeights:
+        if self._safety_spf is not None and name == self._safety_spf.record.name:
+            raise ValueError(f"The name {name!r} is taken by the loaded SPF weights; choose another `adapter_name`.")
+        if name in self._loaded_adapters():
+            if not replace:
+                raise ValueError(
+                    f"A LoRA adapter named {name!r} is already loaded; pass another `adapter_name` to add one, or"
+                    " `replace=True` to swap it (loading the same weights twice would apply them twice)."
+                )
+            if name in (self._safety_lora or {}):
+                self._unload_lora(name)
+            else:
+                self.delete_adapters([name])
+        if keys and all(k.startswith(PEFT_PREFIX) for k in keys):
+            detail = f"{reason}; raw PEFT adapter"
+            self._load_peft_adapter(path, name)
+        else:
+            fmt = "kohya" if all(k.startswith(("lora_unet_", "lora_te_")) for k in keys) else "diffusers"
+            detail = f"{reason}; {fmt} keys"
+            folder, file = os.path.split(path)
+            self.load_lora_weights(folder, weight_name=file, adapter_name=name, use_safetensors=True)
+        record = LoadedSafetyWeights(name, SafetyWeightsKind.FOCUS_N_FIX, path, scale, detail)
+        self._safety_lora = {**(self._safety_lora or {}), name: record}
+        self._apply_lora_scales()
+        return record
+
+    def _load_peft_adapter(self, path: str, name: str) -> None:
+        """A `PeftModel.save_pretrained` UNet adapter: `base_model.model.` keys, LoRA config in adapter_config.json."""
+        from peft import LoraConfig
+
+        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
+        config_path = Path(path).with_name("adapter_config.json")
+        metadata = None
+        if config_path.is_file():
+            fields = set(LoraConfig.__dataclass_fields__)
+            metadata = {k: v for k, v in json.loads(config_path.read_text()).items() if k in fields}
+            for key in ("base_model_name_or_path", "revision", "peft_type", "task_type", "inference_mode"):
+                metadata.pop(key, None)
+        else:
+            logger.warning(f"No adapter_config.json next to {path!r}: assuming lora_alpha = r.")
+        self.unet.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=metadata, _pipeline=self)
+
+    def _apply_lora_scales(self) -> None:
+        """Activates every safety adapter at its scale, keeping the other active adapters at 1.0."""
+        ours = {name: record.scale for name, record in (self._safety_lora or {}).items()}
+        if not ours:
+            return
+        others = [n for n in self.get_active_adapters() if n not in ours]
+        if others:
+            logger.info(f"Other active LoRA adapters {others} are kept active at weight 1.0.")
+        names = others + list(ours)
+        self.set_adapters(names, [ours.get(n, 1.0) for n in names])
+
+    def _unload_lora(self, name: str) -> None:
+        lora = dict(self._safety_lora or {})
+        lora.pop(name)
+        self._safety_lora = lora
+        if self._loaded_adapters() == {name}:
+            # The last adapter: take the peft layers out altogether.
+            self.unload_lora_weights()
+        else:
+            self.delete_adapters([name])
+            self._apply_lora_scales()
+
+    # ------------------------------------------------------------------ SPF
+
+    def _spf_parameter(self, key: str, allow_non_attn2: bool) -> torch.nn.Parameter:
+        """The UNet parameter a key names (the base layer's, under a peft LoRA layer)."""
+        if ".attn2." not in f".{key}" and not allow_non_attn2:
+            raise ValueError(
+                f"SPF weights may only hold cross-attention (attn2) parameters; {key!r} is not one. Pass"
+                " `allow_non_attn2=True` to load other UNet parameters too."
+            )
+        module_path, _, param_name = key.rpartition(".")
+        try:
+            module = self.unet.get_submodule(module_path) if module_path else self.unet
+        except AttributeError:
+            module = None
+        module = getattr(module, "base_layer", module)
+        param = getattr(module, param_name, None) if module is not None else None
+        if not isinstance(param, torch.nn.Parameter):
+            raise ValueError(
+                f"{key!r} is not a parameter of the UNet; expected keys like the UNet's state dict, e.g."
+                " 'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight'."
+            )
+        return param
+
+    def _load_spf(
+        self, path: str, scale: float, name: str, replace: bool, allow_non_attn2: bool, reason: str
+    ) -> LoadedSafetyWeights:
+        if name in (self._safety_lora or {}):
+            raise ValueError(f"The name {name!r} is taken by a loaded LoRA adapter; choose another `adapter_name`.")
+        if self._safety_spf is not None and not replace:
+            raise ValueError(
+                f"SPF weights {self._safety_spf.record.name!r} ({self._safety_spf.record.path!r}) are already loaded;"
+                " call `unload_safety_weights()` first, or pass `replace=True`."
+            )
+        _, metadata = read_safetensors_header(path)
+        fmt = metadata.get(SPF_FORMAT_KEY, "full")
+        if fmt not in SPF_FORMATS:
+            raise ValueError(
+                f"Unknown SPF {SPF_FORMAT_KEY}={fmt!r} in the metadata of {path!r}; expected one of {SPF_FORMATS}."
+            )
+        state_dict = load_file(path)
+        if not state_dict:
+            raise ValueError(f"{path!r} holds no tensors.")
+        params = {}
+        for key in sorted(state_dict):
+            param = self._spf_parameter(key, allow_non_attn2)
+            value = state_dict[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{key!r} has shape {tuple(value.shape)}, the UNet's parameter has {tuple(param.shape)}: the"
+                    " weights were fitted to another model."
+                )
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{key!r} holds NaN or Inf values.")
+            params[key] = param
+        if self._safety_spf is not None:
+            self._restore_spf()
+        originals = {}
+        with torch.no_grad():
+            for key, param in params.items():
+                originals[key] = param.detach().to("cpu", copy=True)
+                base = param.detach().float()
+                value = state_dict[key].to(device=param.device, dtype=torch.float32)
+                if fmt == "full":
+                    new = value if scale == 1.0 else base + scale * (value - base)
+                else:
+                    new = base + scale * value
+                param.copy_(new.to(param.dtype))
+        detail = f"{reason}; {fmt} weights, {len(params)} tensors"
+        record = LoadedSafetyWeights(name, SafetyWeightsKind.SPF, path, scale, detail)
+        self._safety_spf = _SPFState(record, originals)
+        return record
+
+    def _restore_spf(self) -> None:
+        state = self._safety_spf
+        with torch.no_grad():
+            for key, original in state.originals.items():
+                param = self._spf_parameter(key, allow_non_attn2=True)
+                param.copy_(original.to(device=param.device, dtype=param.dtype))
+        self._safety_spf = None
