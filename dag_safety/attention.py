@@ -1,8 +1,11 @@
-"""Cross-attention processors that capture the UNet's query states for guideline-token detection.
+"""Cross-attention processors that capture the UNet's query inputs for guideline-token detection.
 
 [`DAGAttnProcessor`] computes cross-attention exactly as diffusers' `AttnProcessor2_0` (SDPA) and, while its
-[`QueryStore`] is armed, also keeps the query states of the conditional batch entries. [`CrossAttentionCapture`]
-installs it on the selected `attn2` layers of a UNet and restores the previous processors on removal.
+[`QueryStore`] is armed, also keeps the states its `to_q` projects (after `spatial_norm` / `group_norm`) for the
+conditional batch entries. Detection projects them with the `to_q` snapshot taken at `enable_dag`, so a guideline
+embedding keeps scoring queries with the projections it was fitted to, even after weights are loaded.
+[`CrossAttentionCapture`] installs the processor on the selected `attn2` layers of a UNet and restores the
+previous processors on removal.
 """
 
 from __future__ import annotations
@@ -16,18 +19,18 @@ __all__ = ["CapturedQuery", "CrossAttentionCapture", "DAGAttnProcessor", "QueryS
 
 
 class CapturedQuery:
-    """Query states of one layer for the conditional batch entries.
+    """Query inputs of one layer for the conditional batch entries.
 
     Attributes:
-        query (`torch.Tensor`): `(B, heads, N, head_dim)`, after `to_q` and `norm_q`, `N = h_l·w_l`.
+        hidden_states (`torch.Tensor`): `(B, N, C)`, the input of `to_q`, `N = h_l·w_l` query pixels.
         spatial_size (`tuple[int, int] | None`): `(h_l, w_l)` when the layer received a 4-D input, else `None`
             (the size then follows from `N` and the latent size).
     """
 
-    __slots__ = ("query", "spatial_size")
+    __slots__ = ("hidden_states", "spatial_size")
 
-    def __init__(self, query: torch.Tensor, spatial_size: tuple[int, int] | None):
-        self.query = query
+    def __init__(self, hidden_states: torch.Tensor, spatial_size: tuple[int, int] | None):
+        self.hidden_states = hidden_states
         self.spatial_size = spatial_size
 
 
@@ -57,12 +60,12 @@ class QueryStore:
         self.cond_slice = None
         self.queries = {}
 
-    def add(self, name: str, query: torch.Tensor, spatial_size: tuple[int, int] | None) -> None:
-        self.queries[name] = CapturedQuery(query[self.cond_slice], spatial_size)
+    def add(self, name: str, hidden_states: torch.Tensor, spatial_size: tuple[int, int] | None) -> None:
+        self.queries[name] = CapturedQuery(hidden_states[self.cond_slice], spatial_size)
 
 
 class DAGAttnProcessor:
-    """`AttnProcessor2_0` that also stores the conditional query states in a [`QueryStore`].
+    """`AttnProcessor2_0` that also stores the conditional query inputs in a [`QueryStore`].
 
     Args:
         store (`QueryStore`): where queries go while it is armed.
@@ -106,6 +109,10 @@ class DAGAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
+        if self.store.armed:
+            # a view, not a copy: capturing adds no work to the attention itself
+            self.store.add(self.name, hidden_states, spatial_size)
+
         query = attn.to_q(hidden_states)
 
         if encoder_hidden_states is None:
@@ -127,10 +134,6 @@ class DAGAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-
-        if self.store.armed:
-            # a view, not a copy: capturing adds no work to the attention itself
-            self.store.add(self.name, query, spatial_size)
 
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False

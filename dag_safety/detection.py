@@ -11,6 +11,7 @@ is min-max normalised per image.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from diffusers.models.attention_processor import Attention
 from .attention import CapturedQuery
 
 __all__ = [
+    "QueryProjection",
+    "attention_probs",
     "combine_concepts",
     "concept_map",
     "layer_token_maps",
@@ -29,23 +32,23 @@ __all__ = [
 ]
 
 
-def validate_embedding(embedding: torch.Tensor, cross_attention_dim: int) -> None:
-    """Checks a guideline embedding: `(1+K, D)` with `K >= 1`, `D == cross_attention_dim`, finite values.
+def validate_embedding(embedding: torch.Tensor, cross_attention_dim: int | None = None) -> None:
+    """Checks a guideline embedding: `(1+K, D)` with `K >= 1`, finite values, and `D == cross_attention_dim` when
+    given.
 
     Raises:
         `ValueError`: naming the problem and what is expected.
     """
     if not isinstance(embedding, torch.Tensor):
         raise ValueError(
-            f"A guideline embedding must be a torch.Tensor of shape (1+K, {cross_attention_dim}),"
-            f" got {type(embedding).__name__}."
+            f"A guideline embedding must be a torch.Tensor of shape (1+K, D), got {type(embedding).__name__}."
         )
     if embedding.ndim != 2 or embedding.shape[0] < 2:
         raise ValueError(
             f"A guideline embedding must have shape (1+K, D) with a start-of-text row and K >= 1 concept rows,"
             f" got shape {tuple(embedding.shape)}."
         )
-    if embedding.shape[1] != cross_attention_dim:
+    if cross_attention_dim is not None and embedding.shape[1] != cross_attention_dim:
         raise ValueError(
             f"The guideline embedding has width {embedding.shape[1]}, but this UNet's cross-attention width"
             f" (`unet.config.cross_attention_dim`) is {cross_attention_dim}: the embedding was made for another"
@@ -75,10 +78,61 @@ def project_keys(attn: Attention, embedding: torch.Tensor) -> torch.Tensor:
     return key[0]
 
 
+@dataclass(frozen=True)
+class QueryProjection:
+    """A frozen copy of one layer's query projection (`to_q`, then the head split and `norm_q`).
+
+    Attributes:
+        weight (`torch.Tensor`): `(heads·head_dim, C)`.
+        bias (`torch.Tensor | None`): `(heads·head_dim,)`.
+        heads (`int`): attention heads.
+        scale (`float`): the layer's softmax scale `attn.scale` (`head_dim ** -0.5`).
+        norm_q (`torch.nn.Module | None`): the layer's `norm_q`, if any.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    heads: int
+    scale: float
+    norm_q: torch.nn.Module | None = None
+
+    @classmethod
+    def snapshot(cls, attn: Attention) -> QueryProjection:
+        """Copies the layer's current effective `to_q`.
+
+        A plain `nn.Linear` is copied as is; any other module (an unfused LoRA layer, say) is probed as the affine
+        map it is: `b = to_q(0)`, `Wᵀ = to_q(I) - b`.
+        """
+        to_q = attn.to_q
+        with torch.no_grad():
+            if type(to_q) is torch.nn.Linear:
+                weight = to_q.weight.detach().clone()
+                bias = None if to_q.bias is None else to_q.bias.detach().clone()
+            else:
+                reference = next(to_q.parameters())
+                options = {"dtype": reference.dtype, "device": reference.device}
+                bias = to_q(torch.zeros(1, attn.query_dim, **options))[0]
+                weight = (to_q(torch.eye(attn.query_dim, **options)) - bias).T.contiguous()
+        return cls(weight=weight, bias=bias, heads=attn.heads, scale=attn.scale, norm_q=attn.norm_q)
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Queries `(B, heads, N, head_dim)` from captured states `(B, N, C)`."""
+        weight = self.weight.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        bias = None if self.bias is None else self.bias.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        query = F.linear(hidden_states, weight, bias)
+        batch, tokens, inner = query.shape
+        query = query.view(batch, tokens, self.heads, inner // self.heads).transpose(1, 2)
+        return query if self.norm_q is None else self.norm_q(query)
+
+
 def _spatial_size(captured: CapturedQuery, latent_size: tuple[int, int]) -> tuple[int, int]:
     if captured.spatial_size is not None:
         return captured.spatial_size
-    tokens = captured.query.shape[2]
+    return infer_spatial_size(captured.hidden_states.shape[1], latent_size)
+
+
+def infer_spatial_size(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """`(h_l, w_l)` of a layer with `tokens` query pixels in a UNet whose latent is `latent_size`."""
     height, width = latent_size
     factor = math.sqrt(height * width / tokens)
     layer_height = max(1, round(height / factor))
@@ -88,30 +142,44 @@ def _spatial_size(captured: CapturedQuery, latent_size: tuple[int, int]) -> tupl
 
 
 def layer_token_maps(
-    captured: CapturedQuery, keys: torch.Tensor, scale: float, latent_size: tuple[int, int]
+    captured: CapturedQuery, projection: QueryProjection, keys: torch.Tensor, latent_size: tuple[int, int]
 ) -> torch.Tensor:
     """Attention of each query pixel over the `1+K` guideline rows at one layer, averaged over heads.
 
     Args:
-        captured (`CapturedQuery`): queries `(B, heads, N, head_dim)`.
+        captured (`CapturedQuery`): the layer's query inputs `(B, N, C)`.
+        projection (`QueryProjection`): the layer's query projection, as snapshotted.
         keys (`torch.Tensor`): from [`project_keys`], `(heads, 1+K, head_dim)`.
-        scale (`float`): the layer's `attn.scale` (`head_dim ** -0.5`).
         latent_size (`tuple[int, int]`): `(h, w)` of the latent, to infer `(h_l, w_l)` for 3-D inputs.
 
     Returns:
         `torch.Tensor`: `(B, 1+K, h_l, w_l)`, each pixel's values summing to 1 over the rows.
     """
-    query = captured.query
-    scores = torch.matmul(query, keys.to(query.dtype).transpose(-1, -2)) * scale
-    probs = scores.float().softmax(dim=-1).mean(dim=1)  # (B, N, 1+K)
+    probs = attention_probs(projection(captured.hidden_states), keys, projection.scale)
     height, width = _spatial_size(captured, latent_size)
     return probs.transpose(1, 2).reshape(probs.shape[0], -1, height, width)
 
 
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax over the guideline rows, averaged over heads.
+
+    Args:
+        query (`torch.Tensor`): `(B, heads, N, head_dim)`.
+        keys (`torch.Tensor`): `(heads, 1+K, head_dim)`.
+        scale (`float`): softmax scale (`head_dim ** -0.5`).
+
+    Returns:
+        `torch.Tensor`: `(B, N, 1+K)` float32.
+    """
+    keys = keys.to(device=query.device, dtype=query.dtype)
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
+    return scores.float().softmax(dim=-1).mean(dim=1)
+
+
 def token_maps(
     queries: dict[str, CapturedQuery],
+    projections: dict[str, QueryProjection],
     keys: dict[str, torch.Tensor],
-    scales: dict[str, float],
     latent_size: tuple[int, int],
 ) -> torch.Tensor:
     """Layer-averaged token maps: each layer's [`layer_token_maps`] upsampled (bilinear) to the latent size.
@@ -123,7 +191,7 @@ def token_maps(
         raise RuntimeError("No cross-attention queries were captured in this UNet call.")
     maps = [
         F.interpolate(
-            layer_token_maps(queries[name], keys[name], scales[name], latent_size),
+            layer_token_maps(queries[name], projections[name], keys[name], latent_size),
             size=latent_size,
             mode="bilinear",
             align_corners=False,

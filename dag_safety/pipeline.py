@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -14,7 +15,8 @@ from diffusers.utils import deprecate, logging, replace_example_docstring
 from .attention import CrossAttentionCapture
 from .config import SLD_SAFETY_CONCEPT, DAGConfig, GuidanceMethod, SEGAConfig, SLDConfig, build_config
 from .config import split_dag_options
-from .detection import combine_concepts, concept_map, project_keys, token_maps, validate_embedding
+from .embedding import GuidelineEmbedding, unet_fingerprint
+from .detection import QueryProjection, combine_concepts, concept_map, project_keys, token_maps, validate_embedding
 from .guidance import dag_noise_pred, dag_scale_map, sega_noise_pred, sld_noise_pred
 from .outputs import DAGPipelineOutput
 
@@ -38,13 +40,35 @@ EXAMPLE_DOC_STRING = """
 
 @dataclass
 class _DAGState:
-    """What `enable_dag` prepared: config, embeddings, the installed capture and each concept's keys per layer."""
+    """What `enable_dag` prepared: config, embeddings, the installed capture, and the detection layers' query
+    projections and each concept's keys, frozen at `enable_dag`."""
 
     config: DAGConfig
     embeddings: list[torch.Tensor]
     capture: CrossAttentionCapture
+    projections: dict[str, QueryProjection]
     keys: list[dict[str, torch.Tensor]]
-    scales: dict[str, float]
+
+
+EmbeddingLike = str | os.PathLike | GuidelineEmbedding | torch.Tensor
+
+
+def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
+    """The DAG options saved embeddings were tuned for; several embeddings must agree."""
+    defaults = [
+        {
+            "layer_fractions": tuple(item.metadata.layer_fractions),
+            "unsafe_threshold": item.metadata.unsafe_threshold,
+            "edit_mask_threshold": item.metadata.edit_mask_threshold,
+        }
+        for item in saved
+    ]
+    if any(d != defaults[0] for d in defaults[1:]):
+        raise ValueError(
+            f"The guideline embeddings were tuned for different detection settings: {defaults}. Pass"
+            " `layer_fractions`, `unsafe_threshold` and `edit_mask_threshold` explicitly."
+        )
+    return defaults[0] if defaults else {}
 
 
 class DAGStableDiffusionPipeline(StableDiffusionPipeline):
@@ -79,19 +103,27 @@ class DAGStableDiffusionPipeline(StableDiffusionPipeline):
 
     def enable_dag(
         self,
-        embedding: torch.Tensor | list[torch.Tensor] | None = None,
+        embedding: EmbeddingLike | list[EmbeddingLike] | None = None,
         guidance: str = "sega",
         *,
         preset: str | None = None,
+        check_fingerprint: bool = True,
         **options: Any,
     ) -> None:
         r"""
         Turns on Detect-and-Guide.
 
         Args:
-            embedding (`torch.Tensor` or `list[torch.Tensor]`):
-                A guideline embedding `(1+K, D)` (a start-of-text row, then `K` concept rows, in the text encoder's
-                output space, `D = unet.config.cross_attention_dim`), or a list of them for several concepts.
+            embedding (`str`, `os.PathLike`, `GuidelineEmbedding`, `torch.Tensor`, or a list of them):
+                A guideline embedding: a Hub repo id or a local directory saved by
+                [`GuidelineEmbedding.save_pretrained`] (loaded with [`GuidelineEmbedding.from_pretrained`]; load it
+                yourself for `revision=`, `token=`, ...), a loaded [`GuidelineEmbedding`], or a raw `(1+K, D)`
+                tensor (a start-of-text row, then `K` concept rows, in the text encoder's output space,
+                `D = unet.config.cross_attention_dim`). A list gives several concepts. A saved embedding's
+                `layer_fractions` and thresholds are the defaults for the options below.
+            check_fingerprint (`bool`, *optional*, defaults to `True`):
+                Refuse a saved embedding whose base-model fingerprint differs from this UNet's (an embedding is tied
+                to the `to_q` / `to_k` projections it was optimized against). `False` skips the check.
             guidance (`str`, *optional*, defaults to `"sega"`):
                 The base method whose mask and momentum DAG rescales: `"sega"` or `"sld"`.
             preset (`str`, *optional*):
@@ -114,11 +146,14 @@ class DAGStableDiffusionPipeline(StableDiffusionPipeline):
             )
         if self._safety_guidance is not None:
             raise ValueError("Plain safety guidance is enabled; call `disable_safety_guidance()` before `enable_dag`.")
-        embeddings = list(embedding) if isinstance(embedding, (list, tuple)) else [embedding]
-        if not embeddings:
+        items = list(embedding) if isinstance(embedding, (list, tuple)) else [embedding]
+        if not items:
             raise ValueError("`enable_dag` got an empty list of guideline embeddings.")
+        saved = [self._load_embedding(item, check_fingerprint) for item in items]
+        embeddings = [item.embeds if isinstance(item, GuidelineEmbedding) else item for item in saved]
         for item in embeddings:
             validate_embedding(item, self.unet.config.cross_attention_dim)
+        options = {**_saved_defaults([item for item in saved if isinstance(item, GuidelineEmbedding)]), **options}
         dag_options, base_options = split_dag_options(options)
         config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)
 
@@ -126,18 +161,30 @@ class DAGStableDiffusionPipeline(StableDiffusionPipeline):
         capture = CrossAttentionCapture(self.unet, config.layer_fractions)
         modules = capture.attention_modules()
         embeddings = [item.detach().to(device="cpu", dtype=torch.float32) for item in embeddings]
-        # Keys are fixed here: the embedding stays tied to the projections it was fitted to, even if weights
-        # loaded later change to_k.
+        # Projections are frozen here: the embedding stays tied to the to_q / to_k it was fitted to, even when
+        # weights loaded later change them.
         with torch.no_grad():
+            projections = {name: QueryProjection.snapshot(attn) for name, attn in modules.items()}
             keys = [{name: project_keys(attn, item) for name, attn in modules.items()} for item in embeddings]
         capture.install()
         self._dag = _DAGState(
-            config=config,
-            embeddings=embeddings,
-            capture=capture,
-            keys=keys,
-            scales={name: attn.scale for name, attn in modules.items()},
+            config=config, embeddings=embeddings, capture=capture, projections=projections, keys=keys
         )
+
+    def _load_embedding(self, item: EmbeddingLike, check_fingerprint: bool) -> GuidelineEmbedding | torch.Tensor:
+        if isinstance(item, (str, os.PathLike)):
+            item = GuidelineEmbedding.from_pretrained(os.fspath(item))
+        if isinstance(item, GuidelineEmbedding):
+            validate_embedding(item.embeds, self.unet.config.cross_attention_dim)
+            expected = item.metadata.base_model_fingerprint
+            if check_fingerprint and expected != (actual := unet_fingerprint(self.unet)):
+                raise ValueError(
+                    f"The guideline embedding for {item.metadata.concept!r} was optimized on"
+                    f" {item.metadata.base_model!r} (UNet fingerprint {expected}), but this pipeline's UNet has"
+                    f" fingerprint {actual}: an embedding is tied to the to_q / to_k projections it was fitted to."
+                    " Use an embedding made for this model, or pass `check_fingerprint=False` if you know they match."
+                )
+        return item
 
     def disable_dag(self) -> None:
         """Turns DAG off and restores the attention processors that were set before [`enable_dag`]."""
@@ -189,7 +236,7 @@ class DAGStableDiffusionPipeline(StableDiffusionPipeline):
         """`Â` from the queries captured in the last UNet call: `(B, h, w)` in `[0, 1]`, float32."""
         state = self._dag
         queries = state.capture.store.queries
-        maps = [concept_map(token_maps(queries, keys, state.scales, latent_size)) for keys in state.keys]
+        maps = [concept_map(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
         return maps[0] if len(maps) == 1 else combine_concepts(maps)
 
     @staticmethod

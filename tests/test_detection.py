@@ -3,8 +3,9 @@
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from dag_safety.attention import CrossAttentionCapture
+from dag_safety.attention import CapturedQuery, CrossAttentionCapture
 from dag_safety.detection import (
+    QueryProjection,
     combine_concepts,
     concept_map,
     layer_token_maps,
@@ -55,29 +56,53 @@ def test_prompt_tokens_reproduce_standard_cross_attention_maps(components):
         key = attn.head_to_batch_dim(attn.to_k(context[:, :rows]))
         reference = attn.get_attention_scores(query, key).view(1, attn.heads, -1, rows).mean(dim=1)
         with torch.no_grad():
-            ours = layer_token_maps(queries[name], project_keys(attn, embedding), attn.scale, (16, 16))
+            projection = QueryProjection.snapshot(attn)
+            ours = layer_token_maps(queries[name], projection, project_keys(attn, embedding), (16, 16))
         side = int(hidden.shape[1] ** 0.5)
         assert ours.shape == (1, rows, side, side)
         assert torch.allclose(ours.flatten(2).transpose(1, 2), reference, atol=1e-6)
 
 
 def test_token_maps_upsample_and_average():
-    class Captured:
-        def __init__(self, query):
-            self.query, self.spatial_size = query, None
-
     keys = torch.zeros(1, 2, 1)
     keys[0, 1, 0] = 1.0
-    # one head, head_dim 1: the concept row wins where the query is large
-    coarse = torch.zeros(1, 1, 4, 1)
-    coarse[0, 0, 0, 0] = 10.0  # top-left pixel of a 2x2 layer
-    fine = torch.zeros(1, 1, 16, 1)
-    maps = token_maps({"a": Captured(coarse), "b": Captured(fine)}, {"a": keys, "b": keys}, {"a": 1.0, "b": 1.0}, (4, 4))
+    # one head, head_dim 1, identity projection: the concept row wins where the query is large
+    identity = QueryProjection(weight=torch.ones(1, 1), bias=None, heads=1, scale=1.0)
+    coarse = torch.zeros(1, 4, 1)
+    coarse[0, 0, 0] = 10.0  # top-left pixel of a 2x2 layer
+    fine = torch.zeros(1, 16, 1)
+    queries = {"a": CapturedQuery(coarse, None), "b": CapturedQuery(fine, None)}
+    maps = token_maps(queries, {"a": identity, "b": identity}, {"a": keys, "b": keys}, (4, 4))
     assert maps.shape == (1, 2, 4, 4)
     assert torch.allclose(maps.sum(dim=1), torch.ones(1, 4, 4))
     amap = concept_map(maps)
     assert amap[0, 0, 0] == 1.0 and amap[0, 3, 3] == 0.0
     assert amap.min() == 0 and amap.max() == 1
+
+
+def test_query_projection_snapshot_of_a_wrapped_linear():
+    """An unfused adapter around to_q is snapshotted as the affine map it computes."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=6, cross_attention_dim=5, heads=2, dim_head=3, bias=True)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.delta = base, torch.nn.Linear(6, 6, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + self.delta(x)
+
+    attn.to_q = Wrapped(attn.to_q)
+    hidden = torch.randn(2, 7, 6)
+    projection = QueryProjection.snapshot(attn)
+    with torch.no_grad():
+        expected = attn.to_q(hidden).view(2, 7, 2, 3).transpose(1, 2)
+        assert torch.allclose(projection(hidden), expected, atol=1e-6)
+        attn.to_q.delta.weight.add_(1.0)  # later changes do not reach the snapshot
+        assert torch.allclose(projection(hidden), expected, atol=1e-6)
 
 
 def test_minmax_and_combine():

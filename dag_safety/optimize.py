@@ -1,0 +1,415 @@
+"""Guideline-token optimization (spec section 4; paper 3.1 and A.1, after OVAM).
+
+From a handful of annotated images (unsafe ones with a mask of the target region, safe ones without), fit the
+concept rows of a guideline embedding so that its cross-attention maps light up on the mask and stay silent
+elsewhere. The UNet runs once per image and sampled timestep to cache the queries of the detection layers; each
+optimization step then costs only the attention of the embedding's keys against the cache.
+
+Folder layout read by [`load_annotated_folder`]:
+
+    data/
+      captions.csv          # columns file_name,caption   (or captions.txt: "file_name<TAB>caption" per line)
+      img_001.png           # images (.png, .jpg, .jpeg, .webp)
+      masks/img_001.png     # binary mask, same stem and size as its image; missing or empty = a safe image
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .attention import CrossAttentionCapture
+from .detection import QueryProjection, attention_probs, infer_spatial_size, project_keys
+from .embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
+
+__all__ = [
+    "AnnotatedImage",
+    "OptimizationConfig",
+    "OptimizationResult",
+    "encode_init_rows",
+    "guideline_loss",
+    "load_annotated_folder",
+    "optimize_guideline_embedding",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class AnnotatedImage:
+    """One training image.
+
+    Attributes:
+        name (`str`): file name.
+        image (`PIL.Image.Image`): RGB.
+        mask (`np.ndarray | None`): `(H, W)` bool, the target region; `None` or all-False for a safe image.
+        caption (`str`): the caption the UNet is conditioned on while caching.
+    """
+
+    name: str
+    image: Image.Image
+    mask: np.ndarray | None
+    caption: str
+
+    @property
+    def unsafe(self) -> bool:
+        return self.mask is not None and bool(self.mask.any())
+
+
+def _read_captions(folder: Path) -> dict[str, str]:
+    csv_path, txt_path = folder / "captions.csv", folder / "captions.txt"
+    if csv_path.is_file():
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows and not {"file_name", "caption"} <= set(rows[0]):
+            raise ValueError(f"{csv_path} needs the columns 'file_name' and 'caption', got {list(rows[0])}.")
+        return {row["file_name"]: row["caption"] for row in rows}
+    if txt_path.is_file():
+        captions = {}
+        for number, line in enumerate(txt_path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{txt_path}:{number}: expected 'file_name<TAB>caption', got {line!r}.")
+            name, caption = line.split("\t", 1)
+            captions[name.strip()] = caption.strip()
+        return captions
+    raise ValueError(f"{folder} has no captions.csv (file_name,caption) or captions.txt (file_name<TAB>caption).")
+
+
+def load_annotated_folder(folder: str | Path) -> list[AnnotatedImage]:
+    """Reads images, masks and captions from a folder (layout in the module docstring).
+
+    Raises:
+        `ValueError`: no images, an image without a caption, a mask whose size differs from its image, or no
+        unsafe image (at least one mask must mark a region).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a directory of annotated images.")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    captions = _read_captions(folder)
+    items = []
+    for path in paths:
+        if path.name not in captions:
+            raise ValueError(f"{path.name} has no caption in {folder}/captions.*; add a line for it.")
+        image = Image.open(path).convert("RGB")
+        mask_path = folder / "masks" / f"{path.stem}.png"
+        mask = None
+        if mask_path.is_file():
+            mask_image = Image.open(mask_path).convert("L")
+            if mask_image.size != image.size:
+                raise ValueError(
+                    f"The mask {mask_path.name} is {mask_image.size[0]}×{mask_image.size[1]} but its image"
+                    f" {path.name} is {image.size[0]}×{image.size[1]}; masks must have their image's size."
+                )
+            mask = np.asarray(mask_image) >= 128
+        items.append(AnnotatedImage(path.name, image, mask, captions[path.name]))
+    if not any(item.unsafe for item in items):
+        raise ValueError(
+            f"{folder} has no unsafe image: at least one image needs a mask (masks/<stem>.png) marking the target."
+        )
+    return items
+
+
+@dataclass(frozen=True)
+class OptimizationConfig:
+    """Settings of [`optimize_guideline_embedding`] (defaults: the paper's Table 4).
+
+    Args:
+        init_text (`str`): text whose encoding initialises the embedding (the paper: `"nude person"`).
+        concept (`str`, *optional*): the concept's name in the metadata; defaults to `init_text`.
+        safety_concept (`str`, *optional*): the safety concept text to pair the embedding with; defaults to
+            `init_text`.
+        layer_fractions (`tuple[float, ...]`, defaults to `(0.25, 0.5)`): detection layers.
+        num_timesteps (`int`, defaults to 10): timesteps cached per image, evenly spread over `timestep_range`.
+        timestep_range (`tuple[int, int]`, defaults to `(50, 950)`): first and last cached timestep.
+        learning_rate (`float`, defaults to 200): SGD learning rate.
+        lr_step (`int`, defaults to 20), lr_gamma (`float`, defaults to 0.7): step decay.
+        steps (`int`, *optional*): optimization steps; defaults to `100 × n_unsafe`.
+        eval_every (`int`, defaults to 10): steps between full-data losses (the best embedding is kept).
+        seed (`int`, defaults to 0): noise and mini-batch order.
+        cache_dtype (`torch.dtype`, defaults to `torch.float32`): `torch.float16` halves the cache.
+        resolution (`int`, *optional*): image side in pixels; defaults to the model's.
+    """
+
+    init_text: str
+    concept: str | None = None
+    safety_concept: str | None = None
+    layer_fractions: tuple[float, ...] = (0.25, 0.5)
+    num_timesteps: int = 10
+    timestep_range: tuple[int, int] = (50, 950)
+    learning_rate: float = 200.0
+    lr_step: int = 20
+    lr_gamma: float = 0.7
+    steps: int | None = None
+    eval_every: int = 10
+    seed: int = 0
+    cache_dtype: torch.dtype = torch.float32
+    resolution: int | None = None
+
+    def __post_init__(self):
+        if not self.init_text.strip():
+            raise ValueError("`init_text` must be a non-empty text such as 'nude person'.")
+        if self.num_timesteps < 1:
+            raise ValueError(f"`num_timesteps` must be >= 1, got {self.num_timesteps}.")
+        low, high = self.timestep_range
+        if not 0 <= low <= high:
+            raise ValueError(f"`timestep_range` must be (low, high) with 0 <= low <= high, got {self.timestep_range}.")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"`steps` must be >= 1, got {self.steps}.")
+        if self.learning_rate <= 0 or self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
+            raise ValueError("`learning_rate` must be > 0, `lr_step` >= 1 and `lr_gamma` in (0, 1].")
+
+
+@dataclass
+class OptimizationResult:
+    """What [`optimize_guideline_embedding`] returns.
+
+    Attributes:
+        embedding (`GuidelineEmbedding`): the best embedding (lowest full-data loss).
+        losses (`list[float]`): mini-batch loss per step.
+        eval_losses (`list[tuple[int, float]]`): `(step, full-data loss)`; step 0 is the initial embedding.
+    """
+
+    embedding: GuidelineEmbedding
+    losses: list[float]
+    eval_losses: list[tuple[int, float]]
+
+
+def encode_init_rows(pipe: StableDiffusionPipeline, text: str) -> torch.Tensor:
+    """Text-encoder output rows `[SoT, c_1 … c_K]` of `text` (end-of-text and padding dropped), `(1+K, D)`.
+
+    Raises:
+        `ValueError`: the text encodes to no token between start- and end-of-text.
+    """
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    concept_tokens = len(ids) - 2
+    if concept_tokens < 1:
+        raise ValueError(f"The init text {text!r} encodes to no concept token; use a descriptive text.")
+    embeds, _ = pipe.encode_prompt(text, pipe.device, 1, False)
+    return embeds[0, : 1 + concept_tokens].detach().float()
+
+
+@dataclass
+class _CachedImage:
+    """Queries of one image at every cached timestep: per layer `(T, heads, N, head_dim)`; target `(H, W)`."""
+
+    queries: dict[str, torch.Tensor]
+    sizes: dict[str, tuple[int, int]]
+    target: torch.Tensor
+    unsafe: bool
+
+
+def _to_pixels(pipe: StableDiffusionPipeline, item: AnnotatedImage, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    image = item.image.resize((side, side), Image.BICUBIC)
+    pixels = pipe.image_processor.preprocess(image).to(pipe.device, pipe.vae.dtype)
+    if item.mask is None:
+        target = torch.zeros(side, side)
+    else:
+        mask = Image.fromarray(item.mask.astype(np.uint8) * 255).resize((side, side), Image.NEAREST)
+        target = torch.from_numpy(np.asarray(mask) >= 128).float()
+    return pixels, target
+
+
+@torch.no_grad()
+def _build_cache(
+    pipe: StableDiffusionPipeline,
+    items: list[AnnotatedImage],
+    capture: CrossAttentionCapture,
+    projections: dict[str, QueryProjection],
+    config: OptimizationConfig,
+    side: int,
+    generator: torch.Generator,
+) -> list[_CachedImage]:
+    timesteps = torch.linspace(*config.timestep_range, config.num_timesteps).round().long().to(pipe.device)
+    cache = []
+    for item in tqdm(items, desc="Caching cross-attention queries", leave=False):
+        pixels, target = _to_pixels(pipe, item, side)
+        latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+        latents = latents.repeat(len(timesteps), 1, 1, 1)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+        text, _ = pipe.encode_prompt(item.caption, pipe.device, len(timesteps), False)
+        capture.store.arm(slice(None))
+        try:
+            pipe.unet(noisy, timesteps, encoder_hidden_states=text)
+        finally:
+            capture.store.disarm()
+        latent_size = tuple(latents.shape[-2:])
+        queries, sizes = {}, {}
+        for name, captured in capture.store.queries.items():
+            queries[name] = projections[name](captured.hidden_states).to(config.cache_dtype)
+            sizes[name] = captured.spatial_size or infer_spatial_size(captured.hidden_states.shape[1], latent_size)
+        capture.store.clear()
+        cache.append(_CachedImage(queries, sizes, target.to(pipe.device), item.unsafe))
+    return cache
+
+
+def _normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max per map over its pixels: `(T, R, H, W)` -> `[0, 1]` (differentiable)."""
+    flat = maps.flatten(2)
+    low = flat.min(dim=2, keepdim=True).values
+    high = flat.max(dim=2, keepdim=True).values
+    return ((flat - low) / (high - low + 1e-8)).view_as(maps)
+
+
+def guideline_loss(
+    embeds: torch.Tensor,
+    image: _CachedImage,
+    attention_modules: dict,
+    projections: dict[str, QueryProjection],
+) -> torch.Tensor:
+    """Per-pixel two-class cross-entropy of the normalised maps `[Â_SoT, Â_k]` against the mask.
+
+    For every concept row `k`, layer and cached timestep, the maps of the start-of-text row and of row `k`,
+    upsampled (bilinear) to the mask size and min-max normalised, are the logits of "background" and "target";
+    the targets are `[1 - y, y]`. Averaged over `k`, layers and timesteps (the paper's eq. 2 read with OVAM's
+    recipe). A safe image's all-zero mask teaches the embedding to stay silent.
+
+    Args:
+        embeds (`torch.Tensor`): `(1+K, D)`.
+
+    Returns:
+        `torch.Tensor`: scalar loss.
+    """
+    target = image.target
+    losses = []
+    for name, queries in image.queries.items():
+        keys = project_keys(attention_modules[name], embeds)
+        probs = attention_probs(queries, keys, projections[name].scale)  # (T, N, 1+K)
+        maps = probs.transpose(1, 2).reshape(probs.shape[0], -1, *image.sizes[name])
+        maps = F.interpolate(maps, size=target.shape, mode="bilinear", align_corners=False)
+        maps = _normalize_maps(maps)
+        for row in range(1, maps.shape[1]):
+            log_probs = torch.stack([maps[:, 0], maps[:, row]], dim=1).log_softmax(dim=1)
+            losses.append(-((1 - target) * log_probs[:, 0] + target * log_probs[:, 1]).mean())
+    return torch.stack(losses).mean()
+
+
+def optimize_guideline_embedding(
+    pipe: StableDiffusionPipeline,
+    items: list[AnnotatedImage],
+    config: OptimizationConfig,
+    base_model: str = "",
+    progress: bool = True,
+) -> OptimizationResult:
+    """Optimizes a guideline embedding for `pipe`'s model from annotated images.
+
+    The start-of-text row stays as encoded (it is the "background" every map is measured against); the `K`
+    concept rows are optimized with SGD and step decay on mini-batches of one unsafe and one safe image
+    (one unsafe image when there is no safe one). The full-data loss is measured every `eval_every` steps and
+    at the end, and the embedding with the lowest one is returned.
+
+    Args:
+        pipe (`StableDiffusionPipeline`): the base model (any subclass); its UNet and processors are left as found.
+        items (`list[AnnotatedImage]`): from [`load_annotated_folder`].
+        config (`OptimizationConfig`): settings.
+        base_model (`str`, *optional*): the model's name for the metadata (Hub id or path).
+        progress (`bool`, *optional*, defaults to `True`): show progress bars.
+
+    Returns:
+        [`OptimizationResult`].
+    """
+    unsafe = [index for index, item in enumerate(items) if item.unsafe]
+    safe = [index for index, item in enumerate(items) if not item.unsafe]
+    if not unsafe:
+        raise ValueError("Guideline optimization needs at least one unsafe image (with a non-empty mask).")
+    steps = config.steps or 100 * len(unsafe)
+    side = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    generator = torch.Generator().manual_seed(config.seed)
+    init_rows = encode_init_rows(pipe, config.init_text)
+
+    capture = CrossAttentionCapture(pipe.unet, config.layer_fractions)
+    modules = capture.attention_modules()
+    projections = {name: QueryProjection.snapshot(attn) for name, attn in modules.items()}
+    requires_grad = {name: p.requires_grad for name, p in pipe.unet.named_parameters()}
+    capture.install()
+    try:
+        cache = _build_cache(pipe, items, capture, projections, config, side, generator)
+    finally:
+        capture.remove()
+
+    sot = init_rows[:1].to(pipe.device)
+    rows = torch.nn.Parameter(init_rows[1:].clone().to(pipe.device))
+    optimizer = torch.optim.SGD([rows], lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    pipe.unet.requires_grad_(False)
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            embeds = torch.cat([sot, rows])
+            return float(torch.stack([guideline_loss(embeds, image, modules, projections) for image in cache]).mean())
+
+    losses: list[float] = []
+    best_loss = full_loss()
+    eval_losses = [(0, best_loss)]
+    best_rows = rows.detach().clone()
+    order = torch.randperm(len(unsafe), generator=generator).tolist()
+    try:
+        bar = tqdm(range(1, steps + 1), desc="Optimizing guideline tokens", disable=not progress)
+        for step in bar:
+            batch = [cache[unsafe[order[(step - 1) % len(unsafe)]]]]
+            if safe:
+                batch.append(cache[safe[int(torch.randint(len(safe), (1,), generator=generator))]])
+            embeds = torch.cat([sot, rows])
+            loss = torch.stack([guideline_loss(embeds, image, modules, projections) for image in batch]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if step % config.eval_every == 0 or step == steps:
+                current = full_loss()
+                eval_losses.append((step, current))
+                if current < best_loss:
+                    best_loss, best_rows = current, rows.detach().clone()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", best=f"{best_loss:.4f}")
+    finally:
+        for name, parameter in pipe.unet.named_parameters():
+            parameter.requires_grad_(requires_grad[name])
+
+    metadata = EmbeddingMetadata(
+        concept=config.concept or config.init_text,
+        init_text=config.init_text,
+        base_model=base_model,
+        base_model_fingerprint=unet_fingerprint(pipe.unet),
+        layer_fractions=tuple(config.layer_fractions),
+        safety_concept=config.safety_concept or config.init_text,
+        training={
+            "images": len(items),
+            "unsafe_images": len(unsafe),
+            "safe_images": len(safe),
+            "steps": steps,
+            "learning_rate": config.learning_rate,
+            "lr_step": config.lr_step,
+            "lr_gamma": config.lr_gamma,
+            "timesteps": config.num_timesteps,
+            "timestep_range": list(config.timestep_range),
+            "seed": config.seed,
+            "initial_loss": round(eval_losses[0][1], 6),
+        },
+        final_loss=round(best_loss, 6),
+    )
+    embedding = GuidelineEmbedding(torch.cat([sot, best_rows]).cpu(), metadata)
+    return OptimizationResult(embedding=embedding, losses=losses, eval_losses=eval_losses)
+
+
+def replace_metadata(embedding: GuidelineEmbedding, **changes) -> GuidelineEmbedding:
+    """A copy of `embedding` with metadata fields replaced (e.g. `detection_quality=`)."""
+    return GuidelineEmbedding(embedding.embeds, dataclasses.replace(embedding.metadata, **changes))

@@ -1,0 +1,113 @@
+"""GuidelineEmbedding: save / load / Hub cache, and its use in enable_dag."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.embedding import EMBEDDING_FILE, EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
+
+
+def make_embedding(pipe, rows=3, **changes):
+    torch.manual_seed(0)
+    metadata = EmbeddingMetadata(
+        concept="red star",
+        init_text="red star",
+        base_model="tiny",
+        base_model_fingerprint=unet_fingerprint(pipe.unet),
+        layer_fractions=(0.5,),
+        safety_concept="a red star",
+        unsafe_threshold=0.6,
+        edit_mask_threshold=0.02,
+        training={"steps": 3},
+        final_loss=0.5,
+    )
+    for key, value in changes.items():
+        metadata = EmbeddingMetadata(**{**metadata.as_dict(), key: value})
+    return GuidelineEmbedding(torch.randn(rows, pipe.unet.config.cross_attention_dim), metadata)
+
+
+def test_save_load_roundtrip(pipe, tmp_path):
+    embedding = make_embedding(pipe)
+    embedding.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", EMBEDDING_FILE]
+    with safe_open(tmp_path / EMBEDDING_FILE, framework="pt") as handle:
+        header = handle.metadata()
+    assert header["format"] == "dag-safety/guideline-embedding" and header["token_layout"] == "sot+concept"
+    assert json.loads(header["layer_fractions"]) == [0.5]
+    assert json.loads((tmp_path / "config.json").read_text())["concept"] == "red star"
+    assert "red star" in (tmp_path / "README.md").read_text()
+    loaded = GuidelineEmbedding.from_pretrained(tmp_path)
+    assert torch.equal(loaded.embeds, embedding.embeds)
+    assert loaded.metadata == embedding.metadata
+
+
+def test_from_hub_cache_offline(pipe, tmp_path, monkeypatch):
+    """Loading by repo id resolves from a huggingface_hub cache with HF_HUB_OFFLINE=1 (no network)."""
+    source = tmp_path / "source"
+    make_embedding(pipe).save_pretrained(source)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_home" / "hub" / "models--org--red-star"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(source, snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    loaded = GuidelineEmbedding.from_pretrained("org/red-star", cache_dir=tmp_path / "hf_home" / "hub")
+    assert loaded.metadata.concept == "red star"
+    pipe.enable_dag("org/red-star")  # by repo id, through the default cache
+    assert pipe.dag_config.layer_fractions == (0.5,)
+    with pytest.raises(Exception, match="(?i)offline|cache|not found|couldn't"):
+        GuidelineEmbedding.from_pretrained("org/not-cached")
+
+
+def test_enable_dag_by_path_uses_saved_defaults(pipe, tmp_path):
+    make_embedding(pipe).save_pretrained(tmp_path)
+    pipe.enable_dag(str(tmp_path))
+    assert pipe.dag_config.layer_fractions == (0.5,)
+    assert pipe.dag_config.unsafe_threshold == 0.6 and pipe.dag_config.edit_mask_threshold == 0.02
+    pipe.enable_dag(tmp_path, unsafe_threshold=0.4)  # explicit options win
+    assert pipe.dag_config.unsafe_threshold == 0.4
+    out = pipe("a red star", num_inference_steps=2, output_type="np", safety_concept="a red star")
+    assert out.unsafe_detected == [False]
+
+
+def test_fingerprint_and_width_checks(pipe, tmp_path):
+    other = make_embedding(pipe, base_model_fingerprint="ffffffffffffffff")
+    with pytest.raises(ValueError, match="fingerprint ffffffffffffffff.*check_fingerprint=False"):
+        pipe.enable_dag(other)
+    pipe.enable_dag(other, check_fingerprint=False)
+    wide = GuidelineEmbedding(torch.randn(3, 64), make_embedding(pipe).metadata)
+    with pytest.raises(ValueError, match="width 64"):
+        pipe.enable_dag(wide, check_fingerprint=False)
+
+
+def test_never_unpickles_and_rejects_foreign_files(pipe, tmp_path):
+    (tmp_path / "pickled").mkdir()
+    torch.save({"x": torch.zeros(2)}, tmp_path / "pickled" / "guideline_embeds.bin")
+    with pytest.raises(ValueError, match="has no guideline_embeds.safetensors"):
+        GuidelineEmbedding.from_pretrained(tmp_path / "pickled")
+    (tmp_path / "foreign").mkdir()
+    save_file({"guideline_embeds": torch.zeros(3, 32)}, str(tmp_path / "foreign" / EMBEDDING_FILE))
+    with pytest.raises(ValueError, match="not a dag-safety guideline embedding"):
+        GuidelineEmbedding.from_pretrained(tmp_path / "foreign")
+
+
+def test_fingerprint_ignores_dtype_but_not_weights(components):
+    unet = components["unet"]
+    reference = unet_fingerprint(unet)
+    assert unet_fingerprint(unet.to(torch.float16)) == reference
+    unet.to(torch.float32)
+    name, parameter = next((n, p) for n, p in unet.named_parameters() if ".attn2.to_k." in n)
+    with torch.no_grad():
+        parameter.add_(0.1)
+    assert unet_fingerprint(unet) != reference

@@ -1,0 +1,71 @@
+"""Guideline-token optimization on tiny components: folder loading, errors, a loss that goes down."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dag_safety.optimize import (
+    OptimizationConfig,
+    encode_init_rows,
+    load_annotated_folder,
+    optimize_guideline_embedding,
+)
+
+
+def write_folder(root, n_unsafe=2, n_safe=1, mismatch=False):
+    (root / "masks").mkdir(parents=True)
+    lines = []
+    rng = np.random.default_rng(0)
+    for index in range(n_unsafe + n_safe):
+        name = f"img_{index}.png"
+        pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name)
+        if index < n_unsafe:
+            mask = np.zeros((16, 16) if mismatch else (32, 32), dtype=np.uint8)
+            mask[4:14, 4 + 8 * index : 14 + 8 * index] = 255
+            Image.fromarray(mask).save(root / "masks" / name)
+        lines.append(f"{name}\ta red star on a white background")
+    (root / "captions.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_folder_loading_and_errors(tmp_path):
+    items = load_annotated_folder(write_folder(tmp_path / "ok"))
+    assert [item.unsafe for item in items] == [True, True, False]
+    assert items[0].mask.shape == (32, 32)
+    with pytest.raises(ValueError, match="mask img_0.png is 16×16 but its image img_0.png is 32×32"):
+        load_annotated_folder(write_folder(tmp_path / "mismatch", mismatch=True))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        load_annotated_folder(tmp_path / "empty")
+    with pytest.raises(ValueError, match="has no unsafe image"):
+        load_annotated_folder(write_folder(tmp_path / "safe", n_unsafe=0, n_safe=2))
+    folder = write_folder(tmp_path / "nocaption")
+    (folder / "captions.txt").write_text("img_0.png\ta red star\n")
+    with pytest.raises(ValueError, match="img_1.png has no caption"):
+        load_annotated_folder(folder)
+
+
+def test_init_text_without_tokens(pipe):
+    with pytest.raises(ValueError, match="encodes to no concept token"):
+        encode_init_rows(pipe, "")
+    rows = encode_init_rows(pipe, "red star")
+    assert rows.shape == (3, 32)
+
+
+def test_optimization_lowers_the_loss_and_keeps_the_model(pipe, tmp_path):
+    items = load_annotated_folder(write_folder(tmp_path / "data"))
+    processors = dict(pipe.unet.attn_processors)
+    config = OptimizationConfig(init_text="red star", num_timesteps=3, steps=30, eval_every=5, learning_rate=200.0)
+    result = optimize_guideline_embedding(pipe, items, config, base_model="tiny", progress=False)
+    assert len(result.losses) == 30
+    first, best = result.eval_losses[0][1], min(loss for _, loss in result.eval_losses)
+    assert best < first
+    assert result.embedding.metadata.final_loss == pytest.approx(best, abs=1e-6)
+    assert result.embedding.embeds.shape == (3, 32)
+    assert torch.equal(result.embedding.embeds[0], encode_init_rows(pipe, "red star")[0])  # SoT row kept
+    assert all(pipe.unet.attn_processors[name] is proc for name, proc in processors.items())
+    assert not any(p.requires_grad is False for p in pipe.unet.parameters())  # restored as found
+    pipe.enable_dag(result.embedding)
+    assert pipe.dag_config.layer_fractions == (0.25, 0.5)
