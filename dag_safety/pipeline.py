@@ -19,6 +19,7 @@ from .embedding import GuidelineEmbedding, unet_fingerprint
 from .detection import QueryProjection, combine_concepts, concept_map, project_keys, token_maps, validate_embedding
 from .guidance import dag_noise_pred, dag_scale_map, sega_noise_pred, sld_noise_pred
 from .outputs import DAGPipelineOutput
+from .weights import SafetyWeightsMixin
 
 __all__ = ["DAGStableDiffusionPipeline"]
 
@@ -71,7 +72,7 @@ def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
     return defaults[0] if defaults else {}
 
 
-class DAGStableDiffusionPipeline(StableDiffusionPipeline):
+class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     r"""
     [`StableDiffusionPipeline`] with inference-time safety guidance: Detect-and-Guide (DAG, Li et al., CVPR 2025)
     and the baselines it builds on, Safe Latent Diffusion (SLD) and semantic guidance (SEGA).
@@ -80,6 +81,9 @@ class DAGStableDiffusionPipeline(StableDiffusionPipeline):
     guideline-token embedding, and applies the SEGA or SLD safety direction only there, scaled per pixel by the
     paper's AreaScaler and MagnitudeScaler. With neither DAG nor safety guidance enabled the pipeline is
     `StableDiffusionPipeline`, output for output.
+
+    Fine-tuned safety weights (Focus-N-Fix LoRA, SPF-Portrait cross-attention) load with
+    [`~SafetyWeightsMixin.load_safety_weights`], alone or together with DAG.
 
     The constructor is `StableDiffusionPipeline`'s, so `from_pretrained(...)` and `from_pipe(pipe)` work as usual.
     """
