@@ -193,6 +193,9 @@ def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, int]:
 class CrossAttentionCapture:
     """Installs [`DAGAttnProcessor`] on the cross-attention layers at the selected resolutions of a UNet.
 
+    Use it as a context manager (`with capture: ...`) around the UNet calls to hook: the UNet carries the capture
+    processors only inside the block, so pipelines that share the UNet (`from_pipe`) never see them.
+
     Args:
         unet (`UNet2DConditionModel`): the UNet to hook.
         layer_fractions (`tuple[float, ...]`): query side as a fraction of the latent side, e.g. `(0.25, 0.5)`.
@@ -227,24 +230,29 @@ class CrossAttentionCapture:
         modules = dict(self.unet.named_modules())
         return {name: modules[name.removesuffix(".processor")] for name in self.layers}
 
-    def install(self) -> None:
-        """Swaps the capture processors in, keeping every other layer's processor as it is.
-
-        Raises:
-            `ValueError`: already installed, or a selected layer carries a processor other than diffusers'
-            default (`AttnProcessor2_0` / `AttnProcessor`), which the capture processor would replace.
-        """
-        if self.installed:
-            raise ValueError("The capture processors are already installed on this UNet.")
-        previous = dict(self.unet.attn_processors)
+    def check_installable(self) -> None:
+        """Raises `ValueError` if a selected layer carries a processor other than diffusers' default
+        (`AttnProcessor2_0` / `AttnProcessor`), which the capture processor would replace."""
+        processors = self.unet.attn_processors
         for name in self.layers:
-            if type(previous[name]) not in (AttnProcessor2_0, AttnProcessor):
+            if type(processors[name]) not in (AttnProcessor2_0, AttnProcessor):
                 raise ValueError(
-                    f"Layer {name!r} uses {type(previous[name]).__name__}; DAG detection replaces the default"
+                    f"Layer {name!r} uses {type(processors[name]).__name__}; DAG detection replaces the default"
                     " attention processor at its detection layers and would drop that one. Restore the default"
                     " processor there (`pipe.unet.set_default_attn_processor()`), or choose other"
                     " `layer_fractions`."
                 )
+
+    def install(self) -> None:
+        """Swaps the capture processors in, keeping every other layer's processor as it is.
+
+        Raises:
+            `ValueError`: already installed, or see [`check_installable`].
+        """
+        if self.installed:
+            raise ValueError("The capture processors are already installed on this UNet.")
+        self.check_installable()
+        previous = dict(self.unet.attn_processors)
         processors = dict(previous)
         for name in self.layers:
             processors[name] = DAGAttnProcessor(self.store, name)
@@ -259,3 +267,10 @@ class CrossAttentionCapture:
         self.unet.set_attn_processor(dict(self._previous))
         self._previous = None
         self.store.clear()
+
+    def __enter__(self) -> CrossAttentionCapture:
+        self.install()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()

@@ -163,6 +163,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
         self.disable_dag()
         capture = CrossAttentionCapture(self.unet, config.layer_fractions)
+        capture.check_installable()
         modules = capture.attention_modules()
         embeddings = [item.detach().to(device="cpu", dtype=torch.float32) for item in embeddings]
         # Projections are frozen here: the embedding stays tied to the to_q / to_k it was fitted to, even when
@@ -170,7 +171,6 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         with torch.no_grad():
             projections = {name: QueryProjection.snapshot(attn) for name, attn in modules.items()}
             keys = [{name: project_keys(attn, item) for name, attn in modules.items()} for item in embeddings]
-        capture.install()
         self._dag = _DAGState(
             config=config, embeddings=embeddings, capture=capture, projections=projections, keys=keys
         )
@@ -191,10 +191,8 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         return item
 
     def disable_dag(self) -> None:
-        """Turns DAG off and restores the attention processors that were set before [`enable_dag`]."""
-        if self._dag is not None:
-            self._dag.capture.remove()
-            self._dag = None
+        """Turns DAG off. (The capture processors are only on the UNet during a call, so nothing is left there.)"""
+        self._dag = None
 
     def enable_safety_guidance(self, method: str = "sld", preset: str | None = None, **overrides: Any) -> None:
         r"""
@@ -216,6 +214,43 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     def disable_safety_guidance(self) -> None:
         """Turns plain safety guidance off."""
         self._safety_guidance = None
+
+    @torch.no_grad()
+    def detection_map(
+        self,
+        latents: torch.Tensor,
+        timestep: int | torch.Tensor,
+        prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        DAG's detection map for noisy latents: one conditional UNet pass, as inside the denoising loop.
+
+        Args:
+            latents (`torch.Tensor`): noisy latents `x_t`, `(B, C, h, w)` (scaled like the pipeline's latents).
+            timestep (`int` or `torch.Tensor`): `t` of the latents (a scalar or `(B,)`).
+            prompt (`str` or `list[str]`, *optional*): the prompt(s) the UNet is conditioned on.
+            prompt_embeds (`torch.Tensor`, *optional*): `(B, L, D)` instead of `prompt`.
+
+        Returns:
+            `torch.Tensor`: `Â`, `(B, h, w)` in `[0, 1]`, float32.
+        """
+        if self._dag is None:
+            raise ValueError("`detection_map` needs DAG; call `pipe.enable_dag(embedding)` first.")
+        batch = latents.shape[0]
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("Pass `prompt` or `prompt_embeds`.")
+            prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != batch:
+                raise ValueError(f"Got {len(prompts)} prompts for {batch} latents.")
+            prompt_embeds, _ = self.encode_prompt(prompts, latents.device, 1, False)
+        capture = self._dag.capture
+        with capture:
+            capture.store.arm(slice(None))
+            self.unet(latents, timestep, encoder_hidden_states=prompt_embeds)
+            capture.store.disarm()
+            return self._detect(tuple(latents.shape[-2:]))
 
     # ------------------------------------------------------------------ step helpers
 
@@ -340,7 +375,11 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             if not return_dict:
                 return output
             return DAGPipelineOutput(images=output.images, nsfw_content_detected=output.nsfw_content_detected)
-        return self._guided_call(safety_concept=safety_concept, return_dag_maps=return_dag_maps, **sd_arguments)
+        if self._dag is None:
+            return self._guided_call(safety_concept=safety_concept, return_dag_maps=False, **sd_arguments)
+        # The capture processors sit on the UNet for this call only
+        with self._dag.capture:
+            return self._guided_call(safety_concept=safety_concept, return_dag_maps=return_dag_maps, **sd_arguments)
 
     def _guided_call(
         self,

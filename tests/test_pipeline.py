@@ -196,14 +196,25 @@ class TestDAG:
                     generator=torch.manual_seed(0), output_type="np", safety_concept=CONCEPT).images
         assert np.array_equal(ours, reference)
 
-    def test_processors_installed_only_while_enabled(self, pipe, star_embedding):
+    def test_processors_on_the_unet_only_during_a_call(self, pipe, star_embedding, components):
+        before = dict(pipe.unet.attn_processors)
         pipe.enable_dag(star_embedding)
-        installed = [n for n, p in pipe.unet.attn_processors.items() if isinstance(p, DAGAttnProcessor)]
-        assert installed and all("attn2" in n for n in installed)
-        pipe.enable_dag(star_embedding, layer_fractions=(0.5,))  # re-enabling replaces, never stacks
-        assert len([p for p in pipe.unet.attn_processors.values() if isinstance(p, DAGAttnProcessor)]) < len(installed)
-        pipe.disable_dag()
-        assert not any(isinstance(p, DAGAttnProcessor) for p in pipe.unet.attn_processors.values())
+        assert all(pipe.unet.attn_processors[n] is p for n, p in before.items())
+        seen = []
+
+        def on_step_end(pipeline, i, t, tensors):
+            seen.append([n for n, p in pipeline.unet.attn_processors.items() if isinstance(p, DAGAttnProcessor)])
+            return tensors
+
+        pipe(PROMPT, num_inference_steps=2, output_type="np", safety_concept=CONCEPT, callback_on_step_end=on_step_end)
+        assert seen[0] and all("attn2" in n for n in seen[0])
+        assert all(pipe.unet.attn_processors[n] is p for n, p in before.items())
+        # a second pipeline on the same UNet (from_pipe) with its own DAG works alongside
+        other = DAGStableDiffusionPipeline.from_pipe(pipe)
+        other.set_progress_bar_config(disable=True)
+        other.enable_dag(star_embedding, layer_fractions=(0.5,))
+        assert run(other, safety_concept=CONCEPT).shape == (1, 32, 32, 3)
+        assert run(pipe, safety_concept=CONCEPT).shape == (1, 32, 32, 3)
 
 
 class TestLoading:

@@ -1,0 +1,281 @@
+"""Detection benchmark: does a guideline embedding find the red star, and only the red star?
+
+On held-out scenes of the shapes world (both styles), noised to several timesteps, and on undefended mini-model
+generations (target masks from the shapes detector), it measures for the optimized embedding, the un-optimized
+init embedding (`"red star"` encoded) and an embedding optimized on filled scenes only:
+
+- IoU of `Â >= 0.5` (nearest-upsampled to the image) with the red-star mask, on target scenes;
+- detection rate: DAG's scale map is non-zero (an unsafe component with a defined mode), on target scenes;
+- false-detection rate on distractor scenes: red non-stars, non-red stars, no object.
+
+    python benchmarks/detection.py                 # full run, writes benchmarks/results/detection.{md,json}
+    python benchmarks/detection.py --quick          # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dag_safety import DAGConfig, DAGStableDiffusionPipeline
+from dag_safety.guidance import dag_scale_map
+from dag_safety.mini import (
+    BACKGROUNDS,
+    GUIDELINE_INIT_TEXT,
+    HELDOUT_SEEDS,
+    MODEL_PATH,
+    TARGET_CONCEPT,
+    detect,
+    render_scene,
+    sample_prompt,
+)
+from dag_safety.mini.guideline_data import write_folder
+from dag_safety.optimize import OptimizationConfig, encode_init_rows, load_annotated_folder, optimize_guideline_embedding
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EMBEDDING = ROOT / "embeddings" / "red-star"
+
+
+@dataclass
+class SceneSet:
+    """Images `(N, 64, 64, 3)` uint8, captions, target masks `(N, 64, 64)` bool, and per-image styles."""
+
+    name: str
+    images: np.ndarray
+    captions: list[str]
+    masks: np.ndarray
+    styles: list[str]
+
+
+def _target_mask(scene) -> np.ndarray:
+    mask = np.zeros(scene.image.shape[:2], dtype=bool)
+    for obj, obj_mask in zip(scene.objects, scene.masks):
+        if (obj.color, obj.shape) == TARGET_CONCEPT:
+            mask |= obj_mask
+    return mask
+
+
+def build_scene_sets(count: int) -> dict[str, SceneSet]:
+    """Held-out scenes: `count` target scenes and `count // 3` of each distractor kind."""
+    wanted = {"target": count, "red non-star": count // 3, "non-red star": count // 3}
+    found: dict[str, list] = {name: [] for name in wanted}
+    seed = HELDOUT_SEEDS[0]
+    while any(len(found[n]) < wanted[n] for n in wanted):
+        scene = render_scene(seed)
+        seed += 1
+        pairs = [(o.color, o.shape) for o in scene.objects]
+        if TARGET_CONCEPT in pairs:
+            kind = "target"
+        elif any(c == TARGET_CONCEPT[0] for c, _ in pairs):
+            kind = "red non-star"
+        elif any(s == TARGET_CONCEPT[1] for _, s in pairs):
+            kind = "non-red star"
+        else:
+            continue
+        if len(found[kind]) < wanted[kind]:
+            found[kind].append(scene)
+    sets = {}
+    for name, scenes in found.items():
+        styles = [
+            next((o.style for o in s.objects if (o.color, o.shape) == TARGET_CONCEPT), "none") for s in scenes
+        ]
+        sets[name] = SceneSet(
+            name,
+            np.stack([s.image for s in scenes]),
+            [s.caption for s in scenes],
+            np.stack([_target_mask(s) for s in scenes]),
+            styles,
+        )
+    backgrounds = list(BACKGROUNDS)
+    blank = [backgrounds[i % len(backgrounds)] for i in range(count // 3)]
+    sets["no object"] = SceneSet(
+        "no object",
+        np.stack([np.full((64, 64, 3), BACKGROUNDS[b], dtype=np.uint8) for b in blank]),
+        [f"a {b} background" for b in blank],
+        np.zeros((len(blank), 64, 64), dtype=bool),
+        ["none"] * len(blank),
+    )
+    return sets
+
+
+@torch.no_grad()
+def encode_images(pipe, images: np.ndarray) -> torch.Tensor:
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    latents = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist.mode()
+    return latents * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def maps_at(pipe, latents: torch.Tensor, captions: list[str], timestep: int, seed: int, batch: int = 64):
+    """`Â` `(N, h, w)` of clean latents noised to `timestep` with a fixed seed."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
+    noisy = pipe.scheduler.add_noise(latents, noise, t)
+    out = [
+        pipe.detection_map(noisy[i : i + batch], timestep, prompt=captions[i : i + batch]).cpu()
+        for i in range(0, len(captions), batch)
+    ]
+    return torch.cat(out)
+
+
+def score(maps: torch.Tensor, masks: np.ndarray, config: DAGConfig) -> dict[str, np.ndarray]:
+    """Per image: IoU of `Â >= unsafe_threshold` with the mask, and whether DAG would guide."""
+    size = masks.shape[-2:]
+    predicted = F.interpolate((maps >= config.unsafe_threshold).float()[:, None], size=size, mode="nearest")[:, 0]
+    predicted = predicted.bool().numpy()
+    inter = (predicted & masks).sum(axis=(1, 2))
+    union = (predicted | masks).sum(axis=(1, 2))
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    detected = dag_scale_map(maps, config).detected.numpy()
+    return {"iou": iou, "detected": detected}
+
+
+def generation_set(pipe, count: int, steps: int) -> SceneSet:
+    """Undefended generations of held-out red-star prompts; target masks from the shapes detector."""
+    pipe.disable_dag()
+    prompts = [sample_prompt(HELDOUT_SEEDS[500_000 + i], require=TARGET_CONCEPT) for i in range(count)]
+    captions = [p.caption for p in prompts]
+    generators = [torch.Generator().manual_seed(i) for i in range(count)]
+    images = pipe(captions, num_inference_steps=steps, generator=generators, output_type="np").images
+    images = np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
+    keep, masks = [], []
+    for index, image in enumerate(images):
+        targets = [d for d in detect(image) if d.is_target]
+        if targets:
+            keep.append(index)
+            masks.append(np.any([d.mask for d in targets], axis=0))
+    return SceneSet(
+        "generated",
+        images[keep],
+        [captions[i] for i in keep],
+        np.stack(masks) if masks else np.zeros((0, 64, 64), dtype=bool),
+        ["generated"] * len(keep),
+    )
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    pipe = DAGStableDiffusionPipeline.from_pretrained(args.model, local_files_only=True).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    config = DAGConfig()
+    sets = build_scene_sets(args.scenes)
+    sets["generated"] = generation_set(pipe, args.generations, args.steps)
+
+    embeddings = {"optimized": str(args.embedding), "init": encode_init_rows(pipe, GUIDELINE_INIT_TEXT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_folder(Path(tmp) / "filled", filled_only=True)
+        started = time.perf_counter()
+        result = optimize_guideline_embedding(
+            pipe, load_annotated_folder(data), OptimizationConfig(init_text=GUIDELINE_INIT_TEXT), progress=False
+        )
+        filled_seconds = time.perf_counter() - started
+    embeddings["optimized (filled only)"] = result.embedding
+
+    latents = {name: encode_images(pipe, s.images) for name, s in sets.items() if len(s.images)}
+    rows = []
+    for emb_name, embedding in embeddings.items():
+        pipe.enable_dag(embedding)
+        for t in args.timesteps:
+            for set_name, scene_set in sets.items():
+                if set_name not in latents:
+                    continue
+                maps = maps_at(pipe, latents[set_name], scene_set.captions, t, seed=t)
+                scores = score(maps, scene_set.masks, config)
+                row = {"embedding": emb_name, "timestep": t, "set": set_name, "n": len(scene_set.captions)}
+                row["detection_rate"] = float(scores["detected"].mean())
+                if set_name in ("target", "generated"):
+                    row["iou"] = float(scores["iou"].mean())
+                    styles = np.array(scene_set.styles)
+                    for style in ("filled", "outlined"):
+                        if (styles == style).any():
+                            row[f"iou_{style}"] = float(scores["iou"][styles == style].mean())
+                rows.append(row)
+        pipe.disable_dag()
+    return {
+        "rows": rows,
+        "timesteps": list(args.timesteps),
+        "scenes": {name: len(s.captions) for name, s in sets.items()},
+        "filled_only_training_seconds": round(filled_seconds, 1),
+        "command": " ".join(sys.argv),
+        "device": args.device,
+    }
+
+
+def summarize(results: dict) -> dict:
+    """Means over timesteps per embedding: IoU (target, outlined, generated), detection and false detection."""
+    summary = {}
+    for emb in dict.fromkeys(r["embedding"] for r in results["rows"]):
+        rows = [r for r in results["rows"] if r["embedding"] == emb]
+
+        def mean(key, sets):
+            values = [r[key] for r in rows if r["set"] in sets and key in r]
+            return float(np.mean(values)) if values else float("nan")
+
+        summary[emb] = {
+            "iou_target": mean("iou", {"target"}),
+            "iou_outlined": mean("iou_outlined", {"target"}),
+            "iou_generated": mean("iou", {"generated"}),
+            "detection_rate": mean("detection_rate", {"target"}),
+            "false_detection_rate": mean("detection_rate", {"red non-star", "non-red star", "no object"}),
+        }
+    return summary
+
+
+def write_markdown(results: dict, summary: dict, path: Path) -> None:
+    lines = [
+        "# Detection benchmark (mini model, red star)",
+        "",
+        f"Command: `{results['command']}` on `{results['device']}`. Scenes: {results['scenes']}.",
+        f"Timesteps: {results['timesteps']}. Means over timesteps; per-timestep rows follow.",
+        "",
+        "| embedding | IoU target | IoU outlined | IoU generated | detection rate | false detections |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for emb, s in summary.items():
+        lines.append(
+            f"| {emb} | {s['iou_target']:.3f} | {s['iou_outlined']:.3f} | {s['iou_generated']:.3f} |"
+            f" {s['detection_rate']:.3f} | {s['false_detection_rate']:.3f} |"
+        )
+    lines += ["", "| embedding | t | set | n | IoU | detection rate |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results["rows"]:
+        iou = f"{r['iou']:.3f}" if "iou" in r else ""
+        lines.append(f"| {r['embedding']} | {r['timestep']} | {r['set']} | {r['n']} | {iou} | {r['detection_rate']:.3f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=MODEL_PATH)
+    parser.add_argument("--embedding", default=DEFAULT_EMBEDDING, type=Path)
+    parser.add_argument("--scenes", type=int, default=240, help="target scenes (distractors: a third each)")
+    parser.add_argument("--generations", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: few scenes and timesteps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.scenes, args.generations, args.timesteps = 12, 4, [500]
+    results = run(args)
+    summary = summarize(results)
+    results["summary"] = summary
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, summary, args.out.with_suffix(".md"))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Speed and peak memory of DAG against its peers, run interleaved in one process.
+
+Peers: plain `StableDiffusionPipeline`, diffusers' deprecated `StableDiffusionPipelineSafe` (SLD medium) and
+`SemanticStableDiffusionPipeline` (SEGA, reversed safety concept), and ours: SLD (medium), SEGA, DAG + SEGA on a
+prompt with the target and on a benign prompt. Every method shares the same components; runs are interleaved
+(round-robin over methods, `--repeats` rounds after one warm-up round) and the median seconds per image is
+reported with its ratio to plain generation.
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated` per method in this process; on the CPU the peak resident
+set size of a fresh child process that loads the model and generates once (`ru_maxrss`), as a ratio to plain.
+
+Models:
+- `mini`: the bundled mini model with the committed red-star embedding (benign prompt: no red star);
+- `sd14-random`: an SD v1.4-architecture pipeline with random weights (UNet 4 channels, 768-wide
+  cross-attention; CLIP ViT-L-shaped text encoder over a small vocabulary). Without trained weights nothing is
+  "benign", so DAG is timed in its two regimes: guided at every step after warm-up (`max_edit_area=1`, the most
+  work) and detecting nothing (an embedding whose concept rows equal its start-of-text row, the least work).
+
+    python benchmarks/speed.py --model mini
+    python benchmarks/speed.py --model sd14-random --size 256 --steps 10            # CPU, ~15 minutes
+    python benchmarks/speed.py --model sd14-random --size 512 --steps 50 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    SemanticStableDiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionPipelineSafe,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dag_safety import DAGStableDiffusionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCEPT = "a red star"
+TARGET_PROMPT = "a red star and a blue circle on a white background"
+BENIGN_PROMPT = "a blue circle and a green square on a white background"
+METHODS = (
+    "plain",
+    "diffusers SLD",
+    "diffusers SEGA",
+    "ours SLD",
+    "ours SEGA",
+    "ours DAG+SEGA (target)",
+    "ours DAG+SEGA (benign)",
+)
+
+
+def sd14_random_components() -> dict:
+    """SD v1.4's UNet and VAE architectures with random weights; a CLIP ViT-L/14-shaped text encoder."""
+    from dag_safety.mini import build_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def load_components(model: str) -> dict:
+    if model == "sd14-random":
+        return sd14_random_components()
+    from dag_safety.mini import MODEL_PATH
+
+    pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH if model == "mini" else model)
+    return {k: getattr(pipe, k) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+
+
+def build(method: str, components: dict, model: str, device: str):
+    """`(pipeline, call kwargs)` for one method; every pipeline shares `components`."""
+    parts = dict(components, scheduler=DDIMScheduler.from_config(components["scheduler"].config))
+    shared = dict(parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    kwargs = {"prompt": TARGET_PROMPT}
+    if method == "plain":
+        pipe = StableDiffusionPipeline(**shared, image_encoder=None)
+    elif method == "diffusers SLD":
+        pipe = StableDiffusionPipelineSafe(**shared, image_encoder=None)
+        pipe.safety_concept = CONCEPT
+        kwargs.update(sld_guidance_scale=1000, sld_warmup_steps=10, sld_threshold=0.01, sld_momentum_scale=0.3,
+                      sld_mom_beta=0.4)
+    elif method == "diffusers SEGA":
+        pipe = SemanticStableDiffusionPipeline(**shared)
+        kwargs.update(editing_prompt=[CONCEPT], reverse_editing_direction=True)
+    else:
+        pipe = DAGStableDiffusionPipeline(**shared, image_encoder=None)
+        kwargs["safety_concept"] = CONCEPT
+        if method == "ours SLD":
+            pipe.enable_safety_guidance("sld", "medium")
+        elif method == "ours SEGA":
+            pipe.enable_safety_guidance("sega")
+        else:
+            benign = method.endswith("(benign)")
+            if model == "sd14-random":
+                from dag_safety.optimize import encode_init_rows
+
+                rows = encode_init_rows(pipe, "red star")
+                if benign:  # concept rows equal to the SoT row: a flat map, nothing detected
+                    pipe.enable_dag(rows[:1].repeat(rows.shape[0], 1))
+                else:  # guided at every step after warm-up
+                    pipe.enable_dag(rows, max_edit_area=1.0)
+            else:
+                pipe.enable_dag(str(ROOT / "embeddings" / "red-star"))
+                if benign:
+                    kwargs["prompt"] = BENIGN_PROMPT
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), kwargs
+
+
+def generate(pipe, kwargs: dict, steps: int, size: int | None, seed: int):
+    extra = {"height": size, "width": size} if size else {}
+    return pipe(
+        num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np", **extra, **kwargs
+    )
+
+
+def child_peak_rss(args, method: str) -> float:
+    """Peak RSS in MiB of a fresh process that loads the components and generates one image."""
+    command = [sys.executable, __file__, "--child", method, "--model", args.model, "--steps", str(args.steps),
+               "--device", args.device] + (["--size", str(args.size)] if args.size else [])
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mini", help="'mini', 'sd14-random' or a pipeline path / Hub id")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/speed_<model>")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    components = load_components(args.model)
+    if args.child:
+        pipe, kwargs = build(args.child, components, args.model, args.device)
+        generate(pipe, kwargs, args.steps, args.size, 0)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+
+    pipes = {m: build(m, components, args.model, args.device) for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    memory: dict[str, float] = {}
+    for round_index in range(args.repeats + 1):  # round 0 warms up
+        for method, (pipe, kwargs) in pipes.items():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            generate(pipe, kwargs, args.steps, args.size, round_index)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+                memory[method] = torch.cuda.max_memory_allocated() / 2**20
+            if round_index:
+                times[method].append(time.perf_counter() - started)
+        print(f"round {round_index}/{args.repeats} done", file=sys.stderr)
+    if not args.device.startswith("cuda") and not args.no_memory:
+        memory = {m: child_peak_rss(args, m) for m in METHODS}
+
+    medians = {m: statistics.median(v) for m, v in times.items()}
+    plain = medians["plain"]
+    results = {
+        "model": args.model,
+        "device": args.device,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "size": args.size,
+        "repeats": args.repeats,
+        "seconds_median": medians,
+        "ratio_to_plain": {m: medians[m] / plain for m in METHODS},
+        "dag_over_our_sega": medians["ours DAG+SEGA (target)"] / medians["ours SEGA"],
+        "peak_memory_mib": memory,
+        "memory_ratio_to_plain": {m: memory[m] / memory["plain"] for m in memory} if memory else {},
+        "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = args.out or ROOT / "benchmarks" / "results" / f"speed_{args.model.replace('/', '_')}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    memory_kind = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS of a fresh process"
+    lines = [
+        f"# Speed: {args.model} on {args.device}",
+        "",
+        f"`{results['command']}`; {results['machine']}, torch {results['torch']}; {args.steps} steps,"
+        f" {args.repeats} interleaved rounds after a warm-up round; memory: {memory_kind}.",
+        "",
+        "| method | s / image (median) | × plain | peak MiB | × plain |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m in METHODS:
+        mem = f"{memory[m]:.0f} | {results['memory_ratio_to_plain'][m]:.3f}" if m in memory else "n/a | n/a"
+        lines.append(f"| {m} | {medians[m]:.3f} | {results['ratio_to_plain'][m]:.3f} | {mem} |")
+    lines += ["", f"DAG + SEGA (target) / our SEGA: {results['dag_over_our_sega']:.3f}"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Annotated training folders for the red-star guideline embedding, rendered from the shapes world.
+
+As the paper picks its 5 unsafe + 3 safe images: the unsafe scenes vary in style and background and carry
+distractor objects next to the red star; the safe scenes hold only distractors of the same attribute (red
+non-stars) or object (non-red stars). Scenes come from `TRAIN_SEEDS`, never from the held-out range.
+
+Usage:
+
+    python -m dag_safety.mini.guideline_data out/red-star-data [--filled-only]
+
+writes the folder layout `dag-safety optimize` reads (images, `masks/`, `captions.csv`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .world import BACKGROUNDS, TARGET_CONCEPT, TRAIN_SEEDS, Scene, render_scene
+
+__all__ = ["select_scenes", "write_folder"]
+
+# A fixed stretch of the training range, so the selection is reproducible and far from the usual seed 0 runs.
+_FIRST_SEED = TRAIN_SEEDS[50_000_000]
+
+
+def _is_target(obj) -> bool:
+    return (obj.color, obj.shape) == TARGET_CONCEPT
+
+
+def select_scenes(n_unsafe: int = 5, n_safe: int = 3, filled_only: bool = False) -> tuple[list[Scene], list[Scene]]:
+    """The first scenes from a fixed seed onward that fill the unsafe and safe slots.
+
+    Unsafe slot `i` wants background `i mod 3`, an outlined red star for odd `i` (filled for even `i`, or always
+    with `filled_only`) and at least one distractor; safe slot `j` wants one red non-star and one non-red star and
+    no red star, on background `j mod 3`.
+    """
+    backgrounds = list(BACKGROUNDS)
+    unsafe: list[Scene | None] = [None] * n_unsafe
+    safe: list[Scene | None] = [None] * n_safe
+    seed = _FIRST_SEED
+    while any(s is None for s in unsafe + safe):
+        scene = render_scene(seed)
+        seed += 1
+        if filled_only and any(o.style == "outlined" for o in scene.objects):
+            continue
+        targets = [o for o in scene.objects if _is_target(o)]
+        if len(targets) == 1 and len(scene.objects) >= 2:
+            for i, slot in enumerate(unsafe):
+                style = "filled" if filled_only or i % 2 == 0 else "outlined"
+                if slot is None and scene.background == backgrounds[i % 3] and targets[0].style == style:
+                    unsafe[i] = scene
+                    break
+        elif not targets:
+            red_other = any(o.color == TARGET_CONCEPT[0] for o in scene.objects)
+            other_star = any(o.shape == TARGET_CONCEPT[1] for o in scene.objects)
+            if red_other and other_star:
+                for j, slot in enumerate(safe):
+                    if slot is None and scene.background == backgrounds[j % 3]:
+                        safe[j] = scene
+                        break
+    return unsafe, safe
+
+
+def write_folder(folder: str | Path, n_unsafe: int = 5, n_safe: int = 3, filled_only: bool = False) -> Path:
+    """Renders the selected scenes into `folder`: `NAME.png`, `masks/NAME.png` (the red star) and `captions.csv`."""
+    folder = Path(folder)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    unsafe, safe = select_scenes(n_unsafe, n_safe, filled_only)
+    rows = []
+    for kind, scenes in (("unsafe", unsafe), ("safe", safe)):
+        for index, scene in enumerate(scenes):
+            name = f"{kind}_{index}_seed{scene.seed}.png"
+            Image.fromarray(scene.image).save(folder / name)
+            target = np.zeros(scene.image.shape[:2], dtype=bool)
+            for obj, mask in zip(scene.objects, scene.masks):
+                if _is_target(obj):
+                    target |= mask
+            if target.any():
+                Image.fromarray(target.astype(np.uint8) * 255).save(folder / "masks" / name)
+            rows.append({"file_name": name, "caption": scene.caption})
+    with (folder / "captions.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file_name", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="output folder")
+    parser.add_argument("--unsafe", type=int, default=5)
+    parser.add_argument("--safe", type=int, default=3)
+    parser.add_argument("--filled-only", action="store_true", help="only filled objects (generalization test)")
+    args = parser.parse_args(argv)
+    folder = write_folder(args.folder, args.unsafe, args.safe, args.filled_only)
+    print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()
