@@ -416,6 +416,8 @@ class SafetyWeightsMixin:
                 self._unload_lora(name)
             else:
                 self.delete_adapters([name])
+        # Loading an adapter makes it the only active one; the others active before are re-activated below.
+        previously_active = [n for n in self.get_active_adapters() if n != name]
         if keys and all(k.startswith(PEFT_PREFIX) for k in keys):
             detail = f"{reason}; raw PEFT adapter"
             self._load_peft_adapter(path, name)
@@ -426,7 +428,7 @@ class SafetyWeightsMixin:
             self.load_lora_weights(folder, weight_name=file, adapter_name=name, use_safetensors=True)
         record = LoadedSafetyWeights(name, SafetyWeightsKind.FOCUS_N_FIX, path, scale, detail)
         self._safety_lora = {**(self._safety_lora or {}), name: record}
-        self._apply_lora_scales()
+        self._apply_lora_scales(previously_active)
         return record
 
     def _load_peft_adapter(self, path: str, name: str) -> None:
@@ -445,12 +447,14 @@ class SafetyWeightsMixin:
             logger.warning(f"No adapter_config.json next to {path!r}: assuming lora_alpha = r.")
         self.unet.load_lora_adapter(state_dict, prefix=None, adapter_name=name, metadata=metadata, _pipeline=self)
 
-    def _apply_lora_scales(self) -> None:
-        """Activates every safety adapter at its scale, keeping the other active adapters at 1.0."""
+    def _apply_lora_scales(self, active: list[str] | None = None) -> None:
+        """Activates every safety adapter at its scale, keeping the other active adapters (`active`, default: those
+        active now) at 1.0."""
         ours = {name: record.scale for name, record in (self._safety_lora or {}).items()}
         if not ours:
             return
-        others = [n for n in self.get_active_adapters() if n not in ours]
+        active = self.get_active_adapters() if active is None else active
+        others = [n for n in active if n not in ours]
         if others:
             logger.info(f"Other active LoRA adapters {others} are kept active at weight 1.0.")
         names = others + list(ours)
