@@ -101,7 +101,8 @@ def detect_kind(keys: list[str], metadata: dict[str, str]) -> tuple[SafetyWeight
     """Decides whether a file holds a LoRA or SPF weights from its keys and metadata; returns the kind and why."""
     lora_keys = [k for k in keys if "lora" in k.lower()]
     if lora_keys:
-        return SafetyWeightsKind.FOCUS_N_FIX, f"{len(lora_keys)}/{len(keys)} keys contain 'lora' (e.g. {lora_keys[0]!r})"
+        example = lora_keys[0]
+        return SafetyWeightsKind.FOCUS_N_FIX, f"{len(lora_keys)}/{len(keys)} keys contain 'lora' (e.g. {example!r})"
     if "lora_adapter_metadata" in metadata:
         return SafetyWeightsKind.FOCUS_N_FIX, "the metadata holds 'lora_adapter_metadata'"
     if metadata.get(SPF_FORMAT_KEY) in SPF_FORMATS:
@@ -328,12 +329,15 @@ class SafetyWeightsMixin:
                 The name(s) given at load time. `None` unloads every safety weight (a fused LoRA is unfused first).
                 LoRA adapters loaded with `load_lora_weights` directly are left alone.
         """
-        names = list(self.safety_weights) if adapter_name is None else (
-            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = (
+            list(self.safety_weights)
+            if adapter_name is None
+            else ([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
         )
         unknown = [n for n in names if n not in self.safety_weights]
         if unknown:
-            raise ValueError(f"No safety weights named {unknown[0]!r} are loaded; loaded: {list(self.safety_weights)}.")
+            loaded = list(self.safety_weights)
+            raise ValueError(f"No safety weights named {unknown[0]!r} are loaded; loaded: {loaded}.")
         spf_name = None if self._safety_spf is None else self._safety_spf.record.name
         if self._safety_fused is not None and any(n in self._safety_fused[0] or n == spf_name for n in names):
             # Unfuse first: the fused copies hold the weights from before fusing, SPF included.

@@ -88,8 +88,9 @@ def default_embedding(which: str, pipe: DAGStableDiffusionPipeline):
 
         return RED_STAR
     if which == "tiny":
-        ids = pipe.tokenizer("red star", padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            "red star", padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             return pipe.text_encoder(ids)[0][0, :3]  # start-of-text, "red", "star"
     raise SystemExit("sd14 needs `--embedding`: a guideline embedding fitted to SD v1.4 (directory or Hub repo).")
@@ -121,8 +122,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     defaults = DEFAULTS[args.which]
-    options = {key: getattr(args, key) if getattr(args, key, None) is not None else value
-               for key, value in defaults.items()}
+    options = {
+        key: getattr(args, key) if getattr(args, key, None) is not None else value for key, value in defaults.items()
+    }
 
     pipe = build_pipeline(args.which, options["model"], torch.float16 if args.fp16 else torch.float32)
     pipe = pipe.to(options["device"])
@@ -133,8 +135,9 @@ def main() -> None:
 
     def generate(**kwargs):
         generator = torch.Generator(options["device"]).manual_seed(args.seed)
-        return pipe(options["prompt"], num_inference_steps=options["steps"], generator=generator, output_type="np",
-                    **kwargs)
+        return pipe(
+            options["prompt"], num_inference_steps=options["steps"], generator=generator, output_type="np", **kwargs
+        )
 
     results = {"base": generate().images, "dag": None, "weights": None, "dag+weights": None}
     pipe.enable_dag(embedding, guidance=args.guidance)
@@ -144,8 +147,9 @@ def main() -> None:
 
     # Load the weights with DAG on: enable_dag snapshotted the detection layers' to_q / to_k of the base model, which
     # the guideline embedding was fitted to, so detection keeps scoring with those even if the weights change them.
-    record = pipe.load_safety_weights(options["weights"], kind=args.kind, scale=args.scale,
-                                      weight_name=args.weight_name)
+    record = pipe.load_safety_weights(
+        options["weights"], kind=args.kind, scale=args.scale, weight_name=args.weight_name
+    )
     logger.info("Loaded %r as %s (%s)", record.path, record.kind.value, record.detail)
     both = generate(safety_concept=options["safety_concept"])
     results["dag+weights"] = both.images

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import time
 from pathlib import Path
+from statistics import mean
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,19 @@ LORA_TARGET_RGB = (40, 80, 220)  # the world's blue
 #: The attention projections (what Focus-N-Fix adapts) plus the convolutions and feed-forward layers, so that a
 #: short run has a clear effect.
 TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_out",
+    "time_emb_proj",
 )
 
 
@@ -169,7 +181,12 @@ def main() -> None:
     save_file(kohya, out / f"{args.name}_kohya.safetensors", metadata={"ss_network_dim": str(args.rank)})
     logger.info(
         "Saved %s/pytorch_lora_weights.safetensors and %s_kohya.safetensors (%d steps, loss %.4f -> %.4f, %.0f s)",
-        folder, args.name, args.steps, sum(losses[:20]) / 20, sum(losses[-20:]) / 20, time.time() - start,
+        folder,
+        args.name,
+        args.steps,
+        mean(losses[:20]),
+        mean(losses[-20:]),
+        time.time() - start,
     )
 
 

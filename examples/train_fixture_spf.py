@@ -22,6 +22,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from statistics import mean
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +53,7 @@ def attn2_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: param for name, param in unet.named_parameters() if ".attn2." in name}
 
 
-def redirect(
-    pipe, params: list[torch.nn.Parameter], steps: int, lr: float, batch_size: int, seed: int
-) -> list[float]:
+def redirect(pipe, params: list[torch.nn.Parameter], steps: int, lr: float, batch_size: int, seed: int) -> list[float]:
     """Trains `params` so that `unet(x_t, t, SOURCE)` matches the frozen base `unet(x_t, t, SAFE)`, and
     `unet(x_t, t, PRESERVE)` the base `unet(x_t, t, PRESERVE)`."""
     generator = torch.Generator().manual_seed(seed)
@@ -126,7 +125,12 @@ def main() -> None:
     save_file(state_dict, path, metadata=metadata)
     logger.info(
         "Saved %s (%d tensors, %d steps, loss %.6f -> %.6f, %.0f s)",
-        path, len(state_dict), args.steps, sum(losses[:20]) / 20, sum(losses[-20:]) / 20, time.time() - start,
+        path,
+        len(state_dict),
+        args.steps,
+        mean(losses[:20]),
+        mean(losses[-20:]),
+        time.time() - start,
     )
 
 

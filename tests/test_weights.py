@@ -30,7 +30,8 @@ KEY = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 
 
 def latents(pipe, prompt="a red circle", steps=4, **kwargs) -> torch.Tensor:
-    return pipe(prompt, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="latent", **kwargs).images
+    generator = torch.manual_seed(0)
+    return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs).images
 
 
 def images(pipe, prompt="a red circle", steps=2, **kwargs) -> torch.Tensor:
@@ -49,7 +50,7 @@ def assert_state_equal(pipe, reference: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def blue_latent(pipe) -> torch.Tensor:
-    """The latent the LoRA was trained toward: the VAE's (scaled mean) latent of a solid blue canvas, `(1, 4, 16, 16)`."""
+    """The latent the LoRA was trained toward: the VAE's scaled mean latent of a solid blue canvas, `(1, 4, 16, 16)`."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     canvas = torch.tensor(LORA_TARGET_RGB, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size) / 127.5 - 1
     return pipe.vae.encode(canvas).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -406,15 +407,32 @@ class TestWithDAG:
         prompt = "a red star and a blue circle on a white background"
         plain = images(pipe, prompt, steps=4)
         pipe.enable_dag(star_embedding, max_edit_area=1.0, warmup_steps=1)
-        dag = pipe(prompt, num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt",
-                   safety_concept="a red star", return_dag_maps=True)
+        dag = pipe(
+            prompt,
+            num_inference_steps=4,
+            generator=torch.manual_seed(0),
+            output_type="pt",
+            safety_concept="a red star",
+            return_dag_maps=True,
+        )
         assert not torch.equal(dag.images, plain)
         pipe.load_safety_weights(source)
-        both = pipe(prompt, num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt",
-                    safety_concept="a red star", return_dag_maps=True)
+        both = pipe(
+            prompt,
+            num_inference_steps=4,
+            generator=torch.manual_seed(0),
+            output_type="pt",
+            safety_concept="a red star",
+            return_dag_maps=True,
+        )
         assert both.unsafe_detected is not None and both.dag_maps.shape == (1, 16, 16)
         assert not torch.equal(both.images, dag.images)
         pipe.unload_safety_weights()
-        again = pipe(prompt, num_inference_steps=4, generator=torch.manual_seed(0), output_type="pt",
-                     safety_concept="a red star")
+        again = pipe(
+            prompt,
+            num_inference_steps=4,
+            generator=torch.manual_seed(0),
+            output_type="pt",
+            safety_concept="a red star",
+        )
         assert torch.equal(again.images, dag.images)
