@@ -1,0 +1,52 @@
+"""`dag-safety optimize` end to end on a tiny saved pipeline, and the embedding it writes used by `generate`."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.cli import main
+from dag_safety.embedding import GuidelineEmbedding
+from test_optimize import write_folder
+
+
+@pytest.fixture
+def model_dir(components, tmp_path):
+    pipe = DAGStableDiffusionPipeline(**components)
+    pipe.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_optimize_then_generate_with_maps(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "embedding"
+    main(["optimize", str(data), "--init-text", "red star", "--safety-concept", "a red star", "--out", str(out),
+          "--model", str(model_dir), "--timesteps", "2", "--steps", "4"])
+    assert f"wrote {out}" in capsys.readouterr().out
+    embedding = GuidelineEmbedding.from_pretrained(out)
+    assert embedding.metadata.safety_concept == "a red star" and embedding.metadata.training["steps"] == 4
+
+    image = tmp_path / "img.png"
+    main(["generate", "a red star on a white background", "--model", str(model_dir), "--embedding", str(out),
+          "--steps", "3", "--out", str(image), "--save-maps", "--compare"])
+    printed = capsys.readouterr().out
+    for path in (image, tmp_path / "img_map.png", tmp_path / "img_compare.png"):
+        assert path.exists() and str(path) in printed
+    assert Image.open(tmp_path / "img_compare.png").size == (3 * 32, 32)
+    assert "image 0:" in printed
+
+
+def test_generate_needs_an_embedding_for_other_models(model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--embedding"):
+        main(["generate", "a red star", "--model", str(model_dir), "--out", str(tmp_path / "x.png")])
+    main(["generate", "a red star", "--model", str(model_dir), "--guidance", "off", "--steps", "2",
+          "--out", str(tmp_path / "x.png")])
+    assert np.asarray(Image.open(tmp_path / "x.png")).shape == (32, 32, 3)
+
+
+def test_optimize_reports_bad_folders(model_dir, tmp_path):
+    data = write_folder(tmp_path / "data", mismatch=True)
+    with pytest.raises(ValueError, match="masks must have their image's size"):
+        main(["optimize", str(data), "--init-text", "red star", "--out", str(tmp_path / "e"),
+              "--model", str(model_dir)])
