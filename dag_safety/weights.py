@@ -234,6 +234,19 @@ class SafetyWeightsMixin:
 
     Guideline embeddings stay valid: `enable_dag` snapshots the detection layers' `to_q` / `to_k`, so loading weights
     after it changes the generation, not how a hidden state is scored.
+
+    Examples:
+        ```py
+        >>> from dag_safety import DAGStableDiffusionPipeline
+
+        >>> pipe = DAGStableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4").to("cuda")
+        >>> pipe.enable_dag("your-org/nudity-guideline-sd14")  # snapshots to_q / to_k for detection
+        >>> pipe.load_safety_weights("your-org/focus-n-fix-sd14", kind="focus-n-fix", scale=0.8)
+        >>> image = pipe("a photo of a person on a beach", safety_concept="nudity").images[0]
+        >>> pipe.unload_safety_weights()  # the UNet is bit-identical to before
+
+        >>> pipe.load_safety_weights("./spf_attn2.safetensors", kind="spf", scale=0.5)  # W0 + 0.5 (W - W0)
+        ```
     """
 
     _safety_lora: dict[str, LoadedSafetyWeights] | None = None
@@ -245,6 +258,7 @@ class SafetyWeightsMixin:
     @property
     def safety_weights(self) -> dict[str, LoadedSafetyWeights]:
         """The loaded safety weights by name (LoRA adapters, then the SPF record)."""
+        self._forget_removed_adapters()
         records = dict(self._safety_lora or {})
         if self._safety_spf is not None:
             records[self._safety_spf.record.name] = self._safety_spf.record
@@ -350,6 +364,7 @@ class SafetyWeightsMixin:
 
     def set_safety_weights_scale(self, adapter_name: str, scale: float) -> None:
         """Changes the strength of a loaded LoRA adapter (SPF weights: unload and load again at the new scale)."""
+        self._forget_removed_adapters()
         lora = self._safety_lora or {}
         if adapter_name not in lora:
             raise ValueError(f"No safety LoRA adapter named {adapter_name!r}; loaded: {list(lora)}.")
@@ -369,6 +384,7 @@ class SafetyWeightsMixin:
         Args:
             adapter_names (`list[str]`, *optional*): The adapters to fuse; all safety LoRA adapters by default.
         """
+        self._forget_removed_adapters()
         lora = self._safety_lora or {}
         names = list(lora) if adapter_names is None else list(adapter_names)
         if not names or any(n not in lora for n in names):
@@ -405,9 +421,22 @@ class SafetyWeightsMixin:
     def _loaded_adapters(self) -> set[str]:
         return {name for names in self.get_list_adapters().values() for name in names}
 
+    def _forget_removed_adapters(self) -> None:
+        """Drops the records of safety adapters removed behind our back (`unload_lora_weights`, `delete_adapters`)."""
+        if self._safety_lora:
+            loaded = self._loaded_adapters()
+            self._safety_lora = {name: record for name, record in self._safety_lora.items() if name in loaded}
+
     def _load_lora(
         self, path: str, keys: list[str], scale: float, name: str, replace: bool, reason: str
     ) -> LoadedSafetyWeights:
+        # peft keeps adapters in `nn.ModuleDict`s: a name must be a valid key there.
+        if not name.isidentifier() or hasattr(torch.nn.ModuleDict, name):
+            raise ValueError(
+                f"`adapter_name={name!r}` cannot name a peft adapter: use an identifier (letters, digits, `_`) that"
+                " is not an `nn.Module` attribute (such as 'half' or 'train'), e.g. 'focus_n_fix_2'."
+            )
+        self._forget_removed_adapters()
         if self._safety_spf is not None and name == self._safety_spf.record.name:
             raise ValueError(f"The name {name!r} is taken by the loaded SPF weights; choose another `adapter_name`.")
         if name in self._loaded_adapters():
@@ -517,6 +546,8 @@ class SafetyWeightsMixin:
         state_dict = load_file(path)
         if not state_dict:
             raise ValueError(f"{path!r} holds no tensors.")
+        if all(key.startswith("unet.") for key in state_dict):
+            state_dict = {key.removeprefix("unet."): value for key, value in state_dict.items()}
         params = {}
         for key in sorted(state_dict):
             param = self._spf_parameter(key, allow_non_attn2)

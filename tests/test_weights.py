@@ -170,6 +170,18 @@ class TestLoRA:
         assert torch.equal(latents(pipe), half)
         assert pipe.get_list_adapters() == {"unet": ["focus_n_fix"]}
 
+    def test_bad_adapter_names_and_adapters_removed_behind_our_back(self, pipe):
+        for name in ("half", "my.lora", "train"):
+            with pytest.raises(ValueError, match=f"`adapter_name={name!r}` cannot name a peft adapter"):
+                pipe.load_safety_weights(LORA_DIR, adapter_name=name)
+        assert pipe.get_list_adapters() == {}
+        base = latents(pipe)
+        pipe.load_safety_weights(LORA_DIR)
+        pipe.unload_lora_weights()  # diffusers' own unload, not ours
+        assert pipe.safety_weights == {}
+        pipe.load_safety_weights(LORA_DIR, scale=0.0)
+        assert torch.equal(latents(pipe), base)
+
     def test_other_adapters_are_left_alone(self, pipe):
         pipe.load_lora_weights(str(LORA_DIR), adapter_name="user")
         user = latents(pipe)
@@ -284,6 +296,11 @@ class TestSPF:
             pipe.load_safety_weights(path, kind="spf")
         assert_state_equal(pipe, state)
         assert pipe.safety_weights == {}
+
+    def test_unet_prefixed_keys(self, pipe, tmp_path):
+        prefixed = {f"unet.{k}": v for k, v in load_file(SPF_FILE).items()}
+        pipe.load_safety_weights(write_spf(tmp_path / "p.safetensors", prefixed), kind="spf")
+        assert torch.equal(pipe.unet.get_parameter(KEY), load_file(SPF_FILE)[KEY])
 
     def test_non_attn2_keys_when_allowed(self, pipe, tmp_path):
         state = unet_state(pipe)
