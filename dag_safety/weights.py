@@ -323,6 +323,7 @@ class SafetyWeightsMixin:
             raise ValueError(
                 f"LoRA adapters {self._safety_fused[0]} are fused; call `unfuse_safety_weights()` before loading."
             )
+        self._check_nothing_merged()
         path = resolve_weights_file(path_or_repo_id, weight_name, **hub_kwargs)
         keys, metadata = read_safetensors_header(path)
         if kind is SafetyWeightsKind.AUTO:
@@ -391,6 +392,7 @@ class SafetyWeightsMixin:
             raise ValueError(f"Cannot fuse {names}: loaded safety LoRA adapters are {list(lora)}.")
         if self._safety_fused is not None:
             raise ValueError(f"Adapters {self._safety_fused[0]} are already fused; call `unfuse_safety_weights()`.")
+        self._check_nothing_merged()
         originals = {}
         for prefix, model in self._lora_models():
             for module_name, module in model.named_modules():
@@ -417,6 +419,15 @@ class SafetyWeightsMixin:
 
     def _lora_models(self) -> list[tuple[str, torch.nn.Module]]:
         return [(n, m) for n in ("unet", "text_encoder") if (m := getattr(self, n, None)) is not None]
+
+    def _check_nothing_merged(self) -> None:
+        """Refuses to work on top of adapters fused with `fuse_lora` (peft would unmerge them by subtraction, and SPF
+        would overwrite their fused update)."""
+        merged = {
+            n for _, m in self._lora_models() for mod in m.modules() for n in getattr(mod, "merged_adapters", [])
+        }
+        if merged:
+            raise ValueError(f"LoRA adapters {sorted(merged)} are fused; call `pipe.unfuse_lora()` first.")
 
     def _loaded_adapters(self) -> set[str]:
         return {name for names in self.get_list_adapters().values() for name in names}

@@ -156,6 +156,8 @@ class TestLoRA:
         pipe.unfuse_safety_weights()
         assert torch.equal(latents(pipe), unfused)
         pipe.fuse_safety_weights()
+        with pytest.raises(ValueError, match=r"are already fused"):
+            pipe.fuse_safety_weights()
         pipe.unload_safety_weights()  # unfuses first
         assert torch.equal(latents(pipe), base)
         assert_state_equal(pipe, state)
@@ -190,6 +192,10 @@ class TestLoRA:
         pipe.unload_safety_weights()
         assert pipe.get_list_adapters() == {"unet": ["user"]}
         assert torch.equal(latents(pipe), user)
+        pipe.fuse_lora(adapter_names=["user"])
+        for source in (LORA_KOHYA, SPF_FILE):
+            with pytest.raises(ValueError, match=r"\['user'\] are fused; call `pipe.unfuse_lora\(\)` first"):
+                pipe.load_safety_weights(source)
 
 
 def load_file_metadata(path) -> dict[str, str]:
