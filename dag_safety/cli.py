@@ -73,9 +73,10 @@ def load_pipeline(args: argparse.Namespace):
     import torch
 
     from . import DAGStableDiffusionPipeline
-    from .mini import MODEL_PATH
 
     if args.model is None:  # the bundled mini model: fp32 (it is tiny), no network
+        from .mini import MODEL_PATH
+
         pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
     else:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
