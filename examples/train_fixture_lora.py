@@ -175,7 +175,10 @@ def main() -> None:
     state_dict = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(pipe.unet).items()}
     folder = out / args.name
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state_dict, unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True
+        folder,
+        unet_lora_layers=state_dict,
+        unet_lora_adapter_metadata={**config.to_dict(), "target_modules": sorted(config.target_modules)},
+        safe_serialization=True,
     )
     kohya = lora_to_kohya(state_dict, args.alpha)
     save_file(kohya, out / f"{args.name}_kohya.safetensors", metadata={"ss_network_dim": str(args.rank)})
