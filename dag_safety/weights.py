@@ -448,6 +448,11 @@ class SafetyWeightsMixin:
                 " is not an `nn.Module` attribute (such as 'half' or 'train'), e.g. 'focus_n_fix_2'."
             )
         self._forget_removed_adapters()
+        if not any("lora" in key.lower() for key in keys):
+            raise ValueError(
+                f"{path!r} holds no LoRA keys (none contains 'lora'; first key {keys[0] if keys else None!r}); for"
+                " cross-attention weights pass `kind='spf'`."
+            )
         if self._safety_spf is not None and name == self._safety_spf.record.name:
             raise ValueError(f"The name {name!r} is taken by the loaded SPF weights; choose another `adapter_name`.")
         if name in self._loaded_adapters():

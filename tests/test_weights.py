@@ -345,6 +345,10 @@ class TestFilesAndKinds:
             pipe.load_safety_weights(path)
         with pytest.raises(ValueError, match="Unknown `kind='lora'`"):
             pipe.load_safety_weights(SPF_FILE, kind="lora")
+        with pytest.raises(ValueError, match=r"holds no LoRA keys .*first key 'down_blocks.*kind='spf'"):
+            pipe.load_safety_weights(SPF_FILE, kind="focus-n-fix")
+        with pytest.raises(ValueError, match=r"'unet.conv_in.lora_A.weight' is not one"):
+            pipe.load_safety_weights(LORA_DIR, kind="spf", replace=True)
 
     def test_pickles_are_refused_never_unpickled(self, pipe, tmp_path):
         class Boom:
