@@ -51,6 +51,9 @@ PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pi
 #: safetensors metadata key (and values) that mark an SPF file as a delta or as full weights.
 SPF_FORMAT_KEY = "format"
 SPF_FORMATS: tuple[str, ...] = ("full", "delta")
+#: `format` values safetensors writers put there for the framework (`save_file(..., metadata={"format": "pt"})` in
+#: transformers / diffusers); they say nothing about full vs delta, so they read as full weights.
+FRAMEWORK_FORMATS: tuple[str, ...] = ("pt", "tf", "flax", "np", "mlx", "paddle")
 #: Prefix of a raw PEFT adapter's keys (`PeftModel.save_pretrained`).
 PEFT_PREFIX = "base_model.model."
 DEFAULT_LORA_ADAPTER = "focus_n_fix"
@@ -522,11 +525,13 @@ class SafetyWeightsMixin:
 
     # ------------------------------------------------------------------ SPF
 
-    def _spf_parameter(self, key: str, allow_non_attn2: bool) -> torch.nn.Parameter:
-        """The UNet parameter a key names (the base layer's, under a peft LoRA layer)."""
+    def _spf_parameter(self, key: str, allow_non_attn2: bool, shown: str | None = None) -> torch.nn.Parameter:
+        """The UNet parameter a key names (the base layer's, under a peft LoRA layer); errors quote `shown` (the key
+        as the file spells it)."""
+        shown = key if shown is None else shown
         if ".attn2." not in f".{key}" and not allow_non_attn2:
             raise ValueError(
-                f"SPF weights may only hold cross-attention (attn2) parameters; {key!r} is not one. Pass"
+                f"SPF weights may only hold cross-attention (attn2) parameters; {shown!r} is not one. Pass"
                 " `allow_non_attn2=True` to load other UNet parameters too."
             )
         module_path, _, param_name = key.rpartition(".")
@@ -538,7 +543,7 @@ class SafetyWeightsMixin:
         param = getattr(module, param_name, None) if module is not None else None
         if not isinstance(param, torch.nn.Parameter):
             raise ValueError(
-                f"{key!r} is not a parameter of the UNet; expected keys like the UNet's state dict, e.g."
+                f"{shown!r} is not a parameter of the UNet; expected keys like the UNet's state dict, e.g."
                 " 'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight'."
             )
         return param
@@ -555,6 +560,7 @@ class SafetyWeightsMixin:
             )
         _, metadata = read_safetensors_header(path)
         fmt = metadata.get(SPF_FORMAT_KEY, "full")
+        fmt = "full" if fmt in FRAMEWORK_FORMATS else fmt
         if fmt not in SPF_FORMATS:
             raise ValueError(
                 f"Unknown SPF {SPF_FORMAT_KEY}={fmt!r} in the metadata of {path!r}; expected one of {SPF_FORMATS}."
@@ -562,19 +568,19 @@ class SafetyWeightsMixin:
         state_dict = load_file(path)
         if not state_dict:
             raise ValueError(f"{path!r} holds no tensors.")
-        if all(key.startswith("unet.") for key in state_dict):
-            state_dict = {key.removeprefix("unet."): value for key, value in state_dict.items()}
+        prefix = "unet." if all(key.startswith("unet.") for key in state_dict) else ""
+        state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
         params = {}
         for key in sorted(state_dict):
-            param = self._spf_parameter(key, allow_non_attn2)
+            param = self._spf_parameter(key, allow_non_attn2, shown=prefix + key)
             value = state_dict[key]
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(
-                    f"{key!r} has shape {tuple(value.shape)}, the UNet's parameter has {tuple(param.shape)}: the"
+                    f"{prefix + key!r} has shape {tuple(value.shape)}, the UNet's parameter has {tuple(param.shape)}: the"
                     " weights were fitted to another model."
                 )
             if not torch.isfinite(value).all():
-                raise ValueError(f"{key!r} holds NaN or Inf values.")
+                raise ValueError(f"{prefix + key!r} holds NaN or Inf values.")
             params[key] = param
         if self._safety_spf is not None:
             self._restore_spf()

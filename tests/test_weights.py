@@ -303,10 +303,11 @@ class TestSPF:
         assert_state_equal(pipe, state)
         assert pipe.safety_weights == {}
 
-    def test_unet_prefixed_keys(self, pipe, tmp_path):
+    @pytest.mark.parametrize("fmt", ["full", "pt", None])
+    def test_unet_prefixed_keys_and_framework_format_read_as_full(self, pipe, tmp_path, fmt):
         prefixed = {f"unet.{k}": v for k, v in load_file(SPF_FILE).items()}
-        pipe.load_safety_weights(write_spf(tmp_path / "p.safetensors", prefixed), kind="spf")
-        assert torch.equal(pipe.unet.get_parameter(KEY), load_file(SPF_FILE)[KEY])
+        record = pipe.load_safety_weights(write_spf(tmp_path / "p.safetensors", prefixed, fmt), kind="spf")
+        assert torch.equal(pipe.unet.get_parameter(KEY), load_file(SPF_FILE)[KEY]) and "full weights" in record.detail
 
     def test_non_attn2_keys_when_allowed(self, pipe, tmp_path):
         state = unet_state(pipe)
