@@ -264,6 +264,18 @@ class TestSPF:
         pipe.unload_safety_weights()
         assert_state_equal(pipe, state)
 
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    def test_device_and_dtype_follow_the_unet_on_gpu(self, pipe):
+        pipe.to(device="cuda", dtype=torch.float16)
+        state = unet_state(pipe)
+        pipe.load_safety_weights(SPF_FILE, scale=0.5)
+        param = pipe.unet.get_parameter(KEY)
+        assert param.device.type == "cuda" and param.dtype == torch.float16
+        pipe.load_safety_weights(LORA_DIR, scale=0.5)
+        pipe.fuse_safety_weights()
+        pipe.unload_safety_weights()
+        assert_state_equal(pipe, state)
+
     def test_with_a_lora_on_the_same_layers(self, pipe):
         base, state = images(pipe, "a red star"), unet_state(pipe)
         pipe.load_safety_weights(LORA_DIR, scale=0.5)
