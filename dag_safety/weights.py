@@ -34,8 +34,10 @@ __all__ = [
     "LoadedSafetyWeights",
     "SafetyWeightsKind",
     "SafetyWeightsMixin",
+    "detect_kind",
     "lora_to_kohya",
     "read_safetensors_header",
+    "resolve_weights_file",
 ]
 
 logger = logging.get_logger(__name__)

@@ -405,6 +405,25 @@ class TestFilesAndKinds:
         assert torch.equal(latents(pipe), base)
 
 
+def test_mixin_on_a_plain_stable_diffusion_pipeline(components):
+    from diffusers import StableDiffusionPipeline
+
+    from dag_safety.weights import SafetyWeightsMixin
+
+    class _Pipe(SafetyWeightsMixin, StableDiffusionPipeline):
+        pass
+
+    pipe = _Pipe(**components)
+    pipe.set_progress_bar_config(disable=True)
+    base = images(pipe, "a red star")
+    pipe.load_safety_weights(LORA_KOHYA, scale=0.5)
+    pipe.load_safety_weights(SPF_FILE)
+    assert set(pipe.safety_weights) == {"focus_n_fix", "spf"}
+    assert not torch.equal(images(pipe, "a red star"), base)
+    pipe.unload_safety_weights()
+    assert torch.equal(images(pipe, "a red star"), base)
+
+
 class TestWithDAG:
     @pytest.fixture
     def star_embedding(self, components):
