@@ -1,0 +1,115 @@
+"""Shared plumbing of the mini model's training scripts: seeded data, checkpoints, loss logs, EMA."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .world import TRAIN_SEEDS, render_scene
+
+__all__ = ["seed_everything", "render_training_set", "LossLog", "EMA", "save_checkpoint", "load_checkpoint"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def render_training_set(num_scenes: int, offset: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Render scenes `TRAIN_SEEDS[offset : offset + num_scenes]`.
+
+    Returns:
+        `tuple[torch.Tensor, list[str]]`: images `(N, 3, 64, 64)` uint8 and their captions.
+    """
+    if offset + num_scenes > len(TRAIN_SEEDS):
+        raise ValueError(f"Only {len(TRAIN_SEEDS)} training seeds exist, asked for {offset + num_scenes}.")
+    images = np.empty((num_scenes, 64, 64, 3), dtype=np.uint8)
+    captions = []
+    for i in range(num_scenes):
+        scene = render_scene(TRAIN_SEEDS[offset + i])
+        images[i] = scene.image
+        captions.append(scene.caption)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 `(B, 3, H, W)` in [0, 255] → float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+class LossLog:
+    """Append-only JSONL log, one record per step (`step`, `loss`, extra fields, `time` since start)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.start = time.time()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records after `step` (used on resume so the log matches the checkpoint)."""
+        if not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def write(self, step: int, **values: float) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values, "time": round(time.time() - self.start, 2)}) + "\n")
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, with a warm-up (`decay = min(decay, (1+n)/(10+n))`)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.num_updates = state["num_updates"]
+        self.shadow = state["shadow"]
+
+
+def save_checkpoint(path: str | os.PathLike, **state) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state["rng"] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state
