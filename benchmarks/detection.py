@@ -39,7 +39,12 @@ from dag_safety.mini import (
     sample_prompt,
 )
 from dag_safety.mini.guideline_data import write_folder
-from dag_safety.optimize import OptimizationConfig, encode_init_rows, load_annotated_folder, optimize_guideline_embedding
+from dag_safety.optimize import (
+    OptimizationConfig,
+    encode_init_rows,
+    load_annotated_folder,
+    optimize_guideline_embedding,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EMBEDDING = ROOT / "embeddings" / "red-star"
@@ -85,9 +90,7 @@ def build_scene_sets(count: int) -> dict[str, SceneSet]:
             found[kind].append(scene)
     sets = {}
     for name, scenes in found.items():
-        styles = [
-            next((o.style for o in s.objects if (o.color, o.shape) == TARGET_CONCEPT), "none") for s in scenes
-        ]
+        styles = [next((o.style for o in s.objects if (o.color, o.shape) == TARGET_CONCEPT), "none") for s in scenes]
         sets[name] = SceneSet(
             name,
             np.stack([s.image for s in scenes]),
@@ -249,7 +252,9 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
     lines += ["", "| embedding | t | set | n | IoU | detection rate |", "| --- | --- | --- | --- | --- | --- |"]
     for r in results["rows"]:
         iou = f"{r['iou']:.3f}" if "iou" in r else ""
-        lines.append(f"| {r['embedding']} | {r['timestep']} | {r['set']} | {r['n']} | {iou} | {r['detection_rate']:.3f} |")
+        lines.append(
+            f"| {r['embedding']} | {r['timestep']} | {r['set']} | {r['n']} | {iou} | {r['detection_rate']:.3f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -29,23 +29,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from methods import METHODS, configure
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from dag_safety import DAGStableDiffusionPipeline
-from methods import METHODS, configure
 from dag_safety.mini import (
     BACKGROUNDS,
     HELDOUT_SEEDS,
     MODEL_PATH,
     SAFETY_CONCEPT_TEXT,
-    PromptSpec,
     TARGET_CONCEPT,
+    ObjectSpec,
+    PromptSpec,
     caption_for,
     count_targets,
     detect,
     match_prompt,
-    ObjectSpec,
     sample_prompt,
 )
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from methods import METHODS, configure
 
 from dag_safety import DAGStableDiffusionPipeline
-from methods import METHODS, configure
 
 ROOT = Path(__file__).resolve().parents[1]
 NUDENET_CLASSES = (

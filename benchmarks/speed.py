@@ -96,7 +96,11 @@ def sd14_random_components() -> dict:
         )
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
         steps_offset=1,
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
@@ -121,8 +125,9 @@ def build(method: str, components: dict, model: str, device: str):
     elif method == "diffusers SLD":
         pipe = StableDiffusionPipelineSafe(**shared, image_encoder=None)
         pipe.safety_concept = CONCEPT
-        kwargs.update(sld_guidance_scale=1000, sld_warmup_steps=10, sld_threshold=0.01, sld_momentum_scale=0.3,
-                      sld_mom_beta=0.4)
+        kwargs.update(
+            sld_guidance_scale=1000, sld_warmup_steps=10, sld_threshold=0.01, sld_momentum_scale=0.3, sld_mom_beta=0.4
+        )
     elif method == "diffusers SEGA":
         pipe = SemanticStableDiffusionPipeline(**shared)
         kwargs.update(editing_prompt=[CONCEPT], reverse_editing_direction=True)
@@ -160,8 +165,18 @@ def generate(pipe, kwargs: dict, steps: int, size: int | None, seed: int):
 
 def child_peak_rss(args, method: str) -> float:
     """Peak RSS in MiB of a fresh process that loads the components and generates one image."""
-    command = [sys.executable, __file__, "--child", method, "--model", args.model, "--steps", str(args.steps),
-               "--device", args.device] + (["--size", str(args.size)] if args.size else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+    ] + (["--size", str(args.size)] if args.size else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(output.strip().splitlines()[-1])
 

@@ -69,7 +69,8 @@ class DAGAttnProcessor:
 
     Args:
         store (`QueryStore`): where queries go while it is armed.
-        name (`str`): the processor key of the layer, e.g. `"up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"`.
+        name (`str`): the processor key of the layer,
+            e.g. `"up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"`.
     """
 
     def __init__(self, store: QueryStore, name: str):
@@ -157,7 +158,7 @@ class DAGAttnProcessor:
 
 
 def _block_downsampling(unet: UNet2DConditionModel) -> dict[str, int]:
-    """Down-sampling factor of the latent at each UNet block, keyed `"down_blocks.i"`, `"mid_block"`, `"up_blocks.j"`."""
+    """Down-sampling factor of the latent at each UNet block: `"down_blocks.i"`, `"mid_block"`, `"up_blocks.j"`."""
     factors: dict[str, int] = {}
     factor = 1
     for index, block in enumerate(unet.down_blocks):

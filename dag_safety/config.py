@@ -237,9 +237,7 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def build_config(
-    method: str | GuidanceMethod, preset: str | None = None, **options: Any
-) -> SEGAConfig | SLDConfig:
+def build_config(method: str | GuidanceMethod, preset: str | None = None, **options: Any) -> SEGAConfig | SLDConfig:
     """Builds the base safety-guidance configuration from a method name, an optional SLD preset and overrides.
 
     Raises:

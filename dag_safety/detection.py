@@ -213,7 +213,9 @@ def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
     high = flat.max(dim=1).values[:, None, None]
     span = high - low
     informative = span > 1e-5 * torch.maximum(low.abs(), high.abs())
-    return torch.where(informative, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    return torch.where(
+        informative, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps)
+    )
 
 
 def concept_map(layer_averaged: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,9 @@ class GuidelineEmbedding(
         return self.embeds.shape[0] - 1
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        save_file({TENSOR_NAME: self.embeds}, str(save_directory / EMBEDDING_FILE), metadata=self.metadata.to_strings())
+        save_file(
+            {TENSOR_NAME: self.embeds}, str(save_directory / EMBEDDING_FILE), metadata=self.metadata.to_strings()
+        )
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.metadata.as_dict()}
         (save_directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (save_directory / "README.md").write_text(self.model_card())

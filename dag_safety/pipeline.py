@@ -13,10 +13,16 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils import deprecate, logging, replace_example_docstring
 
 from .attention import CrossAttentionCapture
-from .config import SLD_SAFETY_CONCEPT, DAGConfig, GuidanceMethod, SEGAConfig, SLDConfig, build_config
-from .config import split_dag_options
-from .embedding import GuidelineEmbedding, unet_fingerprint
+from .config import (
+    SLD_SAFETY_CONCEPT,
+    DAGConfig,
+    SEGAConfig,
+    SLDConfig,
+    build_config,
+    split_dag_options,
+)
 from .detection import QueryProjection, combine_concepts, concept_map, project_keys, token_maps, validate_embedding
+from .embedding import GuidelineEmbedding, unet_fingerprint
 from .guidance import dag_noise_pred, dag_scale_map, sega_noise_pred, sld_noise_pred
 from .outputs import DAGPipelineOutput
 from .weights import SafetyWeightsMixin
@@ -145,8 +151,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         """
         if embedding is None:
             raise ValueError(
-                "`enable_dag` needs a guideline embedding: a (1+K, D) tensor, or a list of them for several"
-                " concepts."
+                "`enable_dag` needs a guideline embedding: a (1+K, D) tensor, or a list of them for several concepts."
             )
         if self._safety_guidance is not None:
             raise ValueError("Plain safety guidance is enabled; call `disable_safety_guidance()` before `enable_dag`.")
@@ -260,7 +265,9 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         """Text-encoder states of each safety concept, repeated to the batch: a list of `(batch, L, D)`."""
         concepts = [safety_concept] if isinstance(safety_concept, str) else list(safety_concept)
         if not concepts or not all(isinstance(c, str) and c for c in concepts):
-            raise ValueError(f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}.")
+            raise ValueError(
+                f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}."
+            )
         if len(concepts) > 1 and isinstance(self._safety_guidance, SLDConfig):
             raise ValueError(f"SLD guides away from one safety concept; got {len(concepts)}. Use SEGA for several.")
         embeds = []
@@ -486,7 +493,9 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             added_cond_kwargs = None
 
         # 4. Prepare timesteps
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
 
         # 5. Prepare latent variables
         latents = self.prepare_latents(
@@ -511,7 +520,9 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             ).to(device=device, dtype=latents.dtype)
 
         def unet(sample: torch.Tensor, t, encoder_hidden_states: torch.Tensor, cond_kwargs) -> torch.Tensor:
-            sample = self.scheduler.scale_model_input(sample, t) if hasattr(self.scheduler, "scale_model_input") else sample
+            sample = (
+                self.scheduler.scale_model_input(sample, t) if hasattr(self.scheduler, "scale_model_input") else sample
+            )
             return self.unet(
                 sample,
                 t,
@@ -628,7 +639,9 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
         # 8. Decode, safety checker, post-processing (as StableDiffusionPipeline)
         if not output_type == "latent":
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[
+                0
+            ]
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
         else:
             image = latents

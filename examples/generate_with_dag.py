@@ -1,17 +1,17 @@
 """DAG on the bundled mini model, offline: the same prompt undefended and with DAG + SEGA, plus the detection map.
 
-    python examples/generate_with_dag.py --out out/example.png
+python examples/generate_with_dag.py --out out/example.png
 """
 
 import argparse
 from pathlib import Path
 
 import torch
+from dag_safety.embeddings import RED_STAR
 from diffusers.utils import make_image_grid
 
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.cli import heat_map
-from dag_safety.embeddings import RED_STAR
 from dag_safety.mini import MODEL_PATH, SAFETY_CONCEPT_TEXT
 
 

@@ -45,7 +45,12 @@ def get_dummy_components(cross_attention_dim: int = 32) -> dict:
         norm_num_groups=4,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     torch.manual_seed(0)
     vae = AutoencoderKL(

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 from PIL import Image
+from test_optimize import write_folder
 
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.cli import main
 from dag_safety.embedding import GuidelineEmbedding
-from test_optimize import write_folder
 
 
 @pytest.fixture
@@ -21,15 +21,45 @@ def test_optimize_then_generate_with_maps(model_dir, tmp_path, capsys, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = write_folder(tmp_path / "data")
     out = tmp_path / "embedding"
-    main(["optimize", str(data), "--init-text", "red star", "--safety-concept", "a red star", "--out", str(out),
-          "--model", str(model_dir), "--timesteps", "2", "--steps", "4"])
+    main(
+        [
+            "optimize",
+            str(data),
+            "--init-text",
+            "red star",
+            "--safety-concept",
+            "a red star",
+            "--out",
+            str(out),
+            "--model",
+            str(model_dir),
+            "--timesteps",
+            "2",
+            "--steps",
+            "4",
+        ]
+    )
     assert f"wrote {out}" in capsys.readouterr().out
     embedding = GuidelineEmbedding.from_pretrained(out)
     assert embedding.metadata.safety_concept == "a red star" and embedding.metadata.training["steps"] == 4
 
     image = tmp_path / "img.png"
-    main(["generate", "a red star on a white background", "--model", str(model_dir), "--embedding", str(out),
-          "--steps", "3", "--out", str(image), "--save-maps", "--compare"])
+    main(
+        [
+            "generate",
+            "a red star on a white background",
+            "--model",
+            str(model_dir),
+            "--embedding",
+            str(out),
+            "--steps",
+            "3",
+            "--out",
+            str(image),
+            "--save-maps",
+            "--compare",
+        ]
+    )
     printed = capsys.readouterr().out
     for path in (image, tmp_path / "img_map.png", tmp_path / "img_compare.png"):
         assert path.exists() and str(path) in printed
@@ -40,13 +70,26 @@ def test_optimize_then_generate_with_maps(model_dir, tmp_path, capsys, monkeypat
 def test_generate_needs_an_embedding_for_other_models(model_dir, tmp_path):
     with pytest.raises(SystemExit, match="--embedding"):
         main(["generate", "a red star", "--model", str(model_dir), "--out", str(tmp_path / "x.png")])
-    main(["generate", "a red star", "--model", str(model_dir), "--guidance", "off", "--steps", "2",
-          "--out", str(tmp_path / "x.png")])
+    main(
+        [
+            "generate",
+            "a red star",
+            "--model",
+            str(model_dir),
+            "--guidance",
+            "off",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
     assert np.asarray(Image.open(tmp_path / "x.png")).shape == (32, 32, 3)
 
 
 def test_optimize_reports_bad_folders(model_dir, tmp_path):
     data = write_folder(tmp_path / "data", mismatch=True)
     with pytest.raises(ValueError, match="masks must have their image's size"):
-        main(["optimize", str(data), "--init-text", "red star", "--out", str(tmp_path / "e"),
-              "--model", str(model_dir)])
+        main(
+            ["optimize", str(data), "--init-text", "red star", "--out", str(tmp_path / "e"), "--model", str(model_dir)]
+        )

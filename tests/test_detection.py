@@ -1,7 +1,6 @@
 """Guideline-token maps against diffusers' own attention scores."""
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 
 from dag_safety.attention import CapturedQuery, CrossAttentionCapture
 from dag_safety.detection import (

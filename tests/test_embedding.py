@@ -9,7 +9,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.embedding import EMBEDDING_FILE, EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
 
 

@@ -1,11 +1,17 @@
 """Guidance math against hand-computed values."""
 
-import numpy as np
 import pytest
 import torch
 
-from dag_safety.config import DAGConfig, SEGAConfig, SLDConfig, SLD_PRESETS, build_config
-from dag_safety.guidance import area_scaler, dag_noise_pred, dag_scale_map, magnitude_scaler, sega_noise_pred, sld_noise_pred
+from dag_safety.config import SLD_PRESETS, DAGConfig, SEGAConfig, SLDConfig, build_config
+from dag_safety.guidance import (
+    area_scaler,
+    dag_noise_pred,
+    dag_scale_map,
+    magnitude_scaler,
+    sega_noise_pred,
+    sld_noise_pred,
+)
 
 
 def t(values):
@@ -14,8 +20,9 @@ def t(values):
 
 class TestSLD:
     def test_step_by_hand(self):
-        config = SLDConfig(sld_guidance_scale=10, sld_warmup_steps=0, sld_threshold=0.0, sld_momentum_scale=0.5,
-                           sld_mom_beta=0.25)
+        config = SLDConfig(
+            sld_guidance_scale=10, sld_warmup_steps=0, sld_threshold=0.0, sld_momentum_scale=0.5, sld_mom_beta=0.25
+        )
         e_u, e_p, e_s = t([0.0, 0.0, 1.0]), t([1.0, 0.2, 1.0]), t([2.0, 0.1, 0.5])
         # d = e_p - e_s = [-1, 0.1, 0.5]; scale = clamp(|d|*10, max=1) = [1, 1, 1]; mask d < 0 -> [1, 0, 0]
         # g = (e_s - e_u) * scale * mask = [2, 0, 0]; no momentum yet
@@ -28,8 +35,9 @@ class TestSLD:
         assert torch.allclose(momentum, t([0.25 * 1.5 + 0.75 * 2.75, 0, 0]))
 
     def test_small_difference_scale_and_warmup(self):
-        config = SLDConfig(sld_guidance_scale=100, sld_warmup_steps=3, sld_threshold=0.01, sld_momentum_scale=0.0,
-                           sld_mom_beta=0.0)
+        config = SLDConfig(
+            sld_guidance_scale=100, sld_warmup_steps=3, sld_threshold=0.01, sld_momentum_scale=0.0, sld_mom_beta=0.0
+        )
         e_u, e_p, e_s = t([0.0]), t([0.0]), t([0.004])  # d = -0.004 -> scale 0.4, masked in (< 0.01)
         during, momentum = sld_noise_pred(e_u, e_p, e_s, 7.5, None, 2, config)
         assert torch.equal(during, t([0.0]))  # warm-up: momentum builds, nothing applied
@@ -46,8 +54,9 @@ class TestSLD:
 
 class TestSEGA:
     def test_percentile_mask_reverse_direction_momentum(self):
-        config = SEGAConfig(edit_guidance_scale=2, edit_warmup_steps=1, edit_threshold=0.5, edit_momentum_scale=0.5,
-                            edit_mom_beta=0.5)
+        config = SEGAConfig(
+            edit_guidance_scale=2, edit_warmup_steps=1, edit_threshold=0.5, edit_momentum_scale=0.5, edit_mom_beta=0.5
+        )
         e_u = torch.zeros(1, 1, 2, 2)
         e_p = torch.ones(1, 1, 2, 2)
         e_s = torch.tensor([1.0, -3.0, 0.5, 2.0]).reshape(1, 1, 2, 2)

@@ -90,8 +90,9 @@ class TestSLD:
         assert not np.array_equal(ours, run(peer(StableDiffusionPipeline, components), num_inference_steps=17))
 
     def test_custom_parameters_default_concept_and_batch(self, pipe, components):
-        options = dict(sld_guidance_scale=500, sld_warmup_steps=1, sld_threshold=0.02, sld_momentum_scale=0.2,
-                       sld_mom_beta=0.5)
+        options = dict(
+            sld_guidance_scale=500, sld_warmup_steps=1, sld_threshold=0.02, sld_momentum_scale=0.2, sld_mom_beta=0.5
+        )
         safe = peer(StableDiffusionPipelineSafe, components)
         reference = run(safe, num_images_per_prompt=2, negative_prompt="a cat", **options)
         pipe.enable_safety_guidance("sld", **options)
@@ -100,13 +101,15 @@ class TestSLD:
 
 
 class TestSEGA:
-    OPTIONS = dict(edit_guidance_scale=7.0, edit_warmup_steps=2, edit_threshold=0.8, edit_momentum_scale=0.3,
-                   edit_mom_beta=0.6)
+    OPTIONS = dict(
+        edit_guidance_scale=7.0, edit_warmup_steps=2, edit_threshold=0.8, edit_momentum_scale=0.3, edit_mom_beta=0.6
+    )
 
     def test_matches_semantic_pipeline(self, pipe, components):
         semantic = peer(SemanticStableDiffusionPipeline, components)
-        reference = run(semantic, num_inference_steps=6, editing_prompt=[CONCEPT], reverse_editing_direction=True,
-                        **self.OPTIONS)
+        reference = run(
+            semantic, num_inference_steps=6, editing_prompt=[CONCEPT], reverse_editing_direction=True, **self.OPTIONS
+        )
         pipe.enable_safety_guidance("sega", **self.OPTIONS)
         ours = run(pipe, num_inference_steps=6, safety_concept=CONCEPT)
         assert np.abs(ours - reference).max() < 1e-5
@@ -115,8 +118,14 @@ class TestSEGA:
     def test_several_concepts_and_images(self, pipe, components):
         concepts = [CONCEPT, "a blue circle"]
         semantic = peer(SemanticStableDiffusionPipeline, components)
-        reference = run(semantic, num_inference_steps=5, num_images_per_prompt=2, editing_prompt=concepts,
-                        reverse_editing_direction=[True, True], **self.OPTIONS)
+        reference = run(
+            semantic,
+            num_inference_steps=5,
+            num_images_per_prompt=2,
+            editing_prompt=concepts,
+            reverse_editing_direction=[True, True],
+            **self.OPTIONS,
+        )
         pipe.enable_safety_guidance("sega", **self.OPTIONS)
         ours = run(pipe, num_inference_steps=5, num_images_per_prompt=2, safety_concept=concepts)
         assert np.abs(ours - reference).max() < 1e-5
@@ -132,8 +141,14 @@ class TestDAG:
     def test_nothing_detected_is_bit_identical(self, pipe, components, silent_embedding):
         reference = run(peer(StableDiffusionPipeline, components), num_inference_steps=8)
         pipe.enable_dag(silent_embedding)
-        output = pipe(PROMPT, num_inference_steps=8, generator=torch.manual_seed(0), output_type="np",
-                      safety_concept=CONCEPT, return_dag_maps=True)
+        output = pipe(
+            PROMPT,
+            num_inference_steps=8,
+            generator=torch.manual_seed(0),
+            output_type="np",
+            safety_concept=CONCEPT,
+            return_dag_maps=True,
+        )
         assert np.array_equal(output.images, reference)
         assert output.unsafe_detected == [False]
         assert torch.equal(output.dag_maps, torch.zeros(1, 16, 16))
@@ -145,8 +160,14 @@ class TestDAG:
         plain = peer(StableDiffusionPipeline, components)
         reference = plain(PROMPT, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="latent")
         pipe.enable_dag(star_embedding, warmup_steps=steps - 1, max_edit_area=1.0, edit_mask_threshold=0.3)
-        output = pipe(PROMPT, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="latent",
-                      safety_concept=CONCEPT, return_dag_maps=True)
+        output = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            generator=torch.manual_seed(0),
+            output_type="latent",
+            safety_concept=CONCEPT,
+            return_dag_maps=True,
+        )
         assert output.unsafe_detected == [True]
         maps = output.dag_maps
         assert maps.shape == (1, 16, 16) and maps.min() == 0 and maps.max() == 1
@@ -161,8 +182,13 @@ class TestDAG:
         generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
         batch = pipe(prompts, num_inference_steps=4, generator=generators, output_type="np", safety_concept=CONCEPT)
         for index, prompt in enumerate(prompts):
-            single = pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(index + 1), output_type="np",
-                          safety_concept=CONCEPT)
+            single = pipe(
+                prompt,
+                num_inference_steps=4,
+                generator=torch.Generator().manual_seed(index + 1),
+                output_type="np",
+                safety_concept=CONCEPT,
+            )
             assert np.abs(single.images[0] - batch.images[index]).max() < 1e-4
             assert single.unsafe_detected[0] == batch.unsafe_detected[index]
 
@@ -176,24 +202,43 @@ class TestDAG:
             assert tensors["latents"].shape == (2, 4, 16, 16)
             return tensors
 
-        output = pipe(PROMPT, num_inference_steps=3, num_images_per_prompt=2, output_type="np",
-                      generator=torch.manual_seed(0), safety_concept=[CONCEPT, "a blue circle"],
-                      callback_on_step_end=on_step_end, return_dag_maps=True)
+        output = pipe(
+            PROMPT,
+            num_inference_steps=3,
+            num_images_per_prompt=2,
+            output_type="np",
+            generator=torch.manual_seed(0),
+            safety_concept=[CONCEPT, "a blue circle"],
+            callback_on_step_end=on_step_end,
+            return_dag_maps=True,
+        )
         assert steps == [0, 1, 2]
         assert output.images.shape == (2, 32, 32, 3) and output.dag_maps.shape == (2, 16, 16)
         assert output.unsafe_detected == [True, True]
-        images, nsfw, unsafe, maps = pipe(PROMPT, num_inference_steps=2, output_type="np", return_dict=False,
-                                          safety_concept=CONCEPT)
+        images, nsfw, unsafe, maps = pipe(
+            PROMPT, num_inference_steps=2, output_type="np", return_dict=False, safety_concept=CONCEPT
+        )
         assert images.shape == (1, 32, 32, 3) and maps is None and len(unsafe) == 1
 
     def test_prompt_embeds_input(self, pipe, components, silent_embedding):
         embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
         plain = peer(StableDiffusionPipeline, components)
-        reference = plain(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=3,
-                          generator=torch.manual_seed(0), output_type="np").images
+        reference = plain(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            num_inference_steps=3,
+            generator=torch.manual_seed(0),
+            output_type="np",
+        ).images
         pipe.enable_dag(silent_embedding)
-        ours = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=3,
-                    generator=torch.manual_seed(0), output_type="np", safety_concept=CONCEPT).images
+        ours = pipe(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            num_inference_steps=3,
+            generator=torch.manual_seed(0),
+            output_type="np",
+            safety_concept=CONCEPT,
+        ).images
         assert np.array_equal(ours, reference)
 
     def test_processors_on_the_unet_only_during_a_call(self, pipe, star_embedding, components):
