@@ -222,7 +222,7 @@ def run(args) -> dict:
     complex_images = {}
     references: dict[str, np.ndarray] = {}
     for method in METHODS:
-        extra = configure(pipe, method, str(EMBEDDING), SAFETY_CONCEPT_TEXT, negative_prompt="red star")
+        extra = configure(pipe, method, str(args.embedding), SAFETY_CONCEPT_TEXT, negative_prompt="red star")
         results[method] = {}
         for name, prompt_set in sets.items():
             images, seconds = generate(pipe, prompt_set, seeds, args.steps, extra)
@@ -288,6 +288,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=MODEL_PATH)
     parser.add_argument("--prompts", type=int, default=12, help="prompts per set (target: half of it, at least 2)")
+    parser.add_argument("--embedding", type=Path, default=EMBEDDING, help="guideline embedding directory")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--device", default="cpu")

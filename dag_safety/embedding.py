@@ -143,6 +143,19 @@ class GuidelineEmbedding(
         rows, width = self.embeds.shape
         return f"GuidelineEmbedding(concept={self.metadata.concept!r}, rows={rows}, width={width})"
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> GuidelineEmbedding:
+        """Loads from a local directory or a Hub repo id (`revision=`, `cache_dir=`, `local_files_only=`,
+        `token=`, `force_download=` as in `huggingface_hub`).
+
+        Raises:
+            `ValueError`: a path that can only be local (absolute, `./`, `../`, `~`) does not exist.
+        """
+        text = os.fspath(pretrained_model_name_or_path)
+        if text.startswith(("/", "./", "../", "~", ".\\")) and not os.path.isdir(os.path.expanduser(text)):
+            raise ValueError(f"No guideline embedding directory at {text!r}; check the path.")
+        return super().from_pretrained(os.path.expanduser(text), **kwargs)
+
     @property
     def num_concept_tokens(self) -> int:
         return self.embeds.shape[0] - 1

@@ -236,10 +236,11 @@ def _build_cache(
     config: OptimizationConfig,
     side: int,
     generator: torch.Generator,
+    progress: bool = True,
 ) -> list[_CachedImage]:
     timesteps = torch.linspace(*config.timestep_range, config.num_timesteps).round().long().to(pipe.device)
     cache = []
-    for item in tqdm(items, desc="Caching cross-attention queries", leave=False):
+    for item in tqdm(items, desc="Caching cross-attention queries", leave=False, disable=not progress):
         pixels, target = _to_pixels(pipe, item, side)
         latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
         latents = latents.repeat(len(timesteps), 1, 1, 1)
@@ -341,7 +342,7 @@ def optimize_guideline_embedding(
     requires_grad = {name: p.requires_grad for name, p in pipe.unet.named_parameters()}
     capture.install()
     try:
-        cache = _build_cache(pipe, items, capture, projections, config, side, generator)
+        cache = _build_cache(pipe, items, capture, projections, config, side, generator, progress)
     finally:
         capture.remove()
 
