@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dag_safety import DAGConfig, DAGStableDiffusionPipeline
+from dag_safety.embedding import GuidelineEmbedding
 from dag_safety.guidance import dag_scale_map
 from dag_safety.mini import (
     BACKGROUNDS,
@@ -44,6 +45,7 @@ from dag_safety.optimize import (
     encode_init_rows,
     load_annotated_folder,
     optimize_guideline_embedding,
+    replace_metadata,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +271,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection")
     parser.add_argument("--quick", action="store_true", help="a smoke test: few scenes and timesteps")
+    parser.add_argument(
+        "--write-quality", action="store_true", help="record the optimized embedding's figures in its card"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.scenes, args.generations, args.timesteps = 12, 4, [500]
@@ -278,6 +283,11 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, summary, args.out.with_suffix(".md"))
+    if args.write_quality:
+        embedding = GuidelineEmbedding.from_pretrained(args.embedding)
+        quality = {key: round(value, 4) for key, value in summary["optimized"].items()}
+        quality["benchmark"] = "benchmarks/detection.py (means over timesteps " + str(args.timesteps) + ")"
+        replace_metadata(embedding, detection_quality=quality).save_pretrained(args.embedding)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
 
