@@ -3,12 +3,13 @@
 Usage (CPU, 2 cores; the VAE from `train_vae` first):
 
     python -m dag_safety.mini.train_unet --vae out/mini/vae/vae --output-dir out/mini/unet --steps 8000
-    python -m dag_safety.mini.train_unet --vae out/mini/vae/vae --output-dir out/mini/unet --export dag_safety/mini/model
+    python -m dag_safety.mini.train_unet --vae out/mini/vae/vae --output-dir out/mini/unet \
+        --export dag_safety/mini/model
 
 Recipe: v-prediction with the `scaled_linear` betas rescaled to zero terminal SNR (so sampling from pure noise
 matches training at `t = T`, which fixes the background colours), "trailing" DDIM timesteps, min-SNR-5 weighting of
-the v loss (`min(1, 6 / (snr + 1))`), AdamW, EMA of the weights (the EMA is what gets exported), 10 % of captions dropped to `""` (the
-pipeline's unconditional prompt) for classifier-free guidance.
+the v loss (`min(1, 6 / (snr + 1))`), AdamW, EMA of the weights (exported by default; `--export-weights raw` for the raw ones), 10 % of
+captions dropped to `""` (the pipeline's unconditional prompt) for classifier-free guidance.
 
 Resumable (`--resume` picks up `checkpoint.pt`); logs one JSON record per step to `loss.jsonl`. `--export DIR`
 writes the full diffusers pipeline (EMA weights) from the latest checkpoint and exits.
@@ -123,7 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every 250 steps, time 1..--threads threads and keep the fastest (for shared CPUs)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--export", default=None, help="write the pipeline (EMA weights) from the checkpoint and exit")
+    p.add_argument("--export", default=None, help="write the pipeline from the checkpoint and exit")
+    p.add_argument("--export-weights", choices=("ema", "raw"), default="ema",
+                   help="export the EMA (default) or the raw weights")
     return p.parse_args(argv)
 
 
@@ -135,9 +138,12 @@ def export_pipeline(args, tokenizer) -> None:
     state = torch.load(Path(args.output_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     text_encoder, unet = build_models(tokenizer)
     joint = torch.nn.ModuleDict({"text_encoder": text_encoder, "unet": unet})
-    ema = EMA(joint)
-    ema.load_state_dict(state["ema"])
-    ema.copy_to(joint)
+    if args.export_weights == "ema":
+        ema = EMA(joint)
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(joint)
+    else:
+        joint.load_state_dict(state["model"])
     vae = AutoencoderKL.from_pretrained(args.vae)
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -150,7 +156,7 @@ def export_pipeline(args, tokenizer) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(args.export, safe_serialization=True)
-    logger.info("Exported step %d (EMA) to %s", state["step"], args.export)
+    logger.info("Exported step %d (%s weights) to %s", state["step"], args.export_weights, args.export)
 
 
 def main(argv=None) -> None:
