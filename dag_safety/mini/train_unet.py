@@ -8,8 +8,8 @@ Usage (CPU, 2 cores; the VAE from `train_vae` first):
 
 Recipe: v-prediction with the `scaled_linear` betas rescaled to zero terminal SNR (so sampling from pure noise
 matches training at `t = T`, which fixes the background colours), "trailing" DDIM timesteps, min-SNR-5 weighting of
-the v loss (`min(1, 6 / (snr + 1))`), AdamW, EMA of the weights (exported by default; `--export-weights raw` for the raw ones), 10 % of
-captions dropped to `""` (the pipeline's unconditional prompt) for classifier-free guidance.
+the v loss (`min(1, 6 / (snr + 1))`), AdamW, EMA of the weights (exported by default; `--export-weights raw`
+for the raw ones), 10 % of captions dropped to `""` (the pipeline's unconditional prompt) for classifier-free guidance.
 
 Resumable (`--resume` picks up `checkpoint.pt`); logs one JSON record per step to `loss.jsonl`. `--export DIR`
 writes the full diffusers pipeline (EMA weights) from the latest checkpoint and exits.
