@@ -37,7 +37,9 @@ from ._training import (
     seed_everything,
     to_model_range,
 )
+from .grounding import grounding_loss, grounding_targets, install_recorders
 from .tokenizer import MAX_LENGTH, build_tokenizer
+from .world import TRAIN_SEEDS, render_scene
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--grounding-weight", type=float, default=0.1,
+                   help="weight of the token grounding loss (dag_safety.mini.grounding); 0 turns it off")
     p.add_argument("--num-scenes", type=int, default=60000, help="size of the pre-rendered training set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -195,6 +199,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(joint.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     ema = EMA(joint, args.ema_decay)
+    recorders = install_recorders(unet) if args.grounding_weight > 0 else {}
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     alphas_cumprod = noise_scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -244,8 +249,17 @@ def main(argv=None) -> None:
         # min-SNR-gamma on the v objective, floored at 1: min(1, (gamma + 1) / (snr + 1)); weight 1 at t = T
         w = torch.clamp((args.snr_gamma + 1) / (snr[t] + 1), max=1.0).to(args.device)
         loss = (w * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        extra = {}
+        if recorders:
+            # Scenes are re-rendered (deterministic, < 1 ms each) for their object masks.
+            scenes = [render_scene(TRAIN_SEEDS[int(i)]) for i in idx]
+            grounding = grounding_loss(recorders, grounding_targets(scenes, ~drop))
+            extra["grounding"] = round(grounding.item(), 6)
+            loss_total = loss + args.grounding_weight * grounding
+        else:
+            loss_total = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_total.backward()
         torch.nn.utils.clip_grad_norm_(joint.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -254,7 +268,7 @@ def main(argv=None) -> None:
         dt = time.perf_counter() - t_step
         if in_trial:
             trial.setdefault(torch.get_num_threads(), []).append(dt)
-        log.write(step, loss=round(loss.item(), 6), sec=round(dt, 3), threads=torch.get_num_threads())
+        log.write(step, loss=round(loss.item(), 6), sec=round(dt, 3), threads=torch.get_num_threads(), **extra)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update(1)
         if step % args.checkpoint_every == 0 or step == args.steps:
