@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=200.0)
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--layer-fractions", type=float, nargs="+", default=[0.25, 0.5])
+    opt.add_argument("--base-scale", type=float, default=5.0,
+                     help="DAG's AreaScaler numerator to save as the embedding's default (the paper: 5)")
     opt.add_argument("--fp16-cache", action="store_true", help="store the query cache in float16")
     opt.add_argument("--device", default="cpu")
     opt.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the embedding to the Hub")
@@ -217,6 +219,7 @@ def optimize(args: argparse.Namespace) -> Path:
         learning_rate=args.lr,
         steps=args.steps,
         seed=args.seed,
+        base_scale=args.base_scale,
         cache_dtype=torch.float16 if args.fp16_cache else torch.float32,
     )
     base_model = args.model or "dag-safety mini model"

@@ -62,6 +62,9 @@ class EmbeddingMetadata:
         layer_fractions (`tuple[float, ...]`): detection layers, as fractions of the latent side.
         safety_concept (`str`): the safety concept text to pair it with (`e_s`).
         unsafe_threshold (`float`), edit_mask_threshold (`float`): the DAG thresholds it was tuned for.
+        base_scale (`float`): the AreaScaler numerator it was tuned for (`s̄ = base_scale / (h·w)`; the paper's 5
+            for SD v1.4 and nudity). How hard a model must be pushed to erase a concept is the model's and the
+            concept's, so it travels with the embedding like the thresholds.
         token_layout (`str`): `"sot+concept"`: row 0 is the start-of-text row, rows `1..K` the concept rows.
         training (`dict`): a summary of the optimization (data, steps, learning rate, timesteps, seed).
         final_loss (`float | None`): the best full-data loss.
@@ -76,6 +79,7 @@ class EmbeddingMetadata:
     safety_concept: str = ""
     unsafe_threshold: float = 0.5
     edit_mask_threshold: float = 0.01
+    base_scale: float = 5.0
     token_layout: str = "sot+concept"
     training: dict = field(default_factory=dict)
     final_loss: float | None = None

@@ -145,6 +145,8 @@ class OptimizationConfig:
         seed (`int`, defaults to 0): noise and mini-batch order.
         cache_dtype (`torch.dtype`, defaults to `torch.float32`): `torch.float16` halves the cache.
         resolution (`int`, *optional*): image side in pixels; defaults to the model's.
+        base_scale (`float`, defaults to 5): DAG's AreaScaler numerator to record in the metadata as the
+            embedding's default (not used by the optimization; see [`EmbeddingMetadata`]).
     """
 
     init_text: str
@@ -161,6 +163,7 @@ class OptimizationConfig:
     seed: int = 0
     cache_dtype: torch.dtype = torch.float32
     resolution: int | None = None
+    base_scale: float = 5.0
 
     def __post_init__(self):
         if not self.init_text.strip():
@@ -391,6 +394,7 @@ def optimize_guideline_embedding(
         base_model=base_model,
         base_model_fingerprint=unet_fingerprint(pipe.unet),
         layer_fractions=tuple(config.layer_fractions),
+        base_scale=config.base_scale,
         safety_concept=config.safety_concept or config.init_text,
         training={
             "images": len(items),

@@ -67,13 +67,14 @@ def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
             "layer_fractions": tuple(item.metadata.layer_fractions),
             "unsafe_threshold": item.metadata.unsafe_threshold,
             "edit_mask_threshold": item.metadata.edit_mask_threshold,
+            "base_scale": item.metadata.base_scale,
         }
         for item in saved
     ]
     if any(d != defaults[0] for d in defaults[1:]):
         raise ValueError(
             f"The guideline embeddings were tuned for different detection settings: {defaults}. Pass"
-            " `layer_fractions`, `unsafe_threshold` and `edit_mask_threshold` explicitly."
+            " `layer_fractions`, `unsafe_threshold`, `edit_mask_threshold` and `base_scale` explicitly."
         )
     return defaults[0] if defaults else {}
 

@@ -23,6 +23,7 @@ def make_embedding(pipe, rows=3, **changes):
         safety_concept="a red star",
         unsafe_threshold=0.6,
         edit_mask_threshold=0.02,
+        base_scale=40.0,
         training={"steps": 3},
         final_loss=0.5,
     )
@@ -74,8 +75,9 @@ def test_enable_dag_by_path_uses_saved_defaults(pipe, tmp_path):
     pipe.enable_dag(str(tmp_path))
     assert pipe.dag_config.layer_fractions == (0.5,)
     assert pipe.dag_config.unsafe_threshold == 0.6 and pipe.dag_config.edit_mask_threshold == 0.02
-    pipe.enable_dag(tmp_path, unsafe_threshold=0.4)  # explicit options win
-    assert pipe.dag_config.unsafe_threshold == 0.4
+    assert pipe.dag_config.base_scale == 40.0
+    pipe.enable_dag(tmp_path, unsafe_threshold=0.4, base_scale=5)  # explicit options win
+    assert pipe.dag_config.unsafe_threshold == 0.4 and pipe.dag_config.base_scale == 5
     out = pipe("a red star", num_inference_steps=2, output_type="np", safety_concept="a red star")
     assert out.unsafe_detected == [False]
 
