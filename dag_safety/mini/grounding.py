@@ -23,7 +23,7 @@ from diffusers.models.attention_processor import Attention
 
 from .world import Scene
 
-__all__ = ["GroundingTargets", "RecordingAttnProcessor", "grounding_targets", "grounding_loss", "install_recorders"]
+__all__ = ["GroundingTargets", "RecordingAttnProcessor", "grounding_loss", "grounding_targets", "install_recorders"]
 
 
 class RecordingAttnProcessor:
