@@ -176,12 +176,14 @@ def run(args) -> dict:
     sets = build_scene_sets(args.scenes)
     sets["generated"] = generation_set(pipe, args.generations, args.steps)
 
+    # The init and filled-only embeddings are scored at the committed embedding's detection layers.
+    layers = GuidelineEmbedding.from_pretrained(args.embedding).metadata.layer_fractions
     embeddings = {"optimized": str(args.embedding), "init": encode_init_rows(pipe, GUIDELINE_INIT_TEXT)}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_folder(Path(tmp) / "filled", filled_only=True)
         started = time.perf_counter()
         result = optimize_guideline_embedding(
-            pipe, load_annotated_folder(data), OptimizationConfig(init_text=GUIDELINE_INIT_TEXT), progress=False
+            pipe, load_annotated_folder(data), OptimizationConfig(init_text=GUIDELINE_INIT_TEXT, layer_fractions=layers), progress=False
         )
         filled_seconds = time.perf_counter() - started
     embeddings["optimized (filled only)"] = result.embedding
@@ -189,7 +191,7 @@ def run(args) -> dict:
     latents = {name: encode_images(pipe, s.images) for name, s in sets.items() if len(s.images)}
     rows = []
     for emb_name, embedding in embeddings.items():
-        pipe.enable_dag(embedding)
+        pipe.enable_dag(embedding, layer_fractions=layers)
         for t in args.timesteps:
             for set_name, scene_set in sets.items():
                 if set_name not in latents:
