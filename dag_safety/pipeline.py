@@ -55,6 +55,7 @@ class _DAGState:
     capture: CrossAttentionCapture
     projections: dict[str, QueryProjection]
     keys: list[dict[str, torch.Tensor]]
+    safety_concepts: list[str]
 
 
 EmbeddingLike = str | os.PathLike | GuidelineEmbedding | torch.Tensor
@@ -177,8 +178,15 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         with torch.no_grad():
             projections = {name: QueryProjection.snapshot(attn) for name, attn in modules.items()}
             keys = [{name: project_keys(attn, item) for name, attn in modules.items()} for item in embeddings]
+        # Saved embeddings name the safety concept they were made for (`e_s`): the default of `__call__`.
+        concepts = [item.metadata.safety_concept for item in saved if isinstance(item, GuidelineEmbedding)]
         self._dag = _DAGState(
-            config=config, embeddings=embeddings, capture=capture, projections=projections, keys=keys
+            config=config,
+            embeddings=embeddings,
+            capture=capture,
+            projections=projections,
+            keys=keys,
+            safety_concepts=list(dict.fromkeys(c for c in concepts if c)),
         )
 
     def _load_embedding(self, item: EmbeddingLike, check_fingerprint: bool) -> GuidelineEmbedding | torch.Tensor:
@@ -326,7 +334,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
-        safety_concept: str | list[str] = SLD_SAFETY_CONCEPT,
+        safety_concept: str | list[str] | None = None,
         return_dag_maps: bool = False,
         **kwargs,
     ) -> DAGPipelineOutput | tuple:
@@ -334,8 +342,10 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         Generates images; every argument of `StableDiffusionPipeline.__call__` works as there.
 
         Args:
-            safety_concept (`str` or `list[str]`, *optional*, defaults to SLD's concept text):
+            safety_concept (`str` or `list[str]`, *optional*):
                 The text of the concept to steer away from (`e_s`). Several concepts need SEGA (or DAG + SEGA).
+                Defaults to the safety concepts the saved guideline embeddings given to `enable_dag` name in their
+                metadata, and otherwise to SLD's concept text.
             return_dag_maps (`bool`, *optional*, defaults to `False`):
                 With DAG enabled, also return the last step's detection map per image as `dag_maps`.
 
@@ -383,6 +393,9 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             if not return_dict:
                 return output
             return DAGPipelineOutput(images=output.images, nsfw_content_detected=output.nsfw_content_detected)
+        if safety_concept is None:
+            saved = self._dag.safety_concepts if self._dag is not None else []
+            safety_concept = (saved[0] if len(saved) == 1 else saved) if saved else SLD_SAFETY_CONCEPT
         if self._dag is None:
             return self._guided_call(safety_concept=safety_concept, return_dag_maps=False, **sd_arguments)
         # The capture processors sit on the UNet for this call only

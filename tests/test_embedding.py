@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dag_safety.config import SLD_SAFETY_CONCEPT
 from dag_safety.embedding import EMBEDDING_FILE, EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
 
 
@@ -112,3 +113,21 @@ def test_fingerprint_ignores_dtype_but_not_weights(components):
     with torch.no_grad():
         parameter.add_(0.1)
     assert unet_fingerprint(unet) != reference
+
+
+def test_saved_safety_concept_is_the_call_default(pipe, tmp_path):
+    make_embedding(pipe).save_pretrained(tmp_path)
+    pipe.enable_dag(tmp_path, max_edit_area=1.0, warmup_steps=0)
+    seen = []
+    encode = pipe._encode_safety_concepts
+
+    def spy(safety_concept, *args):
+        seen.append(safety_concept)
+        return encode(safety_concept, *args)
+
+    pipe._encode_safety_concepts = spy
+    pipe("a red star", num_inference_steps=2, output_type="np")
+    pipe("a red star", num_inference_steps=2, output_type="np", safety_concept="a star")
+    pipe.enable_dag(torch.randn(3, pipe.unet.config.cross_attention_dim))  # no metadata: SLD's concept text
+    pipe("a red star", num_inference_steps=2, output_type="np")
+    assert seen == ["a red star", "a star", SLD_SAFETY_CONCEPT]
