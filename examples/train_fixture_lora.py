@@ -9,7 +9,7 @@ safetensors metadata) and converted to kohya keys (`dag_safety.weights.lora_to_k
 Usage (CPU, a minute or two):
 
     # on the bundled mini model, or any Stable Diffusion layout directory
-    python examples/train_fixture_lora.py --model dag_safety/mini/model --output-dir tests/fixtures
+    python examples/train_fixture_lora.py --model dag_safety/mini/model --output-dir tests/fixtures/mini
     # on the tests' tiny seeded components (tests/conftest.py `get_dummy_components()`)
     python examples/train_fixture_lora.py --tiny --output-dir tests/fixtures
 """

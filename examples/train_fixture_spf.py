@@ -11,7 +11,7 @@ as a safetensors state dict keyed like the UNet's (`...attn2.to_k.weight`), with
 
 Usage (CPU, a minute):
 
-    python examples/train_fixture_spf.py --model dag_safety/mini/model --output-dir tests/fixtures
+    python examples/train_fixture_spf.py --model dag_safety/mini/model --output-dir tests/fixtures/mini
     python examples/train_fixture_spf.py --tiny --output-dir tests/fixtures
 """
 
