@@ -279,13 +279,10 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             )
         if len(concepts) > 1 and isinstance(self._safety_guidance, SLDConfig):
             raise ValueError(f"SLD guides away from one safety concept; got {len(concepts)}. Use SEGA for several.")
-        embeds = []
-        for concept in concepts:
-            concept_embeds, _ = self.encode_prompt(
-                concept, device, batch, False, lora_scale=lora_scale, clip_skip=self.clip_skip
-            )
-            embeds.append(concept_embeds)
-        return embeds
+        # One text-encoder call for all concepts, as diffusers' SEGA does (CPU GEMMs may round differently with
+        # another batch size, which the exactness tests against it would see).
+        encoded, _ = self.encode_prompt(concepts, device, 1, False, lora_scale=lora_scale, clip_skip=self.clip_skip)
+        return [row[None].expand(batch, -1, -1) for row in encoded]
 
     def _detect(self, latent_size: tuple[int, int]) -> torch.Tensor:
         """`Â` from the queries captured in the last UNet call: `(B, h, w)` in `[0, 1]`, float32."""
