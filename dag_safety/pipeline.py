@@ -547,6 +547,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         # 7. Denoising loop
         momentum = None
         detection_map = None
+        safety_pass_last_step = False
         unsafe_detected = torch.zeros(batch, dtype=torch.bool)
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
@@ -587,16 +588,26 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                         )
                 else:
                     # DAG: the CFG pass as StableDiffusionPipeline runs it, capturing the prompt's queries when the
-                    # map is needed (guided steps, and the last step for `return_dag_maps`)
+                    # map is needed (guided steps, and the last step for `return_dag_maps`). The safety pass is
+                    # needed only once the map shows something; while the last step needed it, it is run in the
+                    # same UNet batch as the CFG pass (as SLD / SEGA do: one call instead of two), and its output
+                    # is dropped should this step's map show nothing. Until something is detected, every step is
+                    # the CFG pass alone, bit for bit.
                     guided = i >= dag.config.warmup_steps
                     detect = guided or (return_dag_maps and i == len(timesteps) - 1)
+                    parts = 2 + len(safety_embeds) if guided and safety_pass_last_step else 2
                     if detect:
                         dag.capture.store.arm(slice(batch, 2 * batch))
                     try:
-                        noise_pred = unet(torch.cat([latents] * 2), t, prompt_embeds, added_cond_kwargs)
+                        noise_pred = unet(
+                            torch.cat([latents] * parts),
+                            t,
+                            torch.cat([prompt_embeds, *safety_embeds[: parts - 2]]),
+                            self._repeat_added_cond(added_cond_kwargs, parts) if parts > 2 else added_cond_kwargs,
+                        )
                     finally:
                         dag.capture.store.disarm()
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred_uncond, noise_pred_text, *noise_preds_safety = noise_pred.chunk(parts)
                     if detect:
                         detection_map = self._detect(latent_size)
                         dag.capture.store.clear()
@@ -606,6 +617,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                         unsafe_detected |= scale_map.detected.cpu()
                         if bool(scale_map.detected.any()):
                             scale = scale_map.scale
+                    safety_pass_last_step = scale is not None
                     if scale is None:
                         # Nothing to guide: S_dag = 0 makes the safety term exactly zero, so the safety pass is
                         # skipped and the step is the classifier-free one; the momentum only decays.
@@ -613,10 +625,11 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                         if momentum is not None:
                             momentum = dag.config.mom_beta * momentum
                     else:
-                        noise_preds_safety = [
-                            unet(latents, t, embeds, self._repeat_added_cond(added_cond_kwargs, 1))
-                            for embeds in safety_embeds
-                        ]
+                        if not noise_preds_safety:
+                            noise_preds_safety = [
+                                unet(latents, t, embeds, self._repeat_added_cond(added_cond_kwargs, 1))
+                                for embeds in safety_embeds
+                            ]
                         noise_pred, momentum = dag_noise_pred(
                             noise_pred_uncond,
                             noise_pred_text,

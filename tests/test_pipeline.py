@@ -175,6 +175,24 @@ class TestDAG:
         assert changed.any()
         assert not (changed & (maps < 0.3)).any()
 
+    def test_safety_pass_shares_the_cfg_batch_while_guiding(self, pipe, components, star_embedding, silent_embedding):
+        """The first guided step runs the safety pass on its own (detection decides whether it is needed); while
+        the previous step needed it, it rides in the CFG call's batch, as in SLD / SEGA. Nothing detected: the CFG
+        call alone at every step."""
+        batches = []
+        hook = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+        try:
+            pipe.enable_dag(star_embedding, max_edit_area=1.0, warmup_steps=2)
+            guided = pipe(PROMPT, num_inference_steps=6, generator=torch.manual_seed(0), safety_concept=CONCEPT)
+            assert guided.unsafe_detected == [True]
+            assert batches == [2, 2, 2, 1, 3, 3, 3]
+            batches.clear()
+            pipe.enable_dag(silent_embedding)
+            pipe(PROMPT, num_inference_steps=6, generator=torch.manual_seed(0), safety_concept=CONCEPT)
+            assert batches == [2] * 6
+        finally:
+            hook.remove()
+
     @pytest.mark.parametrize("guidance", ["sega", "sld"])
     def test_batch_matches_single_images(self, pipe, star_embedding, guidance):
         pipe.enable_dag(star_embedding, guidance=guidance, max_edit_area=1.0, warmup_steps=1)
