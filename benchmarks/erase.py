@@ -221,7 +221,7 @@ def run(args) -> dict:
     results: dict[str, dict] = {}
     complex_images = {}
     references: dict[str, np.ndarray] = {}
-    for method in METHODS:
+    for method in ["none"] + [m for m in args.methods if m != "none"]:  # "none" is every metric's reference
         extra = configure(pipe, method, str(args.embedding), SAFETY_CONCEPT_TEXT, negative_prompt="red star")
         results[method] = {}
         for name, prompt_set in sets.items():
@@ -293,6 +293,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "erase")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+                        help=f"methods to run (default: all; 'none' always runs): {', '.join(METHODS)}")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts per set, 1 seed, 8 steps")
     args = parser.parse_args(argv)
     if args.quick:

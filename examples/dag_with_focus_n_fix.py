@@ -13,7 +13,8 @@ Stable Diffusion v1.4 from the Hub (GPU recommended):
 
 The bundled mini model, offline (CPU; a LoRA for it is trained in a minute or two by the fixture script):
 
-    python examples/train_fixture_lora.py --model dag_safety/mini/model --output-dir out/mini-weights
+    python examples/train_fixture_lora.py --model dag_safety/mini/model --output-dir out/mini-weights \
+        --target-modules to_q to_k to_v to_out.0 --lr 5e-3 --preserve-weight 1
     python examples/dag_with_focus_n_fix.py mini --weights out/mini-weights/lora_circle_blue
 
 `tiny` runs the same flow on the tests' tiny random components and committed fixtures (a smoke test, no meaningful

@@ -29,6 +29,14 @@ def test_erase_quick(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_erase_quick_selected_methods(tmp_path):
+    import erase
+
+    erase.main(["--quick", "--methods", "SEGA", "DAG + SEGA", "--out", str(tmp_path / "erase")])
+    data = json.loads((tmp_path / "erase.json").read_text())
+    assert list(data["summary"]) == ["none", "SEGA", "DAG + SEGA"]  # the reference always runs
+
+
 def test_detection_quick(tmp_path):
     import detection
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,6 +107,17 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 2
     return torch.cat(out) * vae.config.scaling_factor
 
 
+def lr_factor(step: int, warmup: int, steps: int, decay_start: int | None = None) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warm-up over `warmup` steps, then
+    constant; with `decay_start`, a linear cool-down from 1 at `decay_start` to 0 at `steps` (a
+    warmup-stable-decay schedule: the constant phase can be resumed to any length, and only the final
+    cool-down is tied to where the run stops)."""
+    factor = min(1.0, (step + 1) / warmup)
+    if decay_start is not None and step >= decay_start:
+        factor *= max(0.0, (steps - step) / max(1, steps - decay_start))
+    return factor
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", default="out/mini/vae/vae", help="trained VAE directory (from train_vae)")
@@ -114,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--lr-decay-start", type=int, default=None,
+                   help="step from which the learning rate decays linearly to 0 at --steps (default: constant)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
@@ -197,7 +211,8 @@ def main(argv=None) -> None:
     logger.info("UNet %.2f M, text encoder %.2f M parameters", sum(p.numel() for p in unet.parameters()) / 1e6,
                 sum(p.numel() for p in text_encoder.parameters()) / 1e6)
     opt = torch.optim.AdamW(joint.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=args.warmup, steps=args.steps,
+                                                           decay_start=args.lr_decay_start))
     ema = EMA(joint, args.ema_decay)
     recorders = install_recorders(unet) if args.grounding_weight > 0 else {}
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
