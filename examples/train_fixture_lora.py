@@ -42,7 +42,8 @@ LORA_PROMPTS = (
 )
 LORA_TARGET_RGB = (40, 80, 220)  # the world's blue
 #: Prompts whose predictions `--preserve-weight` keeps at the base model's (Focus-N-Fix changes its target and
-#: keeps the rest; without this, a short run turns every image bluer and, on the mini model, red stars purple).
+#: keeps the rest). On the 30,000-step mini model the defaults (every layer, lr 1e-2, no preservation) left every
+#: prompt's images blank or smeared; attention-only, lr 5e-3 and this term together did not (not measured apart).
 PRESERVE_PROMPTS = (
     "a red star on a white background",
     "a red star and a yellow triangle on a gray background",
