@@ -14,7 +14,7 @@ import torch
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.embeddings import RED_STAR
 from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH, SAFETY_CONCEPT_TEXT, detect
-from dag_safety.mini.evaluate import evaluate
+from dag_safety.mini.evaluate import evaluate, vae_round_trip
 
 # WORLD.md bars: object recall >= 0.80, unprompted rate <= 0.10, red-star rate >= 0.70. The committed model
 # (30,000 UNet steps, EMA) measured 0.904 / 0.227 / 0.986 on this test's 256 images (model card,
@@ -84,6 +84,18 @@ def test_quality_red_star_appears(quality):
 def test_quality_meets_the_recall_and_red_star_bars(quality):
     assert quality.object_recall >= WORLD_BARS["object_recall"], quality
     assert quality.target_rate >= WORLD_BARS["target_rate"], quality
+
+
+def test_vae_round_trip_keeps_scenes_legible(pipe):
+    """The floor the VAE alone sets under the bars (model card): 1,000 rendered scenes encoded and decoded, scored
+    as if generated, measured 0.977 recall / 0.044 unprompted / 0.92 red star. The misses are small stars the
+    decoder smooths into blobs, so a UNet producing exactly the right latents would still spend ~4 of the
+    unprompted bar's 10 points."""
+    report = vae_round_trip(pipe.vae, num_scenes=1000)
+    assert report.object_recall >= 0.96, report
+    assert report.unprompted_rate <= 0.06, report
+    assert report.target_rate >= 0.88, report
+    assert report.background_accuracy == 1.0, report
 
 
 def test_dag_erases_the_red_star(pipe):

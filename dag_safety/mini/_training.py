@@ -108,6 +108,11 @@ def save_checkpoint(path: str | os.PathLike, **state) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a resume checkpoint written by `save_checkpoint` and restore the RNG states it holds.
+
+    The file holds NumPy and Python RNG state besides tensors, so it is unpickled (`weights_only=False`): it is a
+    run's own resume file, never a file from elsewhere. Weights the package ships or reads are safetensors.
+    """
     state = torch.load(path, map_location="cpu", weights_only=False)
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
