@@ -37,3 +37,27 @@ def test_reproduction_chain_smoke(tmp_path):
     }
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_images"] == 4
+
+
+def test_hour_recipe_is_the_full_chain_shortened():
+    """`--recipe hour` runs the same phases with the same flags, only with fewer steps (about 1 h on 2 CPU cores)."""
+    from dag_safety.mini.reproduce import RECIPES, phases
+
+    def flags(recipe):
+        return [(name, argv) for name, _, argv in phases(Path("out"), "cpu", 2, recipe=recipe)]
+
+    def value(argv, flag):
+        return int(argv[argv.index(flag) + 1])
+
+    full, hour = flags("full"), flags("hour")
+    assert [name for name, _ in full] == [name for name, _ in hour]
+    for (_, full_argv), (_, hour_argv) in zip(full, hour):
+        assert [a for a in full_argv if not a.isdigit()] == [a for a in hour_argv if not a.isdigit()]
+    (_, vae), (_, plain), (_, grounded) = hour[:3]
+    recipe = RECIPES["hour"]
+    assert (value(vae, "--steps"), value(plain, "--steps")) == (recipe.vae_steps, recipe.plain_steps)
+    assert (value(grounded, "--steps"), value(grounded, "--lr-decay-start")) == (
+        recipe.grounded_steps,
+        recipe.decay_start,
+    )
+    assert recipe.grounded_steps < RECIPES["full"].grounded_steps / 3
