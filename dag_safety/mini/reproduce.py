@@ -16,8 +16,8 @@ where it stopped; every phase passes `--resume`):
 
 `--recipe full` (the default) is the committed model's recipe above. `--recipe hour` is the same chain shortened
 to fit about an hour on 2 CPU cores (VAE 1,000 steps; UNet 2,000 plain steps, grounded to 9,000 with the cool-down
-from 7,000): it checks the CPU path end to end; with under a third of the steps its model is weaker than the
-bundled one, and its `eval.json` says by how much.
+from 7,000): it checks the CPU path end to end; with under a third of the steps its model is far weaker than the
+bundled one (measured: object recall 40 %, unprompted objects 85 %; model card).
 
 A rerun matches the committed weights statistically, not bit for bit: CPU kernels round differently with
 another thread count (and GPU kernels differ again), and the committed run was made in pieces (model card).
