@@ -61,3 +61,33 @@ def test_hour_recipe_is_the_full_chain_shortened():
         recipe.decay_start,
     )
     assert recipe.grounded_steps < RECIPES["full"].grounded_steps / 3
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    """Stopping at a checkpoint and rerunning with `--resume` gives the batches, losses and weights of one
+    uninterrupted run, bit for bit (same thread count): the resumability the model card's recipe relies on."""
+    import torch
+
+    from dag_safety.mini import MODEL_PATH
+    from dag_safety.mini.train_unet import main
+
+    def train(out, steps, *extra):
+        main([
+            "--vae", str(Path(MODEL_PATH) / "vae"), "--output-dir", str(out), "--steps", str(steps),
+            "--num-scenes", "64", "--batch-size", "4", "--checkpoint-every", "2", "--threads", "1", *extra,
+        ])  # fmt: skip
+
+    train(tmp_path / "once", 4)
+    train(tmp_path / "twice", 2)
+    train(tmp_path / "twice", 4, "--resume")
+
+    def losses(out):
+        return [(r["step"], r["loss"], r["grounding"]) for r in map(json.loads, (out / "loss.jsonl").open())]
+
+    assert losses(tmp_path / "once") == losses(tmp_path / "twice")
+    assert [s for s, _, _ in losses(tmp_path / "twice")] == [1, 2, 3, 4]
+    once, twice = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("once", "twice"))
+    assert once["step"] == twice["step"] == 4
+    assert once["model"].keys() == twice["model"].keys()
+    assert all(torch.equal(once["model"][k], twice["model"][k]) for k in once["model"])
+    assert all(torch.equal(once["ema"]["shadow"][k], twice["ema"]["shadow"][k]) for k in once["ema"]["shadow"])

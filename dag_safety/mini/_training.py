@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .world import TRAIN_SEEDS, render_scene
 
-__all__ = ["seed_everything", "render_training_set", "LossLog", "EMA", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "seed_everything",
+    "render_training_set",
+    "LossLog",
+    "EMA",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resume_or_start",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -118,3 +130,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     return state
+
+
+def resume_or_start(path: str | os.PathLike, log: LossLog, resume: bool, **stateful: Any) -> int:
+    """Continue a run from its checkpoint, or start it afresh; returns the step to continue from.
+
+    With `resume` and a checkpoint at `path`, every object of `stateful` (model, optimizer, scheduler, EMA: anything
+    with `load_state_dict`) is loaded from the checkpoint entry of the same name, the RNG states are restored and
+    `log` is cut back to the checkpoint's step. Otherwise the old log is deleted and the run starts at step 0.
+    """
+    path = Path(path)
+    if not (resume and path.exists()):
+        log.path.unlink(missing_ok=True)
+        return 0
+    state = load_checkpoint(path)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    log.truncate_after(state["step"])
+    logger.info("Resumed from step %d", state["step"])
+    return state["step"]

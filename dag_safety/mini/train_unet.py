@@ -32,8 +32,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ._training import (
     EMA,
     LossLog,
-    load_checkpoint,
     render_training_set,
+    resume_or_start,
     save_checkpoint,
     seed_everything,
     to_model_range,
@@ -219,19 +219,8 @@ def main(argv=None) -> None:
     alphas_cumprod = noise_scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
     log = LossLog(out / "loss.jsonl")
-    step = 0
     ckpt = out / "checkpoint.pt"
-    if args.resume and ckpt.exists():
-        state = load_checkpoint(ckpt)
-        joint.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
-        step = state["step"]
-        log.truncate_after(step)
-        logger.info("Resumed from step %d", step)
-    else:
-        log.path.unlink(missing_ok=True)
+    step = resume_or_start(ckpt, log, args.resume, model=joint, optimizer=opt, scheduler=sched, ema=ema)
     gen = torch.Generator().manual_seed(args.seed + step)
 
     # 3. Training loop

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ._training import LossLog, load_checkpoint, render_training_set, save_checkpoint, seed_everything, to_model_range
+from ._training import (
+    LossLog,
+    render_training_set,
+    resume_or_start,
+    save_checkpoint,
+    seed_everything,
+    to_model_range,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +86,8 @@ def main(argv=None) -> None:
         opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * max(0.0, 1 - s / args.steps))
     )
     log = LossLog(out / "loss.jsonl")
-    step = 0
     ckpt = out / "checkpoint.pt"
-    if args.resume and ckpt.exists():
-        state = load_checkpoint(ckpt)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = state["step"]
-        log.truncate_after(step)
-        logger.info("Resumed from step %d", step)
-    else:
-        log.path.unlink(missing_ok=True)
+    step = resume_or_start(ckpt, log, args.resume, model=vae, optimizer=opt, scheduler=sched)
     gen = torch.Generator().manual_seed(args.seed + step)
     logger.info("VAE parameters: %.2f M", sum(p.numel() for p in vae.parameters()) / 1e6)
     vae.train()
