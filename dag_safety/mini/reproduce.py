@@ -1,6 +1,6 @@
 """Reproduce the bundled mini model from scratch with one command: the exact recipe of its model card.
 
-    python -m dag_safety.mini.reproduce --output-dir out/mini-repro                 # CPU, about 3.5 h on 2 cores
+    python -m dag_safety.mini.reproduce --output-dir out/mini-repro                 # CPU, about 3 h on 2 cores
     python -m dag_safety.mini.reproduce --output-dir out/mini-repro --device cuda   # minutes on a GPU
     python -m dag_safety.mini.reproduce --output-dir out/mini-hour --recipe hour    # CPU, about 1 h: a weaker model
 
@@ -20,7 +20,9 @@ from 7,000): it checks the CPU path end to end; with under a third of the steps 
 bundled one (measured: object recall 40 %, unprompted objects 85 %; model card).
 
 A rerun matches the committed weights statistically, not bit for bit: CPU kernels round differently with
-another thread count (and GPU kernels differ again), and the committed run was made in pieces (model card).
+another thread count (and GPU kernels differ again), and the committed run was made in pieces. Measured (model
+card, "Reproduced from scratch"): 2 h 55 min of work on 2 idle x86 cores; object recall 89.1 % vs the committed
+90.4 %, unprompted objects 24.2 % vs 22.7 %, red star 96.5 % vs 98.6 %.
 `--smoke` runs every phase with a few steps and scenes, to check the chain itself in seconds.
 """
 
