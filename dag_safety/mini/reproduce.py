@@ -17,11 +17,11 @@ where it stopped; every phase passes `--resume`):
 `--recipe full` (the default) is the committed model's recipe above. `--recipe hour` is the same chain shortened
 to fit about an hour on 2 CPU cores (VAE 1,000 steps; UNet 2,000 plain steps, grounded to 9,000 with the cool-down
 from 7,000): it checks the CPU path end to end; with under a third of the steps its model is far weaker than the
-bundled one (measured: object recall 40 %, unprompted objects 85 %; model card).
+bundled one (measured: 56 min on 2 idle cores; object recall 39 %, unprompted objects 77 %; model card).
 
 A rerun matches the committed weights statistically, not bit for bit: CPU kernels round differently with
 another thread count (and GPU kernels differ again), and the committed run was made in pieces. Measured (model
-card, "Reproduced from scratch"): 2 h 55 min of work on 2 idle x86 cores; object recall 89.1 % vs the committed
+card, "Reproduced from scratch"): about 3 h of work on 2 idle x86 cores; object recall 89.1 % vs the committed
 90.4 %, unprompted objects 24.2 % vs 22.7 %, red star 96.5 % vs 98.6 %.
 `--smoke` runs every phase with a few steps and scenes, to check the chain itself in seconds.
 """
