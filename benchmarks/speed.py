@@ -18,7 +18,7 @@ Models:
 
     python benchmarks/speed.py --model mini
     python benchmarks/speed.py --model sd14-random --size 256 --steps 10            # CPU, ~15 minutes
-    python benchmarks/speed.py --model sd14-random --size 512 --steps 50 --device cuda
+    python benchmarks/speed.py --model sd14-random --size 512 --steps 50 --device cuda --dtype float16
 """
 
 from __future__ import annotations
@@ -176,6 +176,8 @@ def child_peak_rss(args, method: str) -> float:
         str(args.steps),
         "--device",
         args.device,
+        "--dtype",
+        args.dtype,
     ] + (["--size", str(args.size)] if args.size else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(output.strip().splitlines()[-1])
@@ -188,12 +190,15 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/speed_<model>")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     components = load_components(args.model)
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].to(device=args.device, dtype=getattr(torch, args.dtype))
     if args.child:
         pipe, kwargs = build(args.child, components, args.model, args.device)
         generate(pipe, kwargs, args.steps, args.size, 0)
@@ -224,8 +229,13 @@ def main(argv=None) -> None:
     results = {
         "model": args.model,
         "device": args.device,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": (
+            torch.cuda.get_device_name(args.device)
+            if args.device.startswith("cuda")
+            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        ),
         "torch": torch.__version__,
+        "dtype": args.dtype,
         "steps": args.steps,
         "size": args.size,
         "repeats": args.repeats,
@@ -243,7 +253,7 @@ def main(argv=None) -> None:
     lines = [
         f"# Speed: {args.model} on {args.device}",
         "",
-        f"`{results['command']}`; {results['machine']}, torch {results['torch']}; {args.steps} steps,"
+        f"`{results['command']}`; {results['machine']}, torch {results['torch']}, {args.dtype}; {args.steps} steps,"
         f" {args.repeats} interleaved rounds after a warm-up round; memory: {memory_kind}.",
         "",
         "| method | s / image (median) | × plain | peak MiB | × plain |",

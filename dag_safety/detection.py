@@ -184,21 +184,64 @@ def token_maps(
 ) -> torch.Tensor:
     """Layer-averaged token maps: each layer's [`layer_token_maps`] upsampled (bilinear) to the latent size.
 
+    Layers with the same query shape, projection shape, heads and softmax scale (in SD v1.x the two or three
+    layers at each resolution) are computed as one batched product and averaged before the upsampling, which is
+    linear, so the result equals the per-layer definition up to float rounding. On a GPU this turns about a hundred
+    small kernels per step into a few dozen.
+
     Returns:
         `torch.Tensor`: `(B, 1+K, h, w)`, float32.
     """
     if not queries:
         raise RuntimeError("No cross-attention queries were captured in this UNet call.")
-    maps = [
-        F.interpolate(
-            layer_token_maps(queries[name], projections[name], keys[name], latent_size),
-            size=latent_size,
-            mode="bilinear",
-            align_corners=False,
+    groups: dict[tuple, list[str]] = {}
+    for name in sorted(queries):
+        projection = projections[name]
+        batchable = projection.norm_q is None and projection.bias is None
+        key = (
+            _spatial_size(queries[name], latent_size),
+            tuple(queries[name].hidden_states.shape),
+            tuple(projection.weight.shape),
+            projection.heads,
+            projection.scale,
+            tuple(keys[name].shape),
         )
-        for name in sorted(queries)
-    ]
-    return torch.stack(maps).mean(dim=0)
+        groups.setdefault(key if batchable else (name,), []).append(name)
+    total = 0.0
+    for names in groups.values():
+        if len(names) == 1:
+            name = names[0]
+            layer_maps = layer_token_maps(queries[name], projections[name], keys[name], latent_size)
+        else:
+            layer_maps = _group_token_maps(names, queries, projections, keys, latent_size)
+        upsampled = F.interpolate(layer_maps, size=latent_size, mode="bilinear", align_corners=False)
+        total = total + len(names) * upsampled
+    return total / len(queries)
+
+
+def _group_token_maps(
+    names: list[str],
+    queries: dict[str, CapturedQuery],
+    projections: dict[str, QueryProjection],
+    keys: dict[str, torch.Tensor],
+    latent_size: tuple[int, int],
+) -> torch.Tensor:
+    """[`layer_token_maps`] averaged over `L` layers of identical shapes (bias-free `to_q`, no `norm_q`), batched.
+
+    Returns:
+        `torch.Tensor`: `(B, 1+K, h_l, w_l)`, float32.
+    """
+    hidden = torch.stack([queries[name].hidden_states for name in names])  # (L, B, N, C)
+    layers, batch, tokens, channels = hidden.shape
+    weight = torch.stack([projections[name].weight for name in names]).to(device=hidden.device, dtype=hidden.dtype)
+    query = torch.bmm(hidden.view(layers, batch * tokens, channels), weight.transpose(1, 2))  # (L, B·N, inner)
+    heads = projections[names[0]].heads
+    query = query.view(layers, batch, tokens, heads, -1).transpose(2, 3)  # (L, B, heads, N, head_dim)
+    stacked_keys = torch.stack([keys[name] for name in names]).to(device=hidden.device, dtype=hidden.dtype)
+    scores = torch.matmul(query, stacked_keys[:, None].transpose(-1, -2)) * projections[names[0]].scale
+    probs = scores.float().softmax(dim=-1).mean(dim=(0, 2))  # (B, N, 1+K)
+    height, width = _spatial_size(queries[names[0]], latent_size)
+    return probs.transpose(1, 2).reshape(batch, -1, height, width)
 
 
 def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:

@@ -227,7 +227,8 @@ def dag_noise_pred(
         else:
             base_mask = (noise_pred_text - noise_pred_safety) < config.base.sld_threshold
         safety = safety + scale * base_mask * direction
-    safety = safety + config.momentum_scale * (scale > 0) * momentum
+    # a bool mask times a Python float is float32: cast it, or float16 runs would turn float32 here
+    safety = safety + config.momentum_scale * (scale > 0).to(momentum.dtype) * momentum
     momentum = config.mom_beta * momentum + (1 - config.mom_beta) * safety
     noise_pred = noise_pred_uncond + guidance_scale * ((noise_pred_text - noise_pred_uncond) - safety)
     return noise_pred, momentum

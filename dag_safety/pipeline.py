@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -56,6 +56,23 @@ class _DAGState:
     projections: dict[str, QueryProjection]
     keys: list[dict[str, torch.Tensor]]
     safety_concepts: list[str]
+
+    def follow(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Moves the frozen projections and keys to the UNet's device and dtype once, after `pipe.to(...)`
+        following `enable_dag`, instead of copying them at every detection step."""
+        weight = next(iter(self.projections.values())).weight
+        if weight.device == torch.device(device) and weight.dtype == dtype:
+            return
+        options = {"device": device, "dtype": dtype}
+        self.projections = {
+            name: replace(
+                projection,
+                weight=projection.weight.to(**options),
+                bias=None if projection.bias is None else projection.bias.to(**options),
+            )
+            for name, projection in self.projections.items()
+        }
+        self.keys = [{name: key.to(**options) for name, key in keys.items()} for keys in self.keys]
 
 
 EmbeddingLike = str | os.PathLike | GuidelineEmbedding | torch.Tensor
@@ -469,6 +486,8 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                 " `guidance_scale > 1` or disable safety guidance."
             )
         dag = self._dag
+        if dag is not None:
+            dag.follow(self._execution_device, self.unet.dtype)
 
         # 2. Define call parameters
         if prompt is not None and isinstance(prompt, str):

@@ -1,6 +1,7 @@
 """Guideline-token maps against diffusers' own attention scores."""
 
 import torch
+import torch.nn.functional as F
 
 from dag_safety.attention import CapturedQuery, CrossAttentionCapture
 from dag_safety.detection import (
@@ -77,6 +78,36 @@ def test_token_maps_upsample_and_average():
     amap = concept_map(maps)
     assert amap[0, 0, 0] == 1.0 and amap[0, 3, 3] == 0.0
     assert amap.min() == 0 and amap.max() == 1
+
+
+def test_token_maps_batch_same_shape_layers_as_the_per_layer_definition():
+    """Layers sharing shapes are computed in one batched product; the result is the mean over layers of each
+    layer's upsampled [`layer_token_maps`] (the spec's definition), up to float rounding."""
+    generator = torch.Generator().manual_seed(0)
+
+    def layer(tokens, channels, heads=2, bias=False):
+        projection = QueryProjection(
+            weight=torch.randn(heads * 3, channels, generator=generator),
+            bias=torch.randn(heads * 3, generator=generator) if bias else None,
+            heads=heads,
+            scale=3**-0.5,
+        )
+        captured = CapturedQuery(torch.randn(2, tokens, channels, generator=generator), None)
+        return captured, projection, torch.randn(heads, 3, 3, generator=generator)
+
+    layers = {"a": layer(16, 5), "b": layer(16, 5), "c": layer(16, 5), "d": layer(4, 7), "e": layer(16, 5, bias=True)}
+    queries, projections, keys = ({name: parts[i] for name, parts in layers.items()} for i in range(3))
+    reference = torch.stack(
+        [
+            F.interpolate(
+                layer_token_maps(queries[n], projections[n], keys[n], (8, 8)), size=(8, 8), mode="bilinear"
+            )
+            for n in sorted(layers)
+        ]
+    ).mean(dim=0)
+    maps = token_maps(queries, projections, keys, (8, 8))
+    assert maps.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(maps, reference, atol=1e-6, rtol=1e-5)
 
 
 def test_query_projection_snapshot_of_a_wrapped_linear():

@@ -145,6 +145,20 @@ class TestDAGNoisePred:
         noise_pred, _ = dag_noise_pred(e_u, e_p, [e_s], 7.5, scale, momentum, config)
         assert torch.equal(noise_pred[outside], cfg[outside])
 
+    @pytest.mark.parametrize("base", [SEGAConfig(), SLDConfig()])
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_keeps_the_dtype_of_the_predictions(self, base, dtype):
+        """A float32 `S_dag` (detection runs in float32) with half-precision predictions: the guided prediction
+        and the momentum stay in the predictions' dtype, at the first step and with momentum."""
+        generator = torch.Generator().manual_seed(0)
+        e_u, e_p, e_s = (torch.randn(2, 4, 8, 8, generator=generator).to(dtype) for _ in range(3))
+        scale = torch.zeros(2, 8, 8)
+        scale[:, 2:6, 2:6] = 3.0
+        momentum = None
+        for _ in range(2):
+            noise_pred, momentum = dag_noise_pred(e_u, e_p, [e_s], 7.5, scale, momentum, DAGConfig(base=base))
+            assert noise_pred.dtype == momentum.dtype == dtype
+
     def test_by_hand_sld_base(self):
         config = DAGConfig(base=SLDConfig(sld_threshold=0.0, sld_momentum_scale=0.0, sld_mom_beta=0.0))
         e_u, e_p, e_s = t([0.0, 0.0]), t([1.0, 1.0]), t([2.0, 0.5])  # e_p - e_s = [-1, 0.5]: only first masked

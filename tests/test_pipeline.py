@@ -259,6 +259,19 @@ class TestDAG:
         ).images
         assert np.array_equal(ours, reference)
 
+    def test_half_precision_after_enable_dag(self, pipe, star_embedding):
+        """`pipe.to(dtype=float16)` after `enable_dag`: guided steps keep the latents in float16 (the float32
+        detection map must not promote them) and the frozen projections and keys follow the UNet once."""
+        pipe.enable_dag(star_embedding, max_edit_area=1.0, warmup_steps=1)
+        pipe.to(dtype=torch.float16)
+        output = pipe(
+            PROMPT, num_inference_steps=4, generator=torch.manual_seed(0), output_type="latent", safety_concept=CONCEPT
+        )
+        assert output.unsafe_detected == [True]
+        assert output.images.dtype == torch.float16 and torch.isfinite(output.images).all()
+        assert all(p.weight.dtype == torch.float16 for p in pipe._dag.projections.values())
+        assert all(k.dtype == torch.float16 for keys in pipe._dag.keys for k in keys.values())
+
     def test_processors_on_the_unet_only_during_a_call(self, pipe, star_embedding, components):
         before = dict(pipe.unet.attn_processors)
         pipe.enable_dag(star_embedding)
