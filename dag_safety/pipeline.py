@@ -213,6 +213,17 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             validate_embedding(item.embeds, self.unet.config.cross_attention_dim)
             expected = item.metadata.base_model_fingerprint
             if check_fingerprint and expected != (actual := unet_fingerprint(self.unet)):
+                if self.unet.dtype == torch.bfloat16:
+                    # bfloat16 keeps 8 mantissa bits: the weights hashed at float16 precision are not the original
+                    # model's, so a bfloat16 copy of the right model cannot be told from another model.
+                    raise ValueError(
+                        f"The guideline embedding for {item.metadata.concept!r} was optimized on"
+                        f" {item.metadata.base_model!r} (UNet fingerprint {expected}), and this pipeline's UNet is in"
+                        " bfloat16, which rounds the to_q / to_k weights the fingerprint hashes. Call `enable_dag`"
+                        " before converting to bfloat16 (load in float32 or float16, `enable_dag`, then"
+                        " `pipe.to(dtype=torch.bfloat16)`), or pass `check_fingerprint=False` if you know the"
+                        " models match."
+                    )
                 raise ValueError(
                     f"The guideline embedding for {item.metadata.concept!r} was optimized on"
                     f" {item.metadata.base_model!r} (UNet fingerprint {expected}), but this pipeline's UNet has"

@@ -115,6 +115,19 @@ def test_fingerprint_ignores_dtype_but_not_weights(components):
     assert unet_fingerprint(unet) != reference
 
 
+def test_bfloat16_pipeline_and_a_saved_embedding(pipe, tmp_path):
+    """bfloat16 rounding changes the fingerprint: the error says so and how to proceed; enabling DAG first and
+    converting afterwards runs in bfloat16 with the checked embedding."""
+    embedding = make_embedding(pipe)
+    pipe.enable_dag(embedding, max_edit_area=1.0, warmup_steps=1)
+    pipe.to(dtype=torch.bfloat16)
+    output = pipe("a red star", num_inference_steps=3, generator=torch.manual_seed(0), output_type="latent")
+    assert output.unsafe_detected == [True]
+    assert output.images.dtype == torch.bfloat16 and torch.isfinite(output.images).all()
+    with pytest.raises(ValueError, match="bfloat16.*before converting to bfloat16.*check_fingerprint=False"):
+        pipe.enable_dag(embedding)
+
+
 def test_saved_safety_concept_is_the_call_default(pipe, tmp_path):
     make_embedding(pipe).save_pretrained(tmp_path)
     pipe.enable_dag(tmp_path, max_edit_area=1.0, warmup_steps=0)
