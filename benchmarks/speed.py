@@ -17,7 +17,7 @@ Models:
   work) and detecting nothing (an embedding whose concept rows equal its start-of-text row, the least work).
 
     python benchmarks/speed.py --model mini
-    python benchmarks/speed.py --model sd14-random --size 256 --steps 10            # CPU, ~15 minutes
+    python benchmarks/speed.py --model sd14-random --size 256 --steps 10 --repeats 2  # CPU, 20 min on 2 cores
     python benchmarks/speed.py --model sd14-random --size 512 --steps 50 --device cuda --dtype float16
 """
 
