@@ -186,8 +186,8 @@ def token_maps(
 
     Layers with the same query shape, projection shape, heads and softmax scale (in SD v1.x the two or three
     layers at each resolution) are computed as one batched product and averaged before the upsampling, which is
-    linear, so the result equals the per-layer definition up to float rounding. On a GPU this turns about a hundred
-    small kernels per step into a few dozen.
+    linear, so the result equals the per-layer definition up to float rounding. At SD v1.4 shapes this cuts a
+    detection from 664 to 239 aten operations, which is what a step costs on a GPU running at its kernel-launch rate.
 
     Returns:
         `torch.Tensor`: `(B, 1+K, h, w)`, float32.
