@@ -100,3 +100,22 @@ def test_float16_on_cuda(pipe):
     assert undefended >= 6
     assert stars(out.images) <= 0.6 * undefended
     assert sum(out.unsafe_detected) >= undefended
+
+
+def test_training_resumes_on_cuda(tmp_path):
+    """The recipe's grounded phase resumes the plain phase's checkpoint: that must work with `--device cuda`."""
+    import json
+    from pathlib import Path
+
+    from dag_safety.mini.train_unet import main
+
+    def train(steps, *extra):
+        main([
+            "--vae", str(Path(MODEL_PATH) / "vae"), "--output-dir", str(tmp_path), "--steps", str(steps),
+            "--num-scenes", "64", "--batch-size", "4", "--checkpoint-every", "2", "--device", "cuda", *extra,
+        ])  # fmt: skip
+
+    train(2, "--grounding-weight", "0")
+    train(4, "--resume")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "loss.jsonl").open()]
+    assert steps == [1, 2, 3, 4]

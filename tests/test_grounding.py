@@ -1,10 +1,13 @@
 """The mini model's token grounding loss (dag_safety/mini/grounding.py): targets, loss, recording processor."""
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from dag_safety.mini import TRAIN_SEEDS
 from dag_safety.mini.grounding import (
+    MASK_SIDE,
+    MAX_WORDS,
     GroundingTargets,
     RecordingAttnProcessor,
     _word_positions,
@@ -34,18 +37,39 @@ def test_word_positions_point_at_each_objects_words():
 
 def test_targets_skip_dropped_captions():
     scenes = [render_scene(seed) for seed in TRAIN_SEEDS[:4]]
+    targets = grounding_targets(scenes)
+    assert targets.tokens.shape == targets.objects.shape == (4, MAX_WORDS)
+    assert targets.masks.shape == (4, 3, MASK_SIDE, MASK_SIDE)
+    for b, scene in enumerate(scenes):
+        assert int((targets.tokens[b] >= 0).sum()) == len(_word_positions(scene))
     keep = torch.tensor([True, False, True, False])
-    targets = grounding_targets(scenes, keep)
-    assert set(targets.sample.tolist()) == {0, 2}
-    assert targets.masks.shape[1:] == (64, 64) and len(targets.masks) == len(targets.token)
-    empty = grounding_targets(scenes, torch.zeros(4, dtype=torch.bool))
-    assert grounding_loss({}, empty).item() == 0.0
+    selected = targets.select(torch.arange(4), keep)
+    assert (selected.tokens[1] == -1).all() and (selected.tokens[3] == -1).all()
+    assert torch.equal(selected.tokens[0], targets.tokens[0])
+    empty = targets.select(torch.arange(4), torch.zeros(4, dtype=torch.bool))
+    assert grounding_loss({"a": RecordingAttnProcessor()}, empty).item() == 0.0
+
+
+def test_cached_masks_pool_exactly_to_every_layer():
+    """Masks cached at 16² and pooled on to 8² and 4² equal the exact 64² masks pooled directly."""
+    scene = render_scene(TRAIN_SEEDS[5])
+    cached = grounding_targets([scene]).masks[0, : len(scene.objects)].float()
+    exact = torch.from_numpy(scene.masks).float()[:, None]
+    for side in (16, 8, 4):
+        direct = F.adaptive_avg_pool2d(exact, side)[:, 0]
+        torch.testing.assert_close(F.avg_pool2d(cached[:, None], MASK_SIDE // side)[:, 0], direct, atol=1e-3, rtol=0)
+
+
+def _one_word_targets(masks: torch.Tensor, token: int) -> GroundingTargets:
+    tokens = torch.full((1, MAX_WORDS), -1)
+    tokens[0, 0] = token
+    return GroundingTargets(tokens, torch.zeros(1, MAX_WORDS, dtype=torch.long), masks)
 
 
 def test_loss_is_the_share_of_attention_outside_the_mask():
-    masks = torch.zeros(1, 64, 64)
-    masks[0, :32] = 1  # top half of the canvas
-    targets = GroundingTargets(torch.tensor([0]), torch.tensor([2]), masks)
+    masks = torch.zeros(1, 3, MASK_SIDE, MASK_SIDE)
+    masks[0, 0, : MASK_SIDE // 2] = 1  # top half of the canvas
+    targets = _one_word_targets(masks, token=2)
     recorder = RecordingAttnProcessor()
     probs = torch.full((1, 16, 5), 0.2)  # a 4 x 4 layer, 5 tokens
     probs[0, :, 2] = torch.tensor([1.0] * 8 + [0.0] * 8)  # token 2 attends to the top half only
@@ -53,6 +77,28 @@ def test_loss_is_the_share_of_attention_outside_the_mask():
     assert grounding_loss({"a": recorder}, targets).item() == 0.0
     probs[0, :, 2] = 1.0  # uniformly: half its attention is outside
     assert abs(grounding_loss({"a": recorder}, targets).item() - 0.25) < 1e-6
+
+
+def test_loss_averages_words_over_the_batch_and_layers():
+    """Every grounded word of every caption counts once per layer, whatever caption it sits in."""
+    scenes = [render_scene(seed) for seed in TRAIN_SEEDS[:3]]
+    targets = grounding_targets(scenes)
+    torch.manual_seed(0)
+    recorders = {}
+    for name, side in (("fine", 16), ("coarse", 4)):
+        recorders[name] = RecordingAttnProcessor()
+        recorders[name].probs = torch.rand(3, side * side, MAX_LENGTH).softmax(dim=-1)
+    expected = []
+    for recorder in recorders.values():
+        side = int(recorder.probs.shape[1] ** 0.5)
+        per_word = []
+        for b, scene in enumerate(scenes):
+            for position, obj_index in _word_positions(scene):
+                mask = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks[obj_index]).float()[None], side).flatten()
+                attention = recorder.probs[b, :, position]
+                per_word.append((1 - (attention * mask).sum() / attention.sum()) ** 2)
+        expected.append(torch.stack(per_word).mean())
+    torch.testing.assert_close(grounding_loss(recorders, targets), torch.stack(expected).mean(), atol=1e-4, rtol=0)
 
 
 def test_recording_processor_matches_the_default_attention():

@@ -91,3 +91,33 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert once["model"].keys() == twice["model"].keys()
     assert all(torch.equal(once["model"][k], twice["model"][k]) for k in once["model"])
     assert all(torch.equal(once["ema"]["shadow"][k], twice["ema"]["shadow"][k]) for k in once["ema"]["shadow"])
+
+
+def test_ema_update_is_the_moving_average_with_warmup():
+    import torch
+
+    from dag_safety.mini._training import EMA
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    ema = EMA(module, decay=0.999)
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.update(module)
+    d = 2 / 11  # the warm-up decay (1 + n) / (10 + n) at n = 1, below 0.999
+    torch.testing.assert_close(ema.shadow["weight"], d * start["weight"] + (1 - d) * module.weight.detach())
+    torch.testing.assert_close(ema.shadow["bias"], module.bias.detach())
+
+
+def test_ema_loads_a_checkpoint_onto_its_modules_device():
+    """Checkpoints load on the CPU; a resumed GPU run must keep averaging on the GPU (a resumed CUDA run failed
+    with "Expected all tensors to be on the same device" before). The meta device stands in for CUDA."""
+    import torch
+
+    from dag_safety.mini._training import EMA
+
+    saved = EMA(torch.nn.Linear(3, 2)).state_dict()
+    ema = EMA(torch.nn.Linear(3, 2, device="meta"))
+    ema.load_state_dict(saved)
+    assert {v.device.type for v in ema.shadow.values()} == {"meta"}

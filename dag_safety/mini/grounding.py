@@ -16,14 +16,23 @@ to 1. It changes only how the model attends, not what it is asked to denoise.
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .world import Scene
+from .world import NUM_OBJECTS_CHOICES, Scene
 
-__all__ = ["GroundingTargets", "RecordingAttnProcessor", "grounding_loss", "grounding_targets", "install_recorders"]
+__all__ = [
+    "MASK_SIDE",
+    "MAX_WORDS",
+    "GroundingTargets",
+    "RecordingAttnProcessor",
+    "grounding_loss",
+    "grounding_targets",
+    "install_recorders",
+]
 
 
 class RecordingAttnProcessor:
@@ -71,11 +80,39 @@ def install_recorders(unet: torch.nn.Module) -> dict[str, RecordingAttnProcessor
     return recorders
 
 
-class GroundingTargets:
-    """Which tokens of which samples are grounded, and where: `sample (M,)`, `token (M,)`, `masks (M, 64, 64)`."""
+MASK_SIDE = 16
+"""Side of the cached object masks: the mini model's latent side, its finest cross-attention resolution. Area
+pooling composes over the exact divisions 64 → 16 → 8 → 4, so the coarser layers' masks pool from this cache
+exactly (up to float rounding)."""
 
-    def __init__(self, sample: torch.Tensor, token: torch.Tensor, masks: torch.Tensor):
-        self.sample, self.token, self.masks = sample, token, masks
+MAX_WORDS = 3 * max(NUM_OBJECTS_CHOICES)
+"""Grounded words per caption at most: colour, shape and `outlined` of each object."""
+
+
+@dataclass
+class GroundingTargets:
+    """Which words of each caption are grounded, and on which object.
+
+    Attributes:
+        tokens (`torch.Tensor`): `(B, MAX_WORDS)` long, token index of each grounded word, `-1` for none (also every
+            word of a caption dropped for classifier-free guidance).
+        objects (`torch.Tensor`): `(B, MAX_WORDS)` long, index of the word's object in `masks`.
+        masks (`torch.Tensor`): `(B, O, MASK_SIDE, MASK_SIDE)` object masks, area-pooled to `[0, 1]` coverage.
+    """
+
+    tokens: torch.Tensor
+    objects: torch.Tensor
+    masks: torch.Tensor
+
+    def select(self, index: torch.Tensor, keep: torch.Tensor | None = None) -> GroundingTargets:
+        """The targets of samples `index`; samples with `keep[b] = False` (caption dropped) ground nothing."""
+        tokens = self.tokens[index]
+        if keep is not None:
+            tokens = tokens.masked_fill(~keep[:, None], -1)
+        return GroundingTargets(tokens, self.objects[index], self.masks[index].float())
+
+    def to(self, device: torch.device | str) -> GroundingTargets:
+        return GroundingTargets(self.tokens.to(device), self.objects.to(device), self.masks.to(device))
 
 
 def _word_positions(scene: Scene) -> list[tuple[int, int]]:
@@ -97,35 +134,39 @@ def _word_positions(scene: Scene) -> list[tuple[int, int]]:
     return positions
 
 
-def grounding_targets(scenes: list[Scene], keep: torch.Tensor) -> GroundingTargets:
-    """Targets for a batch of scenes; samples with `keep[b] = False` (caption dropped for CFG) are skipped."""
-    sample, token, masks = [], [], []
+def grounding_targets(scenes: list[Scene]) -> GroundingTargets:
+    """Targets of rendered scenes: their words' token positions and object masks pooled to `MASK_SIDE` (float16)."""
+    count = len(scenes)
+    tokens = torch.full((count, MAX_WORDS), -1, dtype=torch.long)
+    objects = torch.zeros((count, MAX_WORDS), dtype=torch.long)
+    masks = torch.zeros((count, max(NUM_OBJECTS_CHOICES), MASK_SIDE, MASK_SIDE), dtype=torch.float16)
     for b, scene in enumerate(scenes):
-        if not keep[b]:
-            continue
-        for position, obj_index in _word_positions(scene):
-            sample.append(b)
-            token.append(position)
-            masks.append(scene.masks[obj_index])
-    if not masks:
-        return GroundingTargets(
-            torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 64, 64)
-        )
-    return GroundingTargets(
-        torch.tensor(sample), torch.tensor(token), torch.from_numpy(np.stack(masks).astype(np.float32))
-    )
+        for word, (position, obj_index) in enumerate(_word_positions(scene)):
+            tokens[b, word], objects[b, word] = position, obj_index
+        side = scene.masks.shape[-1]
+        pooled = scene.masks.reshape(len(scene.objects), MASK_SIDE, side // MASK_SIDE, MASK_SIDE, side // MASK_SIDE)
+        masks[b, : len(scene.objects)] = torch.from_numpy(pooled.mean(axis=(2, 4)))
+    return GroundingTargets(tokens, objects, masks)
 
 
 def grounding_loss(recorders: dict[str, RecordingAttnProcessor], targets: GroundingTargets) -> torch.Tensor:
-    """TokenCompose's token loss averaged over words and cross-attention layers (see the module docstring)."""
-    if not len(targets.sample):
+    """TokenCompose's token loss averaged over grounded words and cross-attention layers (module docstring).
+
+    One batched gather per layer: the cost does not grow with the number of words, which keeps a GPU step from
+    being bound by per-word kernel launches.
+    """
+    valid = targets.tokens >= 0
+    if not recorders or not bool(valid.any()):
         return torch.zeros(())
+    side = targets.masks.shape[-1]
+    word_masks = targets.masks.gather(1, targets.objects[..., None, None].expand(-1, -1, side, side))  # (B, W, S, S)
+    tokens = targets.tokens.clamp_min(0)
     losses = []
     for recorder in recorders.values():
         probs = recorder.probs  # (B, N, L)
-        side = int(round(probs.shape[1] ** 0.5))
-        masks = F.adaptive_avg_pool2d(targets.masks[:, None].to(probs), side).flatten(1)  # (M, N)
-        attention = probs[targets.sample, :, targets.token]  # (M, N)
-        share = (attention * masks).sum(dim=1) / attention.sum(dim=1).clamp_min(1e-8)
-        losses.append((1 - share).pow(2).mean())
+        layer_side = int(round(probs.shape[1] ** 0.5))
+        masks = F.avg_pool2d(word_masks.to(probs), side // layer_side).flatten(2)  # (B, W, N)
+        attention = probs.gather(2, tokens[:, None, :].expand(-1, probs.shape[1], -1)).transpose(1, 2)  # (B, W, N)
+        share = (attention * masks).sum(dim=-1) / attention.sum(dim=-1).clamp_min(1e-8)
+        losses.append(((1 - share).pow(2) * valid).sum() / valid.sum())
     return torch.stack(losses).mean()
