@@ -168,13 +168,19 @@ def render_training_data(num_scenes: int) -> tuple[torch.Tensor, list[str], Grou
     The targets are rendered once with the images, so a training step only indexes them (re-rendering a batch's
     masks at every step would bound a GPU step by the CPU).
     """
-    images, captions, scenes = [], [], []
+    images, captions, parts, pending = [], [], [], []
     for seed in tqdm(TRAIN_SEEDS[:num_scenes], desc="render scenes"):
         scene = render_scene(seed)
         images.append(torch.from_numpy(scene.image).permute(2, 0, 1))
         captions.append(scene.caption)
-        scenes.append(scene)
-    return torch.stack(images), captions, grounding_targets(scenes)
+        pending.append(scene)
+        if len(pending) == 1000:  # pool the full-size masks away as we go: 200,000 scenes' would take GBs
+            parts.append(grounding_targets(pending))
+            pending = []
+    if pending:
+        parts.append(grounding_targets(pending))
+    targets = GroundingTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "objects", "masks")))
+    return torch.stack(images), captions, targets
 
 
 def export_pipeline(args, tokenizer) -> None:
