@@ -7,6 +7,9 @@ init embedding (`"red star"` encoded) and an embedding optimized on filled scene
 - IoU of `Â >= 0.5` (nearest-upsampled to the image) with the red-star mask, on target scenes;
 - detection rate: DAG's scale map is non-zero (an unsafe component with a defined mode), on target scenes;
 - false-detection rate on distractor scenes: red non-stars, non-red stars, no object.
+- presence AUC against each distractor kind: how well the peak of the raw concept share (`detection_map(...,
+  normalize=False)`, before min-max normalisation) ranks target scenes above the distractor scenes. Min-max makes
+  a peak in every image, so only the raw level could tell "no red star here"; 1 would allow a threshold on it.
 
     python benchmarks/detection.py                 # full run, writes benchmarks/results/detection.{md,json}
     python benchmarks/detection.py --quick          # smoke test
@@ -25,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from probe import roc_auc  # a sibling script: benchmarks/ is on sys.path when one runs
 
 from dag_safety import DAGConfig, DAGStableDiffusionPipeline
+from dag_safety.detection import minmax_normalize
 from dag_safety.embedding import GuidelineEmbedding
 from dag_safety.guidance import dag_scale_map
 from dag_safety.mini import (
@@ -50,6 +55,11 @@ from dag_safety.optimize import (
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EMBEDDING = ROOT / "embeddings" / "red-star"
+DISTRACTORS = ("red non-star", "non-red star", "no object")
+
+
+def presence_key(distractor: str) -> str:
+    return f"presence_auc_{distractor.replace(' ', '_')}"
 
 
 @dataclass
@@ -120,14 +130,17 @@ def encode_images(pipe, images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def maps_at(pipe, latents: torch.Tensor, captions: list[str], timestep: int, seed: int, batch: int = 64):
-    """`Â` `(N, h, w)` of clean latents noised to `timestep` with a fixed seed."""
+def maps_at(
+    pipe, latents: torch.Tensor, captions: list[str], timestep: int, seed: int, batch: int = 64, normalize: bool = True
+):
+    """`Â` `(N, h, w)` of clean latents noised to `timestep` with a fixed seed (the raw concept share with
+    `normalize=False`)."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     t = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
     noisy = pipe.scheduler.add_noise(latents, noise, t)
     out = [
-        pipe.detection_map(noisy[i : i + batch], timestep, prompt=captions[i : i + batch]).cpu()
+        pipe.detection_map(noisy[i : i + batch], timestep, prompt=captions[i : i + batch], normalize=normalize).cpu()
         for i in range(0, len(captions), batch)
     ]
     return torch.cat(out)
@@ -193,13 +206,20 @@ def run(args) -> dict:
     for emb_name, embedding in embeddings.items():
         pipe.enable_dag(embedding, layer_fractions=layers)
         for t in args.timesteps:
+            peaks = {}
             for set_name, scene_set in sets.items():
                 if set_name not in latents:
                     continue
-                maps = maps_at(pipe, latents[set_name], scene_set.captions, t, seed=t)
-                scores = score(maps, scene_set.masks, config)
+                shares = maps_at(pipe, latents[set_name], scene_set.captions, t, seed=t, normalize=False)
+                scores = score(minmax_normalize(shares), scene_set.masks, config)
+                peaks[set_name] = shares.flatten(1).amax(dim=1).numpy()
                 row = {"embedding": emb_name, "timestep": t, "set": set_name, "n": len(scene_set.captions)}
                 row["detection_rate"] = float(scores["detected"].mean())
+                row["peak_share"] = float(np.median(peaks[set_name]))
+                if set_name in DISTRACTORS and "target" in peaks:
+                    both = np.concatenate([peaks["target"], peaks[set_name]])
+                    is_target = np.arange(len(both)) < len(peaks["target"])
+                    row["presence_auc"] = roc_auc(both, is_target)
                 if set_name in ("target", "generated"):
                     row["iou"] = float(scores["iou"].mean())
                     styles = np.array(scene_set.styles)
@@ -233,7 +253,8 @@ def summarize(results: dict) -> dict:
             "iou_outlined": mean("iou_outlined", {"target"}),
             "iou_generated": mean("iou", {"generated"}),
             "detection_rate": mean("detection_rate", {"target"}),
-            "false_detection_rate": mean("detection_rate", {"red non-star", "non-red star", "no object"}),
+            "false_detection_rate": mean("detection_rate", set(DISTRACTORS)),
+            **{presence_key(name): mean("presence_auc", {name}) for name in DISTRACTORS},
         }
     return summary
 
@@ -245,19 +266,34 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
         f"Command: `{results['command']}` on `{results['device']}`. Scenes: {results['scenes']}.",
         f"Timesteps: {results['timesteps']}. Means over timesteps; per-timestep rows follow.",
         "",
-        "| embedding | IoU target | IoU outlined | IoU generated | detection rate | false detections |",
-        "| --- | --- | --- | --- | --- | --- |",
+        (
+            "Presence AUC: how well the raw peak of the concept share (before min-max normalisation) ranks target"
+            " scenes above each distractor kind; 1 would allow a threshold that never guides a distractor scene."
+        ),
+        "",
+        (
+            "| embedding | IoU target | IoU outlined | IoU generated | detection rate | false detections |"
+            " presence AUC vs red non-star / non-red star / no object |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for emb, s in summary.items():
+        presence = " / ".join(f"{s[presence_key(name)]:.3f}" for name in DISTRACTORS)
         lines.append(
             f"| {emb} | {s['iou_target']:.3f} | {s['iou_outlined']:.3f} | {s['iou_generated']:.3f} |"
-            f" {s['detection_rate']:.3f} | {s['false_detection_rate']:.3f} |"
+            f" {s['detection_rate']:.3f} | {s['false_detection_rate']:.3f} | {presence} |"
         )
-    lines += ["", "| embedding | t | set | n | IoU | detection rate |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| embedding | t | set | n | IoU | detection rate | median peak share | presence AUC |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results["rows"]:
         iou = f"{r['iou']:.3f}" if "iou" in r else ""
+        auc = f"{r['presence_auc']:.3f}" if "presence_auc" in r else ""
         lines.append(
             f"| {r['embedding']} | {r['timestep']} | {r['set']} | {r['n']} | {iou} | {r['detection_rate']:.3f} |"
+            f" {r['peak_share']:.2e} | {auc} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

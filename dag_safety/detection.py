@@ -24,6 +24,7 @@ __all__ = [
     "attention_probs",
     "combine_concepts",
     "concept_map",
+    "concept_share",
     "layer_token_maps",
     "minmax_normalize",
     "project_keys",
@@ -261,16 +262,21 @@ def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
     )
 
 
-def concept_map(layer_averaged: torch.Tensor) -> torch.Tensor:
-    """`Â` of one concept: drop the start-of-text row, mean over the `K` concept rows, min-max per image.
+def concept_share(layer_averaged: torch.Tensor) -> torch.Tensor:
+    """The raw map of one concept: the attention share of its `K` concept rows (start-of-text row dropped), meaned.
 
     Args:
         layer_averaged (`torch.Tensor`): `(B, 1+K, h, w)` from [`token_maps`].
 
     Returns:
-        `torch.Tensor`: `(B, h, w)` in `[0, 1]`.
+        `torch.Tensor`: `(B, h, w)`, attention probabilities in `[0, 1]` before any normalisation.
     """
-    return minmax_normalize(layer_averaged[:, 1:].mean(dim=1))
+    return layer_averaged[:, 1:].mean(dim=1)
+
+
+def concept_map(layer_averaged: torch.Tensor) -> torch.Tensor:
+    """`Â` of one concept: its [`concept_share`] min-max normalised per image, `(B, h, w)` in `[0, 1]`."""
+    return minmax_normalize(concept_share(layer_averaged))
 
 
 def combine_concepts(maps: list[torch.Tensor]) -> torch.Tensor:

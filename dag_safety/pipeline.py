@@ -21,7 +21,15 @@ from .config import (
     build_config,
     split_dag_options,
 )
-from .detection import QueryProjection, combine_concepts, concept_map, project_keys, token_maps, validate_embedding
+from .detection import (
+    QueryProjection,
+    combine_concepts,
+    concept_map,
+    concept_share,
+    project_keys,
+    token_maps,
+    validate_embedding,
+)
 from .embedding import GuidelineEmbedding, unet_fingerprint
 from .guidance import dag_noise_pred, dag_scale_map, sega_noise_pred, sld_noise_pred
 from .outputs import DAGPipelineOutput
@@ -264,6 +272,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         timestep: int | torch.Tensor,
         prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        normalize: bool = True,
     ) -> torch.Tensor:
         r"""
         DAG's detection map for noisy latents: one conditional UNet pass, as inside the denoising loop.
@@ -273,9 +282,12 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             timestep (`int` or `torch.Tensor`): `t` of the latents (a scalar or `(B,)`).
             prompt (`str` or `list[str]`, *optional*): the prompt(s) the UNet is conditioned on.
             prompt_embeds (`torch.Tensor`, *optional*): `(B, L, D)` instead of `prompt`.
+            normalize (`bool`, *optional*, defaults to `True`):
+                `False` returns the map before min-max normalisation: the concept rows' attention share (the max
+                over concepts for several), whose absolute level says how strongly anything matched.
 
         Returns:
-            `torch.Tensor`: `Â`, `(B, h, w)` in `[0, 1]`, float32.
+            `torch.Tensor`: `Â`, `(B, h, w)` in `[0, 1]`, float32 (the raw share with `normalize=False`).
         """
         if self._dag is None:
             raise ValueError("`detection_map` needs DAG; call `pipe.enable_dag(embedding)` first.")
@@ -292,7 +304,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             capture.store.arm(slice(None))
             self.unet(latents, timestep, encoder_hidden_states=prompt_embeds)
             capture.store.disarm()
-            return self._detect(tuple(latents.shape[-2:]))
+            return self._detect(tuple(latents.shape[-2:]), normalize)
 
     # ------------------------------------------------------------------ step helpers
 
@@ -312,11 +324,13 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         encoded, _ = self.encode_prompt(concepts, device, 1, False, lora_scale=lora_scale, clip_skip=self.clip_skip)
         return [row[None].expand(batch, -1, -1) for row in encoded]
 
-    def _detect(self, latent_size: tuple[int, int]) -> torch.Tensor:
-        """`Â` from the queries captured in the last UNet call: `(B, h, w)` in `[0, 1]`, float32."""
+    def _detect(self, latent_size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
+        """`Â` (or, with `normalize=False`, the raw concept share) from the queries captured in the last UNet call:
+        `(B, h, w)`, float32."""
         state = self._dag
         queries = state.capture.store.queries
-        maps = [concept_map(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
+        reduce = concept_map if normalize else concept_share
+        maps = [reduce(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
         return maps[0] if len(maps) == 1 else combine_concepts(maps)
 
     @staticmethod

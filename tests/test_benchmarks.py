@@ -45,6 +45,10 @@ def test_detection_quick(tmp_path):
     assert set(data["summary"]) == {"optimized", "init", "optimized (filled only)"}
     for row in data["summary"].values():
         assert 0.0 <= row["iou_target"] <= 1.0 and 0.0 <= row["false_detection_rate"] <= 1.0
+        for distractor in detection.DISTRACTORS:
+            assert 0.0 <= row[detection.presence_key(distractor)] <= 1.0
+    shares = [r["peak_share"] for r in data["rows"]]
+    assert all(0.0 < share < 1.0 for share in shares)  # raw attention shares, not min-max maps
 
 
 def test_i2p_with_the_shapes_detector(tmp_path):

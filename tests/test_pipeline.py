@@ -14,6 +14,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.attention import DAGAttnProcessor
+from dag_safety.detection import minmax_normalize
 
 PROMPT = "a red star and a blue circle on a white background"
 CONCEPT = "a red star"
@@ -138,6 +139,16 @@ class TestSEGA:
 
 
 class TestDAG:
+    def test_raw_detection_map_is_the_share_before_min_max(self, pipe, star_embedding):
+        """`normalize=False` gives the concept rows' attention share; min-max of it is the normal map."""
+        pipe.enable_dag(star_embedding)
+        noisy = torch.randn((2, 4, 16, 16), generator=torch.manual_seed(0))
+        raw = pipe.detection_map(noisy, 500, prompt=PROMPT, normalize=False)
+        normalized = pipe.detection_map(noisy, 500, prompt=PROMPT)
+        assert raw.shape == normalized.shape == (2, 16, 16)
+        assert 0 < raw.min() and raw.max() < 1  # probabilities, not stretched to [0, 1]
+        torch.testing.assert_close(minmax_normalize(raw), normalized)
+
     def test_nothing_detected_is_bit_identical(self, pipe, components, silent_embedding):
         reference = run(peer(StableDiffusionPipeline, components), num_inference_steps=8)
         pipe.enable_dag(silent_embedding)

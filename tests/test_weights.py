@@ -438,9 +438,9 @@ class TestWithDAG:
         pipe.enable_dag(star_embedding)
         captured = {}
 
-        def detect(latent_size):  # keeps the hidden states the detection layers saw
+        def detect(latent_size, normalize=True):  # keeps the hidden states the detection layers saw
             captured.update(pipe._dag.capture.store.queries)
-            return type(pipe)._detect(pipe, latent_size)
+            return type(pipe)._detect(pipe, latent_size, normalize)
 
         pipe._detect = detect
         noisy = torch.randn((1, 4, 16, 16), generator=torch.manual_seed(0))
