@@ -24,8 +24,8 @@ from .config import (
 from .detection import (
     QueryProjection,
     combine_concepts,
-    concept_map,
     concept_share,
+    minmax_normalize,
     project_keys,
     token_maps,
     validate_embedding,
@@ -304,7 +304,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             capture.store.arm(slice(None))
             self.unet(latents, timestep, encoder_hidden_states=prompt_embeds)
             capture.store.disarm()
-            return self._detect(tuple(latents.shape[-2:]), normalize)
+            return self._detect(tuple(latents.shape[-2:]), normalize).to(latents.device)
 
     # ------------------------------------------------------------------ step helpers
 
@@ -326,11 +326,19 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
     def _detect(self, latent_size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
         """`Â` (or, with `normalize=False`, the raw concept share) from the queries captured in the last UNet call:
-        `(B, h, w)`, float32."""
+        `(B, h, w)`, float32, **on the CPU**.
+
+        The attention maps are computed where the queries are; the concept shares then come to the host in one copy,
+        where the min-max normalisation, DAG's scale map and its connected components (scipy) run. On a GPU that copy
+        is the step's only synchronisation: the small per-pixel operations after it cost no kernel launches, and
+        whether anything was detected is known on the host without another one.
+        """
         state = self._dag
         queries = state.capture.store.queries
-        reduce = concept_map if normalize else concept_share
-        maps = [reduce(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
+        shares = torch.stack(
+            [concept_share(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
+        ).cpu()
+        maps = [minmax_normalize(share) if normalize else share for share in shares]
         return maps[0] if len(maps) == 1 else combine_concepts(maps)
 
     @staticmethod
@@ -657,10 +665,11 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                         dag.capture.store.clear()
                     scale = None
                     if guided:
+                        # on the host, from the map `_detect` copied there: no further synchronisation
                         scale_map = dag_scale_map(detection_map, dag.config)
-                        unsafe_detected |= scale_map.detected.cpu()
+                        unsafe_detected |= scale_map.detected
                         if bool(scale_map.detected.any()):
-                            scale = scale_map.scale
+                            scale = scale_map.scale.to(latents.device, noise_pred_uncond.dtype, non_blocking=True)
                     safety_pass_last_step = scale is not None
                     if scale is None:
                         # Nothing to guide: S_dag = 0 makes the safety term exactly zero, so the safety pass is
@@ -719,7 +728,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         self.maybe_free_model_hooks()
 
         unsafe = unsafe_detected.tolist() if dag is not None else None
-        maps = detection_map.float().cpu() if return_dag_maps and detection_map is not None else None
+        maps = detection_map if return_dag_maps and detection_map is not None else None
         if not return_dict:
             return image, has_nsfw_concept, unsafe, maps
         return DAGPipelineOutput(

@@ -3,6 +3,8 @@
 Skipped without a CUDA device (CI has none). Run on a GPU machine with `python -m pytest -q tests/test_cuda.py`.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +57,28 @@ def test_nothing_detected_is_bit_identical(pipe):
     output = run(pipe, safety_concept=CONCEPT)
     assert output.unsafe_detected == [False] * 4
     assert np.array_equal(output.images, reference)
+
+
+def count_synchronisations(pipe, **kwargs) -> int:
+    """Host-device synchronisations in one `run`, as `torch.cuda.set_sync_debug_mode("warn")` reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(pipe, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def test_one_synchronisation_per_detection_step(pipe):
+    """DAG copies the concept share to the host once per detection step (for the connected components) and computes
+    the scale map there; nothing else waits for the GPU. (The safety concept's encoding may add a copy or two.)"""
+    pipe.to("cuda")
+    plain = count_synchronisations(plain_peer(pipe))
+    pipe.enable_dag(RED_STAR)
+    detection_steps = STEPS - pipe.dag_config.warmup_steps
+    assert count_synchronisations(pipe, safety_concept=CONCEPT) - plain <= detection_steps + 2
 
 
 def test_dag_on_cuda_matches_the_cpu(pipe):
