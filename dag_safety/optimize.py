@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
-from PIL import Image
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .attention import CrossAttentionCapture
@@ -71,14 +71,15 @@ class AnnotatedImage:
 def _read_captions(folder: Path) -> dict[str, str]:
     csv_path, txt_path = folder / "captions.csv", folder / "captions.txt"
     if csv_path.is_file():
-        with csv_path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: spreadsheet programs save CSV files with a byte-order mark
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
         if rows and not {"file_name", "caption"} <= set(rows[0]):
             raise ValueError(f"{csv_path} needs the columns 'file_name' and 'caption', got {list(rows[0])}.")
         return {row["file_name"]: row["caption"] for row in rows}
     if txt_path.is_file():
         captions = {}
-        for number, line in enumerate(txt_path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(txt_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if not line.strip():
                 continue
             if "\t" not in line:
@@ -107,7 +108,8 @@ def load_annotated_folder(folder: str | Path) -> list[AnnotatedImage]:
     for path in paths:
         if path.name not in captions:
             raise ValueError(f"{path.name} has no caption in {folder}/captions.*; add a line for it.")
-        image = Image.open(path).convert("RGB")
+        # upright as viewers show it (EXIF orientation), which is how masks are drawn; as diffusers' load_image
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
         mask_path = folder / "masks" / f"{path.stem}.png"
         mask = None
         if mask_path.is_file():
@@ -117,7 +119,9 @@ def load_annotated_folder(folder: str | Path) -> list[AnnotatedImage]:
                     f"The mask {mask_path.name} is {mask_image.size[0]}×{mask_image.size[1]} but its image"
                     f" {path.name} is {image.size[0]}×{image.size[1]}; masks must have their image's size."
                 )
-            mask = np.asarray(mask_image) >= 128
+            values = np.asarray(mask_image)
+            # 0/255 masks (anti-aliased edges count where at least half on), and 0/1 masks as some tools save them
+            mask = values >= 128 if values.max() > 1 else values > 0
         items.append(AnnotatedImage(path.name, image, mask, captions[path.name]))
     if not any(item.unsafe for item in items):
         raise ValueError(
@@ -242,13 +246,16 @@ def _build_cache(
     progress: bool = True,
 ) -> list[_CachedImage]:
     timesteps = torch.linspace(*config.timestep_range, config.num_timesteps).round().long().to(pipe.device)
+    # The training-time forward process, whatever sampler the pipeline carries: `q(x_t | x_0)` as the UNet learnt
+    # it (a sampler's own `add_noise` may scale differently, as Euler's does, or index its sampling timesteps).
+    forward_process = DDPMScheduler.from_config(pipe.scheduler.config)
     cache = []
     for item in tqdm(items, desc="Caching cross-attention queries", leave=False, disable=not progress):
         pixels, target = _to_pixels(pipe, item, side)
         latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
         latents = latents.repeat(len(timesteps), 1, 1, 1)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+        noisy = forward_process.add_noise(latents, noise, timesteps)
         text, _ = pipe.encode_prompt(item.caption, pipe.device, len(timesteps), False)
         capture.store.arm(slice(None))
         try:

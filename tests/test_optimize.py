@@ -69,3 +69,42 @@ def test_optimization_lowers_the_loss_and_keeps_the_model(pipe, tmp_path):
     assert not any(p.requires_grad is False for p in pipe.unet.parameters())  # restored as found
     pipe.enable_dag(result.embedding)
     assert pipe.dag_config.layer_fractions == (0.25, 0.5)
+
+
+def test_folder_formats_from_common_tools(tmp_path):
+    """0/1 masks, a CSV with a byte-order mark (spreadsheet export), and a photo stored sideways with an EXIF
+    orientation tag, its mask drawn on the upright view."""
+    folder = write_folder(tmp_path / "formats")
+    mask = np.asarray(Image.open(folder / "masks" / "img_0.png"))
+    Image.fromarray((mask > 0).astype(np.uint8)).save(folder / "masks" / "img_0.png")  # values 0 / 1
+    rows = [line.split("\t") for line in (folder / "captions.txt").read_text().splitlines()]
+    (folder / "captions.txt").unlink()
+    csv_text = "file_name,caption\n" + "".join(f"{name},{caption}\n" for name, caption in rows)
+    (folder / "captions.csv").write_text(csv_text, encoding="utf-8-sig")
+    stored = Image.fromarray(np.zeros((16, 32, 3), dtype=np.uint8))  # 32 wide, 16 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    stored.save(folder / "img_3.jpg", exif=exif)
+    upright_mask = np.zeros((32, 16), dtype=np.uint8)  # 16 wide, 32 high, as viewers show the photo
+    upright_mask[:8] = 255
+    Image.fromarray(upright_mask).save(folder / "masks" / "img_3.png")
+    with (folder / "captions.csv").open("a", encoding="utf-8") as handle:
+        handle.write("img_3.jpg,a red star\n")
+
+    items = {item.name: item for item in load_annotated_folder(folder)}
+    assert items["img_0.png"].unsafe and int(items["img_0.png"].mask.sum()) == int((mask > 0).sum())
+    assert items["img_3.jpg"].image.size == (16, 32) and items["img_3.jpg"].mask.sum() == 8 * 16
+
+
+def test_optimization_noises_with_the_training_process_whatever_the_sampler(pipe, tmp_path):
+    """An Euler sampler's `add_noise` scales differently and indexes its sampling schedule: the cache must not use
+    it. Same embedding as with the DDPM forward process, also after the pipeline has sampled."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    items = load_annotated_folder(write_folder(tmp_path / "data"))
+    config = OptimizationConfig(init_text="red star", num_timesteps=2, steps=3, eval_every=3)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    reference = optimize_guideline_embedding(pipe, items, config, progress=False).embedding.embeds
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(2)
+    assert torch.equal(optimize_guideline_embedding(pipe, items, config, progress=False).embedding.embeds, reference)
