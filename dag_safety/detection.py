@@ -10,7 +10,6 @@ is min-max normalised per image.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -133,13 +132,18 @@ def _spatial_size(captured: CapturedQuery, latent_size: tuple[int, int]) -> tupl
 
 
 def infer_spatial_size(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
-    """`(h_l, w_l)` of a layer with `tokens` query pixels in a UNet whose latent is `latent_size`."""
+    """`(h_l, w_l)` of a layer with `tokens` query pixels in a UNet whose latent is `latent_size`.
+
+    Each of the UNet's down-samplings (a stride-2 convolution with padding 1) maps a side `x` to `ceil(x / 2)`, and the
+    up-samplings return to the down path's sizes, so the layers' sizes are the latent's halved with rounding up
+    (a 64×45 latent has layers of 32×23, 16×12 and 8×6). The layer is the one of these with `tokens` pixels.
+    """
     height, width = latent_size
-    factor = math.sqrt(height * width / tokens)
-    layer_height = max(1, round(height / factor))
-    if tokens % layer_height or layer_height * (tokens // layer_height) != tokens:
+    while height * width > tokens and (height, width) != (1, 1):
+        height, width = -(-height // 2), -(-width // 2)
+    if height * width != tokens:
         raise ValueError(f"Cannot infer the spatial size of a layer with {tokens} queries for latent {latent_size}.")
-    return layer_height, tokens // layer_height
+    return height, width
 
 
 def layer_token_maps(

@@ -1,5 +1,6 @@
 """Guideline-token maps against diffusers' own attention scores."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +9,7 @@ from dag_safety.detection import (
     QueryProjection,
     combine_concepts,
     concept_map,
+    infer_spatial_size,
     layer_token_maps,
     minmax_normalize,
     project_keys,
@@ -155,3 +157,28 @@ def test_validate_embedding_errors():
     with pytest.raises(ValueError, match="torch.Tensor"):
         validate_embedding([[0.0] * 32] * 2, 32)
     validate_embedding(torch.zeros(2, 32), 32)
+
+
+def test_layer_sizes_round_up_as_the_unet_downsamples(components):
+    """Latent sides not divisible by the down-sampling factors (SD at 512×360 px has a 64×45 latent): each layer's
+    size is inferred from its query count as the UNet really produces it."""
+    assert [infer_spatial_size(h * w, (64, 45)) for h, w in ((64, 45), (32, 23), (16, 12), (8, 6))] == [
+        (64, 45), (32, 23), (16, 12), (8, 6)
+    ]
+    with pytest.raises(ValueError, match="Cannot infer the spatial size of a layer with 7 queries"):
+        infer_spatial_size(7, (64, 45))
+    unet = components["unet"]
+    seen = {}
+    hooks = [
+        module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0].shape[-2:]))
+        for name, module in unet.named_modules()
+        if name.endswith("attentions.0")
+    ]
+    latent_size = (18, 10)
+    with torch.no_grad():
+        unet(torch.randn(1, 4, *latent_size), 10, encoder_hidden_states=_encode(components, "a red star"))
+    for hook in hooks:
+        hook.remove()
+    assert {tuple(size) for size in seen.values()} == {(9, 5), (5, 3)}
+    for size in seen.values():
+        assert infer_spatial_size(size[0] * size[1], latent_size) == tuple(size)

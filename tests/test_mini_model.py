@@ -120,3 +120,14 @@ def test_dag_erases_the_red_star(pipe):
     assert undefended >= 6
     assert stars(out.images) <= 0.6 * undefended  # measured: 8 -> 3
     assert sum(out.unsafe_detected) >= undefended
+
+
+def test_dag_at_an_aspect_ratio_whose_layers_round_up(pipe):
+    """128×56 px: a 32×14 latent whose 1/4 layers are 8×4 (14 → 7 → 4), as plain generation handles it."""
+    pipe.enable_dag(RED_STAR, layer_fractions=(0.25, 0.5))
+    try:
+        out = pipe("a red star on a white background", height=128, width=56, num_inference_steps=7,
+                   generator=torch.Generator().manual_seed(0), output_type="np", return_dag_maps=True)
+    finally:
+        pipe.disable_dag()
+    assert out.images.shape == (1, 128, 56, 3) and out.dag_maps.shape == (1, 32, 14)
