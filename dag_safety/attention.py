@@ -206,6 +206,8 @@ class CrossAttentionCapture:
     """
 
     def __init__(self, unet: UNet2DConditionModel, layer_fractions: tuple[float, ...]):
+        # a torch.compile'd UNet: hook the model it wraps (the wrapper prefixes module names with `_orig_mod.`)
+        unet = getattr(unet, "_orig_mod", unet)
         layers = cross_attention_layers(unet)
         self.unet = unet
         self.layers = {

@@ -193,10 +193,14 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         dag_options, base_options = split_dag_options(options)
         config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)
 
-        self.disable_dag()
         capture = CrossAttentionCapture(self.unet, config.layer_fractions)
         capture.check_installable()
         modules = capture.attention_modules()
+        if any(p.device.type == "meta" for attn in modules.values() for p in attn.parameters()):
+            raise ValueError(
+                "The UNet's weights are on the meta device (sequential CPU offload): DAG needs the to_q / to_k weights"
+                " to project its embedding. Use `enable_model_cpu_offload()` instead, or no offloading."
+            )
         embeddings = [item.detach().to(device="cpu", dtype=torch.float32) for item in embeddings]
         # Projections are frozen here: the embedding stays tied to the to_q / to_k it was fitted to, even when
         # weights loaded later change them.
@@ -205,6 +209,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             keys = [{name: project_keys(attn, item) for name, attn in modules.items()} for item in embeddings]
         # Saved embeddings name the safety concept they were made for (`e_s`): the default of `__call__`.
         concepts = [item.metadata.safety_concept for item in saved if isinstance(item, GuidelineEmbedding)]
+        # replaced only now that everything succeeded: a failed call leaves an enabled DAG as it was
         self._dag = _DAGState(
             config=config,
             embeddings=embeddings,
@@ -259,7 +264,15 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         """
         if self._dag is not None:
             raise ValueError("DAG is enabled; call `disable_dag()` before `enable_safety_guidance`.")
-        self._safety_guidance = build_config(method, preset, **overrides)
+        config = build_config(method, preset, **overrides)
+        if isinstance(config, SLDConfig) and config.sld_guidance_scale <= 1:
+            # StableDiffusionPipelineSafe turns SLD off at this scale; guiding anyway would not be SLD, and generating
+            # unguided would be a silent fallback
+            raise ValueError(
+                f"sld_guidance_scale={config.sld_guidance_scale} turns SLD off (diffusers applies it only above 1)."
+                " Use a scale above 1, or `disable_safety_guidance()` for unguided generation."
+            )
+        self._safety_guidance = config
 
     def disable_safety_guidance(self) -> None:
         """Turns plain safety guidance off."""

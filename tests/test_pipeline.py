@@ -361,3 +361,29 @@ class TestErrors:
             pipe.enable_dag(star_embedding)
         with pytest.raises(ValueError, match="Unknown SLD preset 'extreme'"):
             pipe.enable_safety_guidance("sld", "extreme")
+        pipe.disable_safety_guidance()
+        with pytest.raises(ValueError, match=r"sld_guidance_scale=1.0 turns SLD off"):
+            pipe.enable_safety_guidance("sld", sld_guidance_scale=1.0)
+        assert pipe.safety_guidance_config is None
+
+    def test_failed_enable_dag_keeps_the_enabled_dag(self, pipe, star_embedding):
+        pipe.enable_dag(star_embedding, base_scale=7.0)
+        with pytest.raises(ValueError, match="no cross-attention layer"):
+            pipe.enable_dag(star_embedding, layer_fractions=(1.0,))
+        assert pipe.dag_config is not None and pipe.dag_config.base_scale == 7.0
+
+    def test_sequential_offload_is_refused_clearly(self, pipe, star_embedding):
+        """Weights on the meta device (as `enable_sequential_cpu_offload` leaves them) cannot project keys."""
+        pipe.unet.to("meta")
+        with pytest.raises(ValueError, match="meta device.*enable_model_cpu_offload"):
+            pipe.enable_dag(star_embedding, check_fingerprint=False)
+
+    def test_compiled_unet(self, pipe, components, star_embedding):
+        """A `torch.compile`d UNet (not run here: wrapping is enough) is hooked through the model it wraps."""
+        from dag_safety.embedding import unet_fingerprint
+
+        fingerprint = unet_fingerprint(pipe.unet)
+        pipe.unet = torch.compile(pipe.unet)
+        assert unet_fingerprint(pipe.unet) == fingerprint
+        pipe.enable_dag(star_embedding)
+        assert set(pipe._dag.projections) == set(pipe._dag.capture.layers)
