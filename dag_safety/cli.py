@@ -136,6 +136,9 @@ def generate(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     if out.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
         raise SystemExit(f"--out must name an image file (.png, .jpg, .webp), got {str(out)!r}.")
+    if args.guidance == "off" and (args.save_maps or args.compare):
+        flag = "--save-maps" if args.save_maps else "--compare"
+        raise SystemExit(f"{flag} shows DAG's detection, which `--guidance off` turns off; drop one of the two.")
 
     # 1. Load the pipeline
     pipe = load_pipeline(args)

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-from huggingface_hub import ModelHubMixin, hf_hub_download
+from huggingface_hub import ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -40,14 +42,26 @@ def unet_fingerprint(unet: UNet2DConditionModel) -> str:
     """SHA-256 (first 16 hex digits) of the `to_q` / `to_k` weights of every cross-attention layer.
 
     These are the projections a guideline embedding is tied to. The weights are hashed as float16, so the same
-    model in float32 or float16 has the same fingerprint.
+    model in float32 or float16 has the same fingerprint; a `torch.compile`d UNet has its model's.
     """
+    unet = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper prefixes every parameter name
     digest = hashlib.sha256()
     for name, parameter in sorted(unet.named_parameters()):
         if ".attn2.to_q." in name or ".attn2.to_k." in name:
             digest.update(name.encode())
             digest.update(parameter.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _hub_model_id(name: str) -> str | None:
+    """`name` if it can be a Hub model id (the card's `base_model`, which the Hub validates), else `None`."""
+    if os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 @dataclass(frozen=True)
@@ -148,9 +162,20 @@ class GuidelineEmbedding(
         return f"GuidelineEmbedding(concept={self.metadata.concept!r}, rows={rows}, width={width})"
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> GuidelineEmbedding:
-        """Loads from a local directory or a Hub repo id (`revision=`, `cache_dir=`, `local_files_only=`,
-        `token=`, `force_download=` as in `huggingface_hub`).
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> GuidelineEmbedding:
+        """Loads from a local directory or a Hub repo id; the keyword arguments are `huggingface_hub`'s.
+
+        Only the safetensors file is read (its header holds the metadata), so a repo whose embedding file alone is
+        in the cache loads offline; `config.json` and the card are for people browsing the repo.
 
         Raises:
             `ValueError`: a path that can only be local (absolute, `./`, `../`, `~`) does not exist.
@@ -158,7 +183,14 @@ class GuidelineEmbedding(
         text = os.fspath(pretrained_model_name_or_path)
         if text.startswith(("/", "./", "../", "~", ".\\")) and not os.path.isdir(os.path.expanduser(text)):
             raise ValueError(f"No guideline embedding directory at {text!r}; check the path.")
-        return super().from_pretrained(os.path.expanduser(text), **kwargs)
+        return cls._from_pretrained(
+            model_id=os.path.expanduser(text),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
 
     @property
     def num_concept_tokens(self) -> int:
@@ -211,13 +243,13 @@ class GuidelineEmbedding(
         training = "\n".join(f"| {key} | {value} |" for key, value in meta.training.items()) or "| (not recorded) | |"
         quality = "\n".join(f"| {key} | {value} |" for key, value in meta.detection_quality.items())
         quality = quality or "| (not measured) | |"
+        card_data = ModelCardData(
+            library_name="dag-safety",
+            tags=["dag-safety", "guideline-embedding", "safe-generation"],
+            base_model=_hub_model_id(meta.base_model),
+        )
         return f"""---
-library_name: dag-safety
-tags:
-- dag-safety
-- guideline-embedding
-- safe-generation
-base_model: {meta.base_model}
+{card_data.to_yaml()}
 ---
 
 # Guideline embedding: {meta.concept}

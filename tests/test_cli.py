@@ -47,3 +47,7 @@ def test_parser_rejects_bad_arguments(tmp_path):
         build_parser().parse_args(["generate"])
     with pytest.raises(SystemExit, match="--out"):
         main(["generate", "a red star on a gray background", "--out", str(tmp_path / "x.txt"), "--guidance", "off"])
+    for flag in ("--save-maps", "--compare"):  # refused before anything is loaded or written
+        with pytest.raises(SystemExit, match=f"{flag} shows DAG's detection"):
+            main(["generate", "a red star", "--out", str(tmp_path / "y.png"), "--guidance", "off", flag])
+    assert not (tmp_path / "y.png").exists()

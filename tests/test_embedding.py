@@ -1,5 +1,6 @@
 """GuidelineEmbedding: save / load / Hub cache, and its use in enable_dag."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -69,6 +70,29 @@ def test_from_hub_cache_offline(pipe, tmp_path, monkeypatch):
     assert pipe.dag_config.layer_fractions == (0.5,)
     with pytest.raises(Exception, match="(?i)offline|cache|not found|couldn't"):
         GuidelineEmbedding.from_pretrained("org/not-cached")
+    # a cache holding the embedding file alone (fetched with hf_hub_download) is enough: no config.json needed
+    only_weights = tmp_path / "hf_home" / "hub" / "models--org--weights-only"
+    (only_weights / "refs").mkdir(parents=True)
+    (only_weights / "refs" / "main").write_text(commit)
+    (only_weights / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(source / EMBEDDING_FILE, only_weights / "snapshots" / commit / EMBEDDING_FILE)
+    assert GuidelineEmbedding.from_pretrained("org/weights-only").metadata.concept == "red star"
+
+
+def test_from_pretrained_refuses_unknown_arguments(tmp_path, pipe):
+    make_embedding(pipe).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="subfolder"):
+        GuidelineEmbedding.from_pretrained(tmp_path, subfolder="other")
+
+
+def test_model_card_front_matter_is_valid_yaml(pipe):
+    """Any base-model name makes a valid card; only a Hub model id becomes the card's `base_model`."""
+    from huggingface_hub import ModelCard
+
+    embedding = make_embedding(pipe)
+    for name, expected in (("my sd: v2 #final", None), ("CompVis/stable-diffusion-v1-4", "CompVis/stable-diffusion-v1-4")):
+        card = GuidelineEmbedding(embedding.embeds, dataclasses.replace(embedding.metadata, base_model=name))
+        assert ModelCard(card.model_card()).data.to_dict().get("base_model") == expected
 
 
 def test_enable_dag_by_path_uses_saved_defaults(pipe, tmp_path):
