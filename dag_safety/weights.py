@@ -42,10 +42,14 @@ __all__ = [
 
 logger = logging.get_logger(__name__)
 
+#: Prefix of a raw PEFT adapter's keys (`PeftModel.save_pretrained`), and its files.
+PEFT_PREFIX = "base_model.model."
+PEFT_ADAPTER_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
 #: File names tried, in order, when a directory or Hub repo holds several safetensors files and no `weight_name`.
 DEFAULT_WEIGHT_NAMES: tuple[str, ...] = (
     "pytorch_lora_weights.safetensors",
-    "adapter_model.safetensors",
+    PEFT_ADAPTER_FILE,
     "spf_attn2.safetensors",
     "diffusion_pytorch_model.safetensors",
 )
@@ -56,8 +60,6 @@ SPF_FORMATS: tuple[str, ...] = ("full", "delta")
 #: `format` values safetensors writers put there for the framework (`save_file(..., metadata={"format": "pt"})` in
 #: transformers / diffusers); they say nothing about full vs delta, so they read as full weights.
 FRAMEWORK_FORMATS: tuple[str, ...] = ("pt", "tf", "flax", "np", "mlx", "paddle")
-#: Prefix of a raw PEFT adapter's keys (`PeftModel.save_pretrained`).
-PEFT_PREFIX = "base_model.model."
 DEFAULT_LORA_ADAPTER = "focus_n_fix"
 DEFAULT_SPF_NAME = "spf"
 
@@ -216,17 +218,33 @@ def resolve_weights_file(path_or_repo_id: str | os.PathLike, weight_name: str | 
         raise _pickle_error(text)
     if text.endswith(".safetensors") or os.path.isabs(text) or text.startswith(".") or text.count("/") > 1:
         raise ValueError(f"{text!r} is neither an existing file or directory nor a Hub repo id ('owner/name').")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    cache_only = bool(hub_kwargs.get("local_files_only")) or constants.HF_HUB_OFFLINE
     candidates = [weight_name] if weight_name is not None else list(DEFAULT_WEIGHT_NAMES)
     for candidate in candidates:
         try:
-            return hf_hub_download(text, candidate, **hub_kwargs)
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+            path = hf_hub_download(text, candidate, **hub_kwargs)
+        except LocalEntryNotFoundError:
+            # Not in the cache. Offline, the next name may be; online this is a failed connection, and trying the
+            # next name could load another kind of weights than the repo holds.
+            if weight_name is not None or not cache_only:
+                raise
+            continue
+        except EntryNotFoundError:
             if weight_name is not None:
                 raise
-    raise ValueError(f"The Hub repo {text!r} holds none of {list(DEFAULT_WEIGHT_NAMES)}; pass `weight_name=`.")
+            continue
+        if candidate == PEFT_ADAPTER_FILE:
+            # a peft adapter's LoRA scale (lora_alpha) is in the config next to it; fetch it into the same snapshot
+            try:
+                hf_hub_download(text, PEFT_CONFIG_FILE, **hub_kwargs)
+            except EntryNotFoundError:
+                pass
+        return path
+    where = "The local cache (offline) holds" if cache_only else "The Hub repo holds"
+    raise ValueError(f"{where} none of {list(DEFAULT_WEIGHT_NAMES)} for {text!r}; pass `weight_name=`.")
 
 
 class SafetyWeightsMixin:
@@ -490,7 +508,7 @@ class SafetyWeightsMixin:
         from peft import LoraConfig
 
         state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
-        config_path = Path(path).with_name("adapter_config.json")
+        config_path = Path(path).with_name(PEFT_CONFIG_FILE)
         metadata = None
         if config_path.is_file():
             fields = set(LoraConfig.__dataclass_fields__)

@@ -389,6 +389,42 @@ class TestFilesAndKinds:
         with pytest.raises(ValueError, match="No safety weights named 'nope'"):
             pipe.unload_safety_weights("nope")
 
+    def test_hub_peft_adapter_brings_its_config(self, pipe, tmp_path, monkeypatch):
+        """From the Hub only the asked-for file is downloaded: a raw PEFT adapter's `adapter_config.json` (its
+        `lora_alpha`) must be asked for too, or the adapter would load at the wrong strength."""
+        import huggingface_hub
+        from huggingface_hub.errors import EntryNotFoundError
+
+        metadata = json.loads(load_file_metadata(LORA_FILE)["lora_adapter_metadata"])
+        repo = tmp_path / "remote"
+        repo.mkdir()
+        save_file(
+            {"base_model.model." + k.removeprefix("unet."): v for k, v in load_file(LORA_FILE).items()},
+            repo / "adapter_model.safetensors",
+        )
+        config = {k.removeprefix("unet."): v for k, v in metadata.items()}
+        (repo / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+        snapshot, calls = tmp_path / "snapshot", []
+        snapshot.mkdir()
+
+        def download(repo_id, filename, **kwargs):
+            calls.append(filename)
+            if not (repo / filename).is_file():
+                raise EntryNotFoundError(f"{filename} not in {repo_id}")
+            return shutil.copy(repo / filename, snapshot / filename)
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+        pipe.load_safety_weights(repo, scale=0.7)
+        reference = latents(pipe)
+        pipe.unload_safety_weights()
+        pipe.load_safety_weights("someone/peft-adapter", scale=0.7)
+        assert calls == ["pytorch_lora_weights.safetensors", "adapter_model.safetensors", "adapter_config.json"]
+        torch.testing.assert_close(latents(pipe), reference, rtol=0, atol=0)
+
+    def test_hub_repo_id_not_cached_offline(self, pipe, tmp_path):
+        with pytest.raises(ValueError, match=r"local cache \(offline\) holds none of"):
+            pipe.load_safety_weights("someone/not-cached", cache_dir=tmp_path, local_files_only=True)
+
     def test_hub_repo_id_offline(self, pipe, tmp_path):
         """A repo id goes through `hf_hub_download` with the hub kwargs; here a pre-filled cache, offline."""
         commit = "0123456789abcdef0123456789abcdef01234567"
