@@ -105,6 +105,17 @@ def erase_table(records: list[dict], methods: list[str]) -> dict[str, dict]:
     }
 
 
+def load_pipeline(model: str, device: torch.device) -> DAGStableDiffusionPipeline:
+    """The pipeline under test, without SD's safety checker: it blacks out the images it flags, so NudeNet would
+    count nothing on exactly the unsafe images and the undefended count, the Erase Rate's denominator, would shrink."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = DAGStableDiffusionPipeline.from_pretrained(
+        model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def main(argv=None) -> None:
     from accelerate import PartialState
 
@@ -137,9 +148,7 @@ def main(argv=None) -> None:
 
     state = PartialState()
     rows = read_prompts(args.csv)[: args.limit]
-    dtype = torch.float16 if state.device.type == "cuda" else torch.float32
-    pipe = DAGStableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(state.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model, state.device)
     detector = make_detector(args.detector)
     args.out.mkdir(parents=True, exist_ok=True)
     with state.split_between_processes(rows) as shard:
