@@ -6,8 +6,11 @@ prompt with the target and on a benign prompt. Every method shares the same comp
 (round-robin over methods, `--repeats` rounds after one warm-up round) and the median seconds per image is
 reported with its ratio to plain generation.
 
-Peak memory: on CUDA `torch.cuda.max_memory_allocated` per method in this process; on the CPU the peak resident
-set size of a fresh child process that loads the model and generates once (`ru_maxrss`), as a ratio to plain.
+Memory, as ratios to plain: the peak during one generation, and the generation's own share of it (the peak minus
+what was held before the call: weights, the pipeline). The first is what a machine must have, but the weights
+dominate it; the second shows what a method adds. On CUDA `torch.cuda.max_memory_allocated` per method in this
+process; on the CPU (Linux) the resident set of a fresh child process that loads the model, resets its peak
+(`/proc/self/clear_refs`) and generates once (`VmHWM`, `VmRSS`). Times are reported as medians with their range.
 
 Models:
 - `mini`: the bundled mini model with the committed red-star embedding (benign prompt: no red star);
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -163,8 +165,17 @@ def generate(pipe, kwargs: dict, steps: int, size: int | None, seed: int):
     )
 
 
-def child_peak_rss(args, method: str) -> float:
-    """Peak RSS in MiB of a fresh process that loads the components and generates one image."""
+def _proc_status_mib(field: str) -> float:
+    """A `/proc/self/status` memory field (`VmRSS`, `VmHWM`) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"No {field} in /proc/self/status.")
+
+
+def child_generation_memory(args, method: str) -> tuple[float, float]:
+    """`(peak, generation)` resident memory in MiB of a fresh process that loads the components and generates one
+    image: the peak during the call, and that peak minus the resident memory before it."""
     command = [
         sys.executable,
         __file__,
@@ -180,7 +191,8 @@ def child_peak_rss(args, method: str) -> float:
         args.dtype,
     ] + (["--size", str(args.size)] if args.size else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return float(output.strip().splitlines()[-1])
+    peak, generation = json.loads(output.strip().splitlines()[-1])
+    return peak, generation
 
 
 def main(argv=None) -> None:
@@ -201,28 +213,35 @@ def main(argv=None) -> None:
         components[name].to(device=args.device, dtype=getattr(torch, args.dtype))
     if args.child:
         pipe, kwargs = build(args.child, components, args.model, args.device)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        before = _proc_status_mib("VmRSS")
         generate(pipe, kwargs, args.steps, args.size, 0)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peak = _proc_status_mib("VmHWM")
+        print(json.dumps([peak, peak - before]))
         return
 
     pipes = {m: build(m, components, args.model, args.device) for m in METHODS}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     memory: dict[str, float] = {}
+    generation_memory: dict[str, float] = {}
     for round_index in range(args.repeats + 1):  # round 0 warms up
         for method, (pipe, kwargs) in pipes.items():
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated() / 2**20
             started = time.perf_counter()
             generate(pipe, kwargs, args.steps, args.size, round_index)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
                 memory[method] = torch.cuda.max_memory_allocated() / 2**20
+                generation_memory[method] = memory[method] - before
             if round_index:
                 times[method].append(time.perf_counter() - started)
         print(f"round {round_index}/{args.repeats} done", file=sys.stderr)
     if not args.device.startswith("cuda") and not args.no_memory:
-        memory = {m: child_peak_rss(args, m) for m in METHODS}
+        for method in METHODS:
+            memory[method], generation_memory[method] = child_generation_memory(args, method)
 
     medians = {m: statistics.median(v) for m, v in times.items()}
     plain = medians["plain"]
@@ -239,29 +258,44 @@ def main(argv=None) -> None:
         "steps": args.steps,
         "size": args.size,
         "repeats": args.repeats,
+        "seconds": times,
         "seconds_median": medians,
         "ratio_to_plain": {m: medians[m] / plain for m in METHODS},
         "dag_over_our_sega": medians["ours DAG+SEGA (target)"] / medians["ours SEGA"],
         "peak_memory_mib": memory,
         "memory_ratio_to_plain": {m: memory[m] / memory["plain"] for m in memory} if memory else {},
+        "generation_memory_mib": generation_memory,
+        "generation_memory_ratio_to_plain": (
+            {m: generation_memory[m] / generation_memory["plain"] for m in generation_memory} if generation_memory else {}
+        ),
         "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"speed_{args.model.replace('/', '_')}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    memory_kind = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS of a fresh process"
+    memory_kind = (
+        "CUDA max allocated during the call, and its excess over the allocation before it"
+        if args.device.startswith("cuda")
+        else "peak resident set of a fresh process during the call, and its excess over the resident set before it"
+    )
     lines = [
         f"# Speed: {args.model} on {args.device}",
         "",
         f"`{results['command']}`; {results['machine']}, torch {results['torch']}, {args.dtype}; {args.steps} steps,"
         f" {args.repeats} interleaved rounds after a warm-up round; memory: {memory_kind}.",
         "",
-        "| method | s / image (median) | × plain | peak MiB | × plain |",
-        "| --- | --- | --- | --- | --- |",
+        "| method | s / image (median) | range | × plain | peak MiB | × plain | generation MiB | × plain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in METHODS:
-        mem = f"{memory[m]:.0f} | {results['memory_ratio_to_plain'][m]:.3f}" if m in memory else "n/a | n/a"
-        lines.append(f"| {m} | {medians[m]:.3f} | {results['ratio_to_plain'][m]:.3f} | {mem} |")
+        mem = "n/a | n/a | n/a | n/a"
+        if m in memory:
+            mem = (
+                f"{memory[m]:.0f} | {results['memory_ratio_to_plain'][m]:.3f} | {generation_memory[m]:.1f} |"
+                f" {results['generation_memory_ratio_to_plain'][m]:.3f}"
+            )
+        spread = f"{min(times[m]):.3f} – {max(times[m]):.3f}"
+        lines.append(f"| {m} | {medians[m]:.3f} | {spread} | {results['ratio_to_plain'][m]:.3f} | {mem} |")
     lines += ["", f"DAG + SEGA (target) / our SEGA: {results['dag_over_our_sega']:.3f}"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
