@@ -291,7 +291,9 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         DAG's detection map for noisy latents: one conditional UNet pass, as inside the denoising loop.
 
         Args:
-            latents (`torch.Tensor`): noisy latents `x_t`, `(B, C, h, w)` (scaled like the pipeline's latents).
+            latents (`torch.Tensor`): the UNet's input at `timestep`, `(B, C, h, w)`: noisy latents `x_t` as the
+                denoising loop holds them, after the scheduler's `scale_model_input` for schedulers that scale
+                (Euler, Heun, ...; DDIM and DDPM do not).
             timestep (`int` or `torch.Tensor`): `t` of the latents (a scalar or `(B,)`).
             prompt (`str` or `list[str]`, *optional*): the prompt(s) the UNet is conditioned on.
             prompt_embeds (`torch.Tensor`, *optional*): `(B, L, D)` instead of `prompt`.
@@ -330,7 +332,8 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             raise ValueError(
                 f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}."
             )
-        if len(concepts) > 1 and isinstance(self._safety_guidance, SLDConfig):
+        base = self._dag.config.base if self._dag is not None else self._safety_guidance
+        if len(concepts) > 1 and isinstance(base, SLDConfig):
             raise ValueError(f"SLD guides away from one safety concept; got {len(concepts)}. Use SEGA for several.")
         # One text-encoder call for all concepts, as diffusers' SEGA does (CPU GEMMs may round differently with
         # another batch size, which the exactness tests against it would see).

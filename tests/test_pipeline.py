@@ -366,6 +366,11 @@ class TestErrors:
             pipe.enable_safety_guidance("sld", sld_guidance_scale=1.0)
         assert pipe.safety_guidance_config is None
 
+    def test_dag_on_sld_takes_one_safety_concept(self, pipe, star_embedding):
+        pipe.enable_dag(star_embedding, guidance="sld")
+        with pytest.raises(ValueError, match="SLD guides away from one safety concept; got 2"):
+            pipe(PROMPT, num_inference_steps=1, safety_concept=["a", "b"])
+
     def test_failed_enable_dag_keeps_the_enabled_dag(self, pipe, star_embedding):
         pipe.enable_dag(star_embedding, base_scale=7.0)
         with pytest.raises(ValueError, match="no cross-attention layer"):
