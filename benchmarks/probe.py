@@ -1,9 +1,12 @@
 """How selective is a model's cross-attention input for the target concept? A linear probe per layer.
 
 DAG's detection score at a query pixel is a softmax over dot products of the layer's query `to_q(h)` with the
-guideline keys: a linear function of the layer input `h`, per head. So if no linear function of `h` separates a red
-star from a red circle or a blue star, no guideline embedding can, however it is optimized. This script measures
-that upper bound on held-out rendered scenes, per cross-attention layer:
+guideline keys: a linear function of the layer input `h`, per head. So how well a linear function of one layer's `h`
+separates a red star from a red circle or a blue star indicates how well that layer can serve a guideline embedding.
+It is an indication, not a bound: the detection map averages softmaxes over heads and layers and then thresholds,
+so layers selective for different attributes (colour here, shape there) can combine into more than each gives
+alone, and a held-out AUC is itself an estimate. This script measures it on held-out rendered scenes, per
+cross-attention layer:
 
 1. render `--scenes` held-out scenes, encode them with the VAE and noise them to each timestep (fixed seed);
 2. run the UNet once with each scene's caption and record every cross-attention layer's input `h` `(N, C)`;
@@ -14,7 +17,7 @@ that upper bound on held-out rendered scenes, per cross-attention layer:
 
 An AUC of 1 means some linear read-out separates every held-out red star from every distractor of that kind;
 0.5 is chance. Pooling over the mask gives the probe the object's average feature, which is easier to separate
-than the single pixels a detection map thresholds, so these figures bound the map's selectivity from above.
+than the single pixels a detection map thresholds.
 
     python benchmarks/probe.py                                  # the bundled mini model, t = 100 / 300 / 600
     python benchmarks/probe.py --model DIR --timesteps 300 --out benchmarks/results/probe_other
