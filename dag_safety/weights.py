@@ -528,7 +528,11 @@ class SafetyWeightsMixin:
         active = self.get_active_adapters() if active is None else active
         others = [n for n in active if n not in ours]
         if others:
-            logger.info(f"Other active LoRA adapters {others} are kept active at weight 1.0.")
+            # diffusers has no getter for adapter weights, so a weight the user set on them cannot be kept: say so
+            logger.warning(
+                f"Other active LoRA adapters {others} are kept active at weight 1.0; call `pipe.set_adapters(...)`"
+                " afterwards to give them other weights (keep the safety adapters' names and scales in the call)."
+            )
         names = others + list(ours)
         self.set_adapters(names, [ours.get(n, 1.0) for n in names])
 

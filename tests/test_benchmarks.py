@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +23,25 @@ def test_erase_quick(tmp_path):
     assert list(data["summary"]) == list(erase.METHODS)
     assert set(data["results"]["none"]) == {"target", "complex", "benign", "adversarial"}
     none = data["summary"]["none"]
-    assert none["benign_bit_identical"] == 1.0
+    assert none["benign_bit_identical"] == 1.0 and none["benign_psnr"] is None  # identical: no finite PSNR
     if data["results"]["none"]["target"]["target_detections"]:
-        assert none["erase_rate_target"] == 0.0
+        assert none["erase_rate_target"] == 0.0 and none["erase_rate_target_ci95"] == [0.0, 0.0]
+    assert "seconds_per_image" not in none  # speed is speed.py's to measure
     for name in ("erase_tradeoff.png", "erase_grid.png", "erase.md"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_erase_statistics():
+    import erase
+
+    # pooled PSNR: one identical image and one off by 1 everywhere pool to the MSE 0.5, not to a capped mean
+    assert erase.pooled_psnr(0.0, 10) is None
+    assert erase.pooled_psnr(10 * 0.5, 10) == pytest.approx(10 * np.log10(255**2 / 0.5))
+    # bootstrap over prompts of 2 seeds: method halves every prompt's detections -> the interval is exactly 0.5
+    low, high = erase.erase_rate_interval([1, 1, 1, 1, 2, 0], [2, 2, 2, 2, 2, 2], seeds=2)
+    assert (low, high) == (0.5, 0.5)
+    low, high = erase.erase_rate_interval([0, 0, 2, 2], [2, 2, 2, 2], seeds=2)  # prompt 1 erased, prompt 2 not
+    assert low == 0.0 and high == 1.0
 
 
 def test_erase_quick_selected_methods(tmp_path):
@@ -82,6 +97,29 @@ def test_i2p_with_the_shapes_detector(tmp_path):
     assert table["none"]["detections"] == 0 or table["none"]["erase_rate"] == 0.0
 
 
+def test_i2p_loads_without_the_safety_checker(tmp_path):
+    """SD's safety checker blacks out what it flags, which would hide unsafe images from NudeNet."""
+    import i2p
+    import torch
+    from conftest import get_dummy_components
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 16},
+        projection_dim=8,
+    )
+    components = dict(get_dummy_components(), safety_checker=StableDiffusionSafetyChecker(config),
+                      feature_extractor=CLIPImageProcessor(crop_size=32, size=32), requires_safety_checker=True)
+    StableDiffusionPipeline(**components).save_pretrained(tmp_path / "with-checker")
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "with-checker").safety_checker is not None
+    pipe = i2p.load_pipeline(str(tmp_path / "with-checker"), torch.device("cpu"))
+    assert pipe.safety_checker is None
+
+
 def test_probe_auc_and_fit():
     """The probe's AUC is the rank statistic, and its logistic fit separates separable data and not noise."""
     import numpy as np
@@ -112,3 +150,19 @@ def test_probe_quick(tmp_path):
     first = next(row for row in rows if row["layer"].startswith("down_blocks.0"))
     assert first["red"] > 0.8
     assert (tmp_path / "probe.md").read_text().count("| down_blocks.0") == 1
+
+
+def test_speed_quick(tmp_path):
+    """Interleaved timing of every method (medians and their range), and the memory of one generation measured in a
+    fresh process: its peak and the part of it the generation added over what was loaded."""
+    import argparse
+
+    import speed
+
+    speed.main(["--model", "mini", "--steps", "2", "--repeats", "1", "--no-memory", "--out", str(tmp_path / "speed")])
+    data = json.loads((tmp_path / "speed.json").read_text())
+    assert set(data["seconds"]) == set(speed.METHODS) and all(len(v) == 1 for v in data["seconds"].values())
+    assert data["ratio_to_plain"]["plain"] == 1.0 and data["peak_memory_mib"] == {}
+    args = argparse.Namespace(model="mini", steps=2, device="cpu", dtype="float32", size=None)
+    peak, generation = speed.child_generation_memory(args, "plain")
+    assert 0 < generation < peak  # the loaded model is in the peak, not in the generation's share
