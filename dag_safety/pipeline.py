@@ -685,7 +685,10 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                         scale_map = dag_scale_map(detection_map, dag.config)
                         unsafe_detected |= scale_map.detected
                         if bool(scale_map.detected.any()):
-                            scale = scale_map.scale.to(latents.device, noise_pred_uncond.dtype, non_blocking=True)
+                            # non-blocking only where it is known to be safe from pageable memory (CUDA stages it)
+                            scale = scale_map.scale.to(
+                                latents.device, noise_pred_uncond.dtype, non_blocking=latents.device.type == "cuda"
+                            )
                     safety_pass_last_step = scale is not None
                     if scale is None:
                         # Nothing to guide: S_dag = 0 makes the safety term exactly zero, so the safety pass is
