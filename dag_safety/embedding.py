@@ -53,6 +53,13 @@ def unet_fingerprint(unet: UNet2DConditionModel) -> str:
     return digest.hexdigest()[:16]
 
 
+def _plain_number(value: Any) -> Any:
+    """JSON for numpy / torch numbers and arrays a training record may hold (`np.float32(0.3)`, a 0-d tensor)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+
+
 def _hub_model_id(name: str) -> str | None:
     """`name` if it can be a Hub model id (the card's `base_model`, which the Hub validates), else `None`."""
     if os.path.exists(name):
@@ -101,7 +108,10 @@ class EmbeddingMetadata:
 
     def to_strings(self) -> dict[str, str]:
         """The safetensors header form: every value a string (JSON for non-strings)."""
-        values = {key: value if isinstance(value, str) else json.dumps(value) for key, value in self.as_dict().items()}
+        values = {
+            key: value if isinstance(value, str) else json.dumps(value, default=_plain_number)
+            for key, value in self.as_dict().items()
+        }
         values.update(format=FORMAT_NAME, format_version=str(FORMAT_VERSION))
         return values
 
@@ -201,7 +211,8 @@ class GuidelineEmbedding(
             {TENSOR_NAME: self.embeds}, str(save_directory / EMBEDDING_FILE), metadata=self.metadata.to_strings()
         )
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.metadata.as_dict()}
-        (save_directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(config, indent=2, sort_keys=True, default=_plain_number)
+        (save_directory / "config.json").write_text(text + "\n")
         (save_directory / "README.md").write_text(self.model_card())
 
     @classmethod

@@ -181,6 +181,8 @@ class OptimizationConfig:
             raise ValueError(f"`steps` must be >= 1, got {self.steps}.")
         if self.learning_rate <= 0 or self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
             raise ValueError("`learning_rate` must be > 0, `lr_step` >= 1 and `lr_gamma` in (0, 1].")
+        if self.eval_every < 1:
+            raise ValueError(f"`eval_every` must be >= 1, got {self.eval_every}.")
 
 
 @dataclass
@@ -249,6 +251,11 @@ def _build_cache(
     # The training-time forward process, whatever sampler the pipeline carries: `q(x_t | x_0)` as the UNet learnt
     # it (a sampler's own `add_noise` may scale differently, as Euler's does, or index its sampling timesteps).
     forward_process = DDPMScheduler.from_config(pipe.scheduler.config)
+    if config.timestep_range[1] >= forward_process.config.num_train_timesteps:
+        raise ValueError(
+            f"`timestep_range` {config.timestep_range} reaches past the model's {forward_process.config.num_train_timesteps}"
+            f" training timesteps; use a range within [0, {forward_process.config.num_train_timesteps - 1}]."
+        )
     cache = []
     for item in tqdm(items, desc="Caching cross-attention queries", leave=False, disable=not progress):
         pixels, target = _to_pixels(pipe, item, side)

@@ -168,3 +168,11 @@ def test_saved_safety_concept_is_the_call_default(pipe, tmp_path):
     pipe.enable_dag(torch.randn(3, pipe.unet.config.cross_attention_dim))  # no metadata: SLD's concept text
     pipe("a red star", num_inference_steps=2, output_type="np")
     assert seen == ["a red star", "a star", SLD_SAFETY_CONCEPT]
+
+
+def test_training_record_with_numpy_and_torch_numbers(pipe, tmp_path):
+    import numpy as np
+
+    embedding = make_embedding(pipe, training={"final": np.float32(0.25), "lr": torch.tensor(2.0), "ts": np.arange(2)})
+    embedding.save_pretrained(tmp_path)
+    assert GuidelineEmbedding.from_pretrained(tmp_path).metadata.training == {"final": 0.25, "lr": 2.0, "ts": [0, 1]}

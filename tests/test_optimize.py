@@ -47,6 +47,15 @@ def test_folder_loading_and_errors(tmp_path):
         load_annotated_folder(folder)
 
 
+def test_config_errors(pipe, tmp_path):
+    with pytest.raises(ValueError, match="`eval_every` must be >= 1"):
+        OptimizationConfig(init_text="red star", eval_every=0)
+    items = load_annotated_folder(write_folder(tmp_path / "data"))
+    config = OptimizationConfig(init_text="red star", timestep_range=(50, 1000), num_timesteps=2, steps=1)
+    with pytest.raises(ValueError, match=r"reaches past the model's 1000 training timesteps"):
+        optimize_guideline_embedding(pipe, items, config, progress=False)
+
+
 def test_init_text_without_tokens(pipe):
     with pytest.raises(ValueError, match="encodes to no concept token"):
         encode_init_rows(pipe, "")
