@@ -10,6 +10,7 @@ is min-max normalised per image.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,9 @@ class QueryProjection:
                 options = {"dtype": reference.dtype, "device": reference.device}
                 bias = to_q(torch.zeros(1, attn.query_dim, **options))[0]
                 weight = (to_q(torch.eye(attn.query_dim, **options)) - bias).T.contiguous()
-        return cls(weight=weight, bias=bias, heads=attn.heads, scale=attn.scale, norm_q=attn.norm_q)
+        # a copy, like the weights: loading weights later must not change what the embedding was fitted to
+        norm_q = None if attn.norm_q is None else copy.deepcopy(attn.norm_q)
+        return cls(weight=weight, bias=bias, heads=attn.heads, scale=attn.scale, norm_q=norm_q)
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Queries `(B, heads, N, head_dim)` from captured states `(B, N, C)`."""

@@ -137,6 +137,19 @@ def test_query_projection_snapshot_of_a_wrapped_linear():
         assert torch.allclose(projection(hidden), expected, atol=1e-6)
 
 
+def test_query_projection_snapshot_freezes_norm_q():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=6, cross_attention_dim=5, heads=2, dim_head=3, qk_norm="layer_norm")
+    hidden = torch.randn(2, 7, 6)
+    projection = QueryProjection.snapshot(attn)
+    with torch.no_grad():
+        expected = projection(hidden)
+        attn.norm_q.weight.mul_(3.0)  # later weight loading does not reach the snapshot
+        assert torch.equal(projection(hidden), expected)
+
+
 def test_minmax_and_combine():
     maps = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[2.0, 2.0], [2.0, 2.0]]])
     normalized = minmax_normalize(maps)
