@@ -207,6 +207,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/speed_<model>")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.device.startswith("cuda") and not args.no_memory and not Path("/proc/self/clear_refs").exists():
+        raise SystemExit("CPU memory is measured through Linux's /proc; on this system pass --no-memory.")
 
     components = load_components(args.model)
     for name in ("unet", "vae", "text_encoder"):
