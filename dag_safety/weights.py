@@ -478,6 +478,7 @@ class SafetyWeightsMixin:
             )
         if self._safety_spf is not None and name == self._safety_spf.record.name:
             raise ValueError(f"The name {name!r} is taken by the loaded SPF weights; choose another `adapter_name`.")
+        replaced = None
         if name in self._loaded_adapters():
             if not replace:
                 raise ValueError(
@@ -485,19 +486,28 @@ class SafetyWeightsMixin:
                     " `replace=True` to swap it (loading the same weights twice would apply them twice)."
                 )
             if name in (self._safety_lora or {}):
+                replaced = self._safety_lora[name]
                 self._unload_lora(name)
             else:
                 self.delete_adapters([name])
         # Loading an adapter makes it the only active one; the others active before are re-activated below.
         previously_active = [n for n in self.get_active_adapters() if n != name]
-        if keys and all(k.startswith(PEFT_PREFIX) for k in keys):
-            detail = f"{reason}; raw PEFT adapter"
-            self._load_peft_adapter(path, name)
-        else:
-            fmt = "kohya" if all(k.startswith(("lora_unet_", "lora_te_")) for k in keys) else "diffusers"
-            detail = f"{reason}; {fmt} keys"
-            folder, file = os.path.split(path)
-            self.load_lora_weights(folder, weight_name=file, adapter_name=name, use_safetensors=True)
+        try:
+            if keys and all(k.startswith(PEFT_PREFIX) for k in keys):
+                detail = f"{reason}; raw PEFT adapter"
+                self._load_peft_adapter(path, name)
+            else:
+                fmt = "kohya" if all(k.startswith(("lora_unet_", "lora_te_")) for k in keys) else "diffusers"
+                detail = f"{reason}; {fmt} keys"
+                folder, file = os.path.split(path)
+                self.load_lora_weights(folder, weight_name=file, adapter_name=name, use_safetensors=True)
+        except Exception:
+            # a failed replace must not leave the pipeline without the safety weights it had: put them back
+            if name in self._loaded_adapters():
+                self.delete_adapters([name])
+            if replaced is not None:
+                self.load_safety_weights(replaced.path, kind=replaced.kind, scale=replaced.scale, adapter_name=name)
+            raise
         record = LoadedSafetyWeights(name, SafetyWeightsKind.FOCUS_N_FIX, path, scale, detail)
         self._safety_lora = {**(self._safety_lora or {}), name: record}
         self._apply_lora_scales(previously_active)

@@ -172,6 +172,17 @@ class TestLoRA:
         assert torch.equal(latents(pipe), half)
         assert pipe.get_list_adapters() == {"unet": ["focus_n_fix"]}
 
+    def test_a_failed_replace_keeps_the_loaded_adapter(self, pipe, tmp_path):
+        pipe.load_safety_weights(LORA_DIR, scale=0.5)
+        half = latents(pipe)
+        state = load_file(LORA_FILE)
+        broken = {k: v[..., :1].contiguous() if "lora_A" in k else v for k, v in state.items()}  # shapes that cannot load
+        save_file(broken, tmp_path / "pytorch_lora_weights.safetensors")
+        with pytest.raises(Exception):
+            pipe.load_safety_weights(tmp_path, replace=True)
+        assert set(pipe.safety_weights) == {"focus_n_fix"} and pipe.safety_weights["focus_n_fix"].scale == 0.5
+        assert torch.equal(latents(pipe), half)
+
     def test_bad_adapter_names_and_adapters_removed_behind_our_back(self, pipe):
         for name in ("half", "my.lora", "train"):
             with pytest.raises(ValueError, match=f"`adapter_name={name!r}` cannot name a peft adapter"):
