@@ -416,6 +416,15 @@ class SafetyWeightsMixin:
         if self._safety_fused is not None:
             raise ValueError(f"Adapters {self._safety_fused[0]} are already fused; call `unfuse_safety_weights()`.")
         self._check_nothing_merged()
+        others = [n for n in self.get_active_adapters() if n not in names]
+        if others:
+            # peft runs a merged layer as its base layer only: an active adapter left unfused would silently stop
+            # acting wherever it shares a layer with the fused ones
+            raise ValueError(
+                f"Other LoRA adapters {others} are active and would stop acting in the layers the fused adapters share"
+                " with them. Fuse them too (`adapter_names=`) if they are safety adapters, or deactivate them first"
+                " (`pipe.set_adapters(...)` with the safety adapters only)."
+            )
         originals = {}
         for prefix, model in self._lora_models():
             for module_name, module in model.named_modules():

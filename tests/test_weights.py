@@ -145,6 +145,15 @@ class TestLoRA:
         pipe.unload_safety_weights("first")
         assert torch.equal(latents(pipe), base)
 
+    def test_fusing_refuses_to_silence_other_active_adapters(self, pipe):
+        pipe.load_lora_weights(LORA_DIR, adapter_name="user")  # the user's own adapter, active
+        pipe.load_safety_weights(LORA_KOHYA, scale=0.8)
+        assert set(pipe.get_active_adapters()) == {"user", "focus_n_fix"}
+        with pytest.raises(ValueError, match=r"Other LoRA adapters \['user'\] are active"):
+            pipe.fuse_safety_weights()
+        pipe.set_adapters(["focus_n_fix"], [0.8])
+        pipe.fuse_safety_weights()
+
     def test_fuse_then_unfuse_and_unload_restore_exactly(self, pipe):
         base, state = latents(pipe), unet_state(pipe)
         pipe.load_safety_weights(LORA_DIR, scale=0.8)
