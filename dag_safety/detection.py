@@ -179,9 +179,10 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, scale: float) -> to
     Returns:
         `torch.Tensor`: `(B, N, 1+K)` float32.
     """
-    keys = keys.to(device=query.device, dtype=query.dtype)
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
-    return scores.float().softmax(dim=-1).mean(dim=1)
+    # scores in float32: a float16 q·k before the scale can overflow (inf, then a NaN map read as nothing detected)
+    keys = keys.to(device=query.device, dtype=torch.float32)
+    scores = torch.matmul(query.float(), keys.transpose(-1, -2)) * scale
+    return scores.softmax(dim=-1).mean(dim=1)
 
 
 def token_maps(
@@ -245,9 +246,10 @@ def _group_token_maps(
     query = torch.bmm(hidden.view(layers, batch * tokens, channels), weight.transpose(1, 2))  # (L, B·N, inner)
     heads = projections[names[0]].heads
     query = query.view(layers, batch, tokens, heads, -1).transpose(2, 3)  # (L, B, heads, N, head_dim)
-    stacked_keys = torch.stack([keys[name] for name in names]).to(device=hidden.device, dtype=hidden.dtype)
-    scores = torch.matmul(query, stacked_keys[:, None].transpose(-1, -2)) * projections[names[0]].scale
-    probs = scores.float().softmax(dim=-1).mean(dim=(0, 2))  # (B, N, 1+K)
+    stacked_keys = torch.stack([keys[name] for name in names]).to(device=hidden.device, dtype=torch.float32)
+    # float32 scores, as in `attention_probs`
+    scores = torch.matmul(query.float(), stacked_keys[:, None].transpose(-1, -2)) * projections[names[0]].scale
+    probs = scores.softmax(dim=-1).mean(dim=(0, 2))  # (B, N, 1+K)
     height, width = _spatial_size(queries[names[0]], latent_size)
     return probs.transpose(1, 2).reshape(batch, -1, height, width)
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from dag_safety.attention import CapturedQuery, CrossAttentionCapture
 from dag_safety.detection import (
     QueryProjection,
+    attention_probs,
     combine_concepts,
     concept_map,
     infer_spatial_size,
@@ -148,6 +149,16 @@ def test_query_projection_snapshot_freezes_norm_q():
         expected = projection(hidden)
         attn.norm_q.weight.mul_(3.0)  # later weight loading does not reach the snapshot
         assert torch.equal(projection(hidden), expected)
+
+
+def test_float16_scores_do_not_overflow():
+    """q·k above float16's 65504 before the softmax scale: the scores are formed in float32."""
+    query = torch.full((1, 1, 4, 8), 100.0, dtype=torch.float16)
+    keys = torch.full((1, 2, 8), 100.0, dtype=torch.float16)
+    keys[0, 1] = 90.0
+    probs = attention_probs(query, keys, scale=8**-0.5)
+    assert torch.isfinite(probs).all() and probs.dtype == torch.float32
+    assert torch.allclose(probs, attention_probs(query.float(), keys.float(), scale=8**-0.5))
 
 
 def test_minmax_and_combine():
