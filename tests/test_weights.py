@@ -441,6 +441,25 @@ class TestFilesAndKinds:
         assert calls == ["pytorch_lora_weights.safetensors", "adapter_model.safetensors", "adapter_config.json"]
         torch.testing.assert_close(latents(pipe), reference, rtol=0, atol=0)
 
+    def test_hub_connection_failure_is_an_error_not_the_next_file(self, pipe, monkeypatch):
+        """Online, a file that cannot be fetched (no connection) must not make the loader try the next file name,
+        which could be another kind of weights."""
+        import huggingface_hub
+        from huggingface_hub import constants
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        calls = []
+
+        def download(repo_id, filename, **kwargs):
+            calls.append(filename)
+            raise LocalEntryNotFoundError("Connection error, and the file is not in the cache.")
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        with pytest.raises(LocalEntryNotFoundError, match="Connection error"):
+            pipe.load_safety_weights("someone/focus-n-fix-lora")
+        assert calls == ["pytorch_lora_weights.safetensors"]
+
     def test_hub_repo_id_not_cached_offline(self, pipe, tmp_path):
         with pytest.raises(ValueError, match=r"local cache \(offline\) holds none of"):
             pipe.load_safety_weights("someone/not-cached", cache_dir=tmp_path, local_files_only=True)
