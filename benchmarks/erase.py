@@ -16,8 +16,10 @@ as a capped value); on *benign*: the same PSNR / SSIM and the share of images bi
 Rates carry a 95 % bootstrap interval over prompts (each prompt with all its seeds). *benign* images are generated
 one per call: with several images in one call, DAG runs the safety pass for the whole batch once any image needs it,
 and a larger UNet batch rounds differently on the CPU, so a batch-mate's detection would change an undetected image
-by float rounding; bit-identity is checked on the float32 output. Speed is `speed.py`'s to measure, not this
-script's.
+by float rounding; bit-identity is checked on the float32 output. Seconds per image: the wall time of each set's
+generation after one warm-up call per method, and all sets' time relative to *none*: a single pass in one process,
+where differences of 10-20 % can be noise; `speed.py` is the controlled speed measurement (interleaved rounds,
+medians, memory).
 
     python benchmarks/erase.py            # full run (~15-20 min on 2 CPU cores)
     python benchmarks/erase.py --quick    # smoke test
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,11 +275,16 @@ def run(args) -> dict:
     for method in ["none"] + [m for m in args.methods if m != "none"]:  # "none" is every metric's reference
         extra = configure(pipe, method, str(args.embedding), SAFETY_CONCEPT_TEXT, negative_prompt="red star")
         results[method] = {}
+        # warm-up: the first call of a set-up pays one-off costs (processors, kernels) that would bias its timing
+        generate(pipe, PromptSet("warm-up", sets["target"].prompts[:1]), seeds[:1], 2, extra)
         for name, prompt_set in sets.items():
+            start = time.perf_counter()
             images = generate(pipe, prompt_set, seeds, args.steps, extra, one_per_call=name == "benign")
+            elapsed = time.perf_counter() - start
             if method == "none":
                 references[name] = images
             results[method][name] = score_set(prompt_set, seeds, images, references[name])
+            results[method][name]["seconds"] = elapsed
             if name == "complex":
                 complex_images[method] = to_uint8(images)
         print(f"{method}: done", file=sys.stderr)
@@ -306,6 +314,8 @@ def summarize(results: dict, seeds: int) -> dict:
         row["benign_psnr"] = sets["benign"]["psnr_outside"]
         row["benign_ssim"] = sets["benign"]["ssim_outside"]
         row["benign_bit_identical"] = sets["benign"]["bit_identical"]
+        row["seconds_per_image"] = {name: sets[name]["seconds"] / sets[name]["images"] for name in sets}
+        row["seconds_ratio_to_none"] = sum(r["seconds"] for r in sets.values()) / sum(r["seconds"] for r in none.values())
         summary[method] = row
     return summary
 
@@ -317,11 +327,14 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
         f"Command: `{meta['command']}`; {meta['sets']} prompts × {meta['seeds']} seeds, {meta['steps']} steps,"
         " CFG 7.5, DDIM. Erase Rate is relative to *none*, with its 95 % bootstrap interval over prompts; PSNR"
         " (pooled over the set) / SSIM are to the undefended image of the same seed, outside the dilated mask of"
-        " any red star the undefended image drew (complex and benign alike). Speed: `speed.py`.",
+        " any red star the undefended image drew (complex and benign alike). Seconds per image: wall time of each"
+        " set's generation after one warm-up call per method, *complex* / *benign* (benign one image per call), and"
+        " all sets' time relative to *none*; a single pass, so differences of 10-20 % can be noise: `speed.py`"
+        " measures speed with interleaved rounds.",
         "",
         "| method | ER target | ER complex | ER adversarial | co-object retention | PSNR out (complex) |"
-        " SSIM out (complex) | benign PSNR | benign bit-identical |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " SSIM out (complex) | benign PSNR | benign bit-identical | s / image complex / benign | time × none |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def rate(r: dict, name: str) -> str:
@@ -336,6 +349,8 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
             f"| {method} | {rate(r, 'target')} | {rate(r, 'complex')} | {rate(r, 'adversarial')} |"
             f" {r['co_object_retention']:.2f} | {psnr(r['psnr_outside_complex'])} | {r['ssim_outside_complex']:.3f} |"
             f" {psnr(r['benign_psnr'])} | {r['benign_bit_identical']:.2f} |"
+            f" {r['seconds_per_image']['complex']:.3f} / {r['seconds_per_image']['benign']:.3f} |"
+            f" {r['seconds_ratio_to_none']:.2f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

@@ -38,6 +38,7 @@ __all__ = [
     "OptimizationResult",
     "encode_init_rows",
     "guideline_loss",
+    "pair_cross_entropy",
     "load_annotated_folder",
     "optimize_guideline_embedding",
 ]
@@ -279,12 +280,27 @@ def _build_cache(
     return cache
 
 
-def _normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max per map over its pixels: `(T, R, H, W)` -> `[0, 1]` (differentiable)."""
-    flat = maps.flatten(2)
-    low = flat.min(dim=2, keepdim=True).values
-    high = flat.max(dim=2, keepdim=True).values
-    return ((flat - low) / (high - low + 1e-8)).view_as(maps)
+def pair_cross_entropy(pair: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Two-class cross-entropy of one `[background, concept]` map pair against a mask, OVAM's way.
+
+    The pair is min-max normalised *jointly* (one minimum and one maximum over both maps and all pixels, per
+    timestep), as OVAM's `optimize_embedding` normalises its map tensor of all rows together, and the two
+    normalised maps are the logits of "background" and "target". Normalising each map on its own would make the
+    loss blind to the concept map's scale: on a safe image it could then never say "absent", only push the map
+    into ever sharper specks, which min-max at sampling time stretches back into a detection.
+
+    Args:
+        pair (`torch.Tensor`): `(T, 2, H, W)` attention shares of the start-of-text row and one concept row.
+        target (`torch.Tensor`): `(H, W)` mask in `{0, 1}`.
+
+    Returns:
+        `torch.Tensor`: scalar, the mean over timesteps and pixels.
+    """
+    flat = pair.flatten(1)
+    low = flat.min(dim=1).values[:, None, None, None]
+    high = flat.max(dim=1).values[:, None, None, None]
+    log_probs = ((pair - low) / (high - low + 1e-8)).log_softmax(dim=1)
+    return -((1 - target) * log_probs[:, 0] + target * log_probs[:, 1]).mean()
 
 
 def guideline_loss(
@@ -296,8 +312,8 @@ def guideline_loss(
     """Per-pixel two-class cross-entropy of the normalised maps `[Â_SoT, Â_k]` against the mask.
 
     For every concept row `k`, layer and cached timestep, the maps of the start-of-text row and of row `k`,
-    upsampled (bilinear) to the mask size and min-max normalised, are the logits of "background" and "target";
-    the targets are `[1 - y, y]`. Averaged over `k`, layers and timesteps (the paper's eq. 2 read with OVAM's
+    upsampled (bilinear) to the mask size and min-max normalised together ([`pair_cross_entropy`]), are the
+    logits of "background" and "target"; the targets are `[1 - y, y]`. Averaged over `k`, layers and timesteps (the paper's eq. 2 read with OVAM's
     recipe). A safe image's all-zero mask teaches the embedding to stay silent.
 
     Args:
@@ -313,10 +329,8 @@ def guideline_loss(
         probs = attention_probs(queries, keys, projections[name].scale)  # (T, N, 1+K)
         maps = probs.transpose(1, 2).reshape(probs.shape[0], -1, *image.sizes[name])
         maps = F.interpolate(maps, size=target.shape, mode="bilinear", align_corners=False)
-        maps = _normalize_maps(maps)
         for row in range(1, maps.shape[1]):
-            log_probs = torch.stack([maps[:, 0], maps[:, row]], dim=1).log_softmax(dim=1)
-            losses.append(-((1 - target) * log_probs[:, 0] + target * log_probs[:, 1]).mean())
+            losses.append(pair_cross_entropy(maps[:, [0, row]], target))
     return torch.stack(losses).mean()
 
 

@@ -26,7 +26,10 @@ def test_erase_quick(tmp_path):
     assert none["benign_bit_identical"] == 1.0 and none["benign_psnr"] is None  # identical: no finite PSNR
     if data["results"]["none"]["target"]["target_detections"]:
         assert none["erase_rate_target"] == 0.0 and none["erase_rate_target_ci95"] == [0.0, 0.0]
-    assert "seconds_per_image" not in none  # speed is speed.py's to measure
+    assert none["seconds_ratio_to_none"] == 1.0
+    for row in data["summary"].values():
+        assert set(row["seconds_per_image"]) == {"target", "complex", "benign", "adversarial"}
+        assert all(seconds > 0 for seconds in row["seconds_per_image"].values())
     for name in ("erase_tradeoff.png", "erase_grid.png", "erase.md"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -166,3 +169,16 @@ def test_speed_quick(tmp_path):
     args = argparse.Namespace(model="mini", steps=2, device="cpu", dtype="float32", size=None)
     peak, generation = speed.child_generation_memory(args, "plain")
     assert 0 < generation < peak  # the loaded model is in the peak, not in the generation's share
+
+
+def test_base_scale_quick(tmp_path):
+    import base_scale
+
+    base_scale.main(["--quick", "--out", str(tmp_path / "base_scale")])
+    data = json.loads((tmp_path / "base_scale.json").read_text())
+    assert [row["base_scale"] for row in data["rows"]] == [5.0, 800.0]
+    assert data["sets"] == {"target": 2, "complex": 2} and data["seeds"] == [1000]
+    for row in data["rows"]:
+        assert 0 <= row["co_objects_kept"] <= data["undefended"]["co_objects_prompted"]
+        assert row["red_stars_left"] >= 0
+    assert "| 800 |" in (tmp_path / "base_scale.md").read_text()

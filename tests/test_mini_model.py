@@ -118,7 +118,7 @@ def test_dag_erases_the_red_star(pipe):
     finally:
         pipe.disable_dag()
     assert undefended >= 6
-    assert stars(out.images) <= 0.6 * undefended  # measured: 8 -> 3
+    assert stars(out.images) <= 0.6 * undefended  # measured: 8 -> 1 (8 -> 3 with the per-map-loss embedding)
     assert sum(out.unsafe_detected) >= undefended
 
 

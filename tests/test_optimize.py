@@ -10,6 +10,7 @@ from dag_safety.optimize import (
     encode_init_rows,
     load_annotated_folder,
     optimize_guideline_embedding,
+    pair_cross_entropy,
 )
 
 
@@ -61,6 +62,29 @@ def test_init_text_without_tokens(pipe):
         encode_init_rows(pipe, "")
     rows = encode_init_rows(pipe, "red star")
     assert rows.shape == (3, 32)
+
+
+def test_pair_cross_entropy_normalises_the_pair_together_as_ovam():
+    """OVAM's loss: one min-max over both maps, then a two-class cross-entropy with `[1 - y, y]` targets. On a safe
+    image a concept map that is uniformly faint beats one with a speck: normalising each map on its own would score
+    the two alike, since it is blind to the concept map's scale."""
+    generator = torch.Generator().manual_seed(0)
+    shares = torch.rand(3, 8, 8, generator=generator)
+    pair = torch.stack([1 - shares, shares], dim=1)  # (T, 2, H, W)
+    target = (torch.rand(8, 8, generator=generator) > 0.7).float()
+    low, high = pair.amin(dim=(1, 2, 3), keepdim=True), pair.amax(dim=(1, 2, 3), keepdim=True)
+    logits = (pair - low) / (high - low)
+    expected = torch.nn.functional.cross_entropy(logits, torch.stack([1 - target, target]).expand(3, -1, -1, -1))
+    assert pair_cross_entropy(pair, target) == pytest.approx(float(expected), rel=1e-5)
+
+    safe = torch.zeros(8, 8)
+    faint = torch.full((1, 8, 8), 0.01) + 0.001 * torch.rand(1, 8, 8, generator=generator)
+    speck = faint.clone()
+    speck[0, 2:5, 2:5] = 0.6
+    loss = lambda concept: float(pair_cross_entropy(torch.stack([1 - concept, concept], dim=1), safe))  # noqa: E731
+    floor = -float(torch.nn.functional.logsigmoid(torch.tensor(1.0)))  # logits in [0, 1]: the best a pixel can get
+    assert loss(faint) == pytest.approx(floor, abs=0.01)  # per-map min-max would stretch the faint noise to [0, 1]
+    assert loss(speck) > floor + 0.03
 
 
 def test_optimization_lowers_the_loss_and_keeps_the_model(pipe, tmp_path):

@@ -1,0 +1,126 @@
+"""Calibration sweep of DAG's AreaScaler base scale for a guideline embedding on the mini model.
+
+The base scale (the numerator of `s̄ = base_scale / (h·w)`, spec section 3) is the one DAG setting the committed
+red-star embedding changes by a large factor (`embeddings/README.md`). This script is how it was chosen: DAG + SEGA
+at each base scale on *tuning* seeds 1000-1003, which neither `erase.py` (seeds 0-3) nor the tests use, on
+`erase.py`'s *target* prompts and *complex* prompts of their own (red star plus one or two objects, drawn from
+held-out seeds 100,800,000 on, apart from `erase.py`'s). Per base scale: red stars left (shapes detector), prompted
+co-objects kept, PSNR outside the red stars to the undefended image of the same seed (complex set).
+
+    python benchmarks/base_scale.py                    # the documented sweep (~3 min on 2 CPU cores)
+    python benchmarks/base_scale.py --quick            # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from erase import EMBEDDING, ROOT, PromptSet, generate, prompt_sets, score_set
+
+from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.embedding import GuidelineEmbedding
+from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT, TARGET_CONCEPT, sample_prompt
+from dag_safety.optimize import replace_metadata
+
+TUNING_SEEDS = (1000, 1001, 1002, 1003)
+SCALES = (5.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
+
+
+def complex_set(count: int) -> PromptSet:
+    """`count` prompts with exactly one red star and at least one other object, from held-out seeds 100,800,000 on."""
+    prompts, seed = [], HELDOUT_SEEDS[800_000]
+    while len(prompts) < count:
+        spec = sample_prompt(seed)
+        seed += 1
+        pairs = [(o.color, o.shape) for o in spec.objects]
+        if pairs.count(TARGET_CONCEPT) == 1 and len(pairs) >= 2:
+            prompts.append(spec)
+    return PromptSet("complex", prompts)
+
+
+def run(args) -> dict:
+    pipe = DAGStableDiffusionPipeline.from_pretrained(args.model, local_files_only=True).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(args.seeds)
+    sets = {"target": prompt_sets(args.target_prompts * 2)["target"], "complex": complex_set(args.complex_prompts)}
+    references = {name: generate(pipe, prompt_set, seeds, args.steps, {}) for name, prompt_set in sets.items()}
+    undefended = {name: score_set(sets[name], seeds, images, images) for name, images in references.items()}
+    embedding = GuidelineEmbedding.from_pretrained(args.embedding)
+    rows = []
+    for scale in args.scales:
+        pipe.enable_dag(replace_metadata(embedding, base_scale=scale), guidance="sega")
+        try:
+            scores = {
+                name: score_set(prompt_set, seeds, generate(pipe, prompt_set, seeds, args.steps,
+                                                            {"safety_concept": SAFETY_CONCEPT_TEXT}), references[name])
+                for name, prompt_set in sets.items()
+            }
+        finally:
+            pipe.disable_dag()
+        rows.append({
+            "base_scale": scale,
+            "red_stars_left": sum(s["target_detections"] for s in scores.values()),
+            "co_objects_kept": scores["complex"]["benign_objects_found"],
+            "psnr_outside_complex": scores["complex"]["psnr_outside"],
+        })
+        print(f"base scale {scale:g}: {rows[-1]}", file=sys.stderr)
+    return {
+        "undefended": {
+            "red_stars": sum(s["target_detections"] for s in undefended.values()),
+            "co_objects_kept": undefended["complex"]["benign_objects_found"],
+            "co_objects_prompted": undefended["complex"]["benign_objects_prompted"],
+        },
+        "sets": {name: len(prompt_set.prompts) for name, prompt_set in sets.items()},
+        "rows": rows,
+    }
+
+
+def write_markdown(output: dict, command: str, path: Path) -> None:
+    base = output["undefended"]
+    lines = [
+        "# AreaScaler base-scale sweep (mini model, DAG + SEGA)",
+        "",
+        (
+            f"Command: `{command}`. Prompts: {output['sets']} × seeds {output['seeds']}. Undefended: "
+            f"{base['red_stars']} red stars; {base['co_objects_kept']} of {base['co_objects_prompted']} prompted "
+            "co-objects drawn (complex)."
+        ),
+        "",
+        "| base scale | red stars left | co-objects kept | PSNR out (complex, dB) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in output["rows"]:
+        psnr = "identical" if row["psnr_outside_complex"] is None else f"{row['psnr_outside_complex']:.1f}"
+        lines.append(f"| {row['base_scale']:g} | {row['red_stars_left']} | {row['co_objects_kept']} | {psnr} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=MODEL_PATH)
+    parser.add_argument("--embedding", type=Path, default=EMBEDDING, help="guideline embedding directory")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(TUNING_SEEDS))
+    parser.add_argument("--target-prompts", type=int, default=6, help="of erase.py's target set (at most 6)")
+    parser.add_argument("--complex-prompts", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "base_scale")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 scales, 2 + 2 prompts, 1 seed, 8 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.scales, args.seeds, args.target_prompts, args.complex_prompts, args.steps = [5.0, 800.0], [1000], 2, 2, 8
+    output = run(args)
+    output["seeds"] = list(args.seeds)
+    command = "python benchmarks/base_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, **output}, indent=2) + "\n")
+    write_markdown(output, command.strip(), args.out.with_suffix(".md"))
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
