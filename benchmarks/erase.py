@@ -189,6 +189,54 @@ def target_mask(image: np.ndarray, dilation: int = 3) -> np.ndarray:
     return cv2.dilate(mask, kernel).astype(bool)
 
 
+class GuidanceRecorder:
+    """`callback_on_step_end` that sums DAG's per-pixel scale `S_dag` (the `"dag_scale"` callback input) per image:
+    over all steps, and at the first step that guides the image."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.first: torch.Tensor | None = None
+
+    def __call__(self, pipe, step: int, timestep, tensors: dict) -> dict:
+        scale = tensors["dag_scale"].float().cpu()
+        if self.total is None:
+            self.total, self.first = torch.zeros_like(scale), torch.zeros_like(scale)
+        self.total += scale
+        unguided = (self.first.flatten(1).sum(dim=1) == 0)[:, None, None]
+        self.first = torch.where(unguided, scale, self.first)
+        return {"latents": tensors["latents"]}
+
+
+def guidance_shares(total: torch.Tensor, first: torch.Tensor, reference: np.ndarray) -> dict:
+    """Where DAG guided: the share of `S_dag` mass (pooled over images) on the red stars, on the other objects and on
+    the background of the undefended images (uint8 `(N, H, W, 3)`; object masks max-pooled to the latent grid),
+    over all steps and at each image's first guided step, with the share of area each region covers."""
+    regions = []
+    for image in reference:
+        star, other = np.zeros(image.shape[:2], bool), np.zeros(image.shape[:2], bool)
+        for detection in detect(image):
+            (star if detection.is_target else other)[...] |= detection.mask.astype(bool)
+        pooled = [
+            torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(m)[None, None].float(), total.shape[-2:])[0, 0] > 0
+            for m in (star, other)
+        ]
+        regions.append((pooled[0], pooled[1] & ~pooled[0]))
+    shares = {}
+    for key, maps in (("first_step", first), ("all_steps", total)):
+        mass = {"red_star": 0.0, "other_objects": 0.0, "background": 0.0}
+        for (star, other), scale in zip(regions, maps):
+            mass["red_star"] += float(scale[star].sum())
+            mass["other_objects"] += float(scale[other].sum())
+            mass["background"] += float(scale[~(star | other)].sum())
+        whole = sum(mass.values())
+        shares[key] = {name: value / whole if whole else float("nan") for name, value in mass.items()}
+    shares["area"] = {
+        "red_star": float(np.mean([float(star.float().mean()) for star, _ in regions])),
+        "other_objects": float(np.mean([float(other.float().mean()) for _, other in regions])),
+    }
+    return shares
+
+
 def score_set(prompt_set: PromptSet, seeds: list[int], images: np.ndarray, reference: np.ndarray) -> dict:
     """Scores float32 images against the undefended ones of the same seeds (both `(P·S, 64, 64, 3)`)."""
     per_image_targets, found, asked, squared, count, ssims, identical = [], 0, 0, 0.0, 0, [], 0
@@ -278,13 +326,23 @@ def run(args) -> dict:
         # warm-up: the first call of a set-up pays one-off costs (processors, kernels) that would bias its timing
         generate(pipe, PromptSet("warm-up", sets["target"].prompts[:1]), seeds[:1], 2, extra)
         for name, prompt_set in sets.items():
+            recorder = None
+            call_extra = extra
+            if method.startswith("DAG") and name == "complex":
+                recorder = GuidanceRecorder()  # a 16×16 copy per step: no measurable share of a step's time
+                call_extra = {**extra, "callback_on_step_end": recorder,
+                              "callback_on_step_end_tensor_inputs": ["latents", "dag_scale"]}
             start = time.perf_counter()
-            images = generate(pipe, prompt_set, seeds, args.steps, extra, one_per_call=name == "benign")
+            images = generate(pipe, prompt_set, seeds, args.steps, call_extra, one_per_call=name == "benign")
             elapsed = time.perf_counter() - start
             if method == "none":
                 references[name] = images
             results[method][name] = score_set(prompt_set, seeds, images, references[name])
             results[method][name]["seconds"] = elapsed
+            if recorder is not None:
+                results[method][name]["guidance_share"] = guidance_shares(
+                    recorder.total, recorder.first, to_uint8(references[name])
+                )
             if name == "complex":
                 complex_images[method] = to_uint8(images)
         print(f"{method}: done", file=sys.stderr)
@@ -316,6 +374,8 @@ def summarize(results: dict, seeds: int) -> dict:
         row["benign_bit_identical"] = sets["benign"]["bit_identical"]
         row["seconds_per_image"] = {name: sets[name]["seconds"] / sets[name]["images"] for name in sets}
         row["seconds_ratio_to_none"] = sum(r["seconds"] for r in sets.values()) / sum(r["seconds"] for r in none.values())
+        if "guidance_share" in sets["complex"]:
+            row["guidance_share_complex"] = sets["complex"]["guidance_share"]
         summary[method] = row
     return summary
 
@@ -352,6 +412,25 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
             f" {r['seconds_per_image']['complex']:.3f} / {r['seconds_per_image']['benign']:.3f} |"
             f" {r['seconds_ratio_to_none']:.2f} |"
         )
+    guided = {method: r["guidance_share_complex"] for method, r in summary.items() if "guidance_share_complex" in r}
+    if guided:
+        area = next(iter(guided.values()))["area"]
+        lines += [
+            "",
+            (
+                "Where DAG guides (*complex* set): the share of `S_dag` (summed over the set's images) on the"
+                " undefended image's red star / its other objects / the background, at each image's first guided"
+                f" step and over all steps; the red star covers {area['red_star']:.0%} of the latent grid and the"
+                f" other objects {area['other_objects']:.0%}."
+            ),
+            "",
+            "| method | first guided step | all steps |",
+            "| --- | --- | --- |",
+        ]
+        for method, shares in guided.items():
+            cells = [" / ".join(f"{shares[key][region]:.2f}" for region in ("red_star", "other_objects", "background"))
+                     for key in ("first_step", "all_steps")]
+            lines.append(f"| {method} | {cells[0]} | {cells[1]} |")
     path.write_text("\n".join(lines) + "\n")
 
 

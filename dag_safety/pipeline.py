@@ -125,6 +125,8 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     # diffusers' loaders read the same component signature.
     _dag: _DAGState | None = None
     _safety_guidance: SLDConfig | SEGAConfig | None = None
+    # `dag_scale`: DAG's per-pixel scale `S_dag` of the step, `(B, h, w)`, zero where and when nothing is guided
+    _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, "dag_scale"]
 
     # ------------------------------------------------------------------ configuration
 
@@ -412,6 +414,10 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             return_dag_maps (`bool`, *optional*, defaults to `False`):
                 With DAG enabled, also return the last step's detection map per image as `dag_maps`.
 
+        With DAG enabled, `callback_on_step_end_tensor_inputs` may also name `"dag_scale"`: the step's `S_dag`,
+        `(B, h, w)` on the latents' device, zero where the step guides nothing (warm-up included), to see where DAG
+        guides at each step. It is read-only: a callback that returns it changes nothing.
+
         Returns:
             [`DAGPipelineOutput`] or `tuple`: with `return_dict=False`, `(images, nsfw_content_detected)` when no
             safety guidance is enabled (as `StableDiffusionPipeline`), else `(images, nsfw_content_detected,
@@ -419,7 +425,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
         Raises:
             `ValueError`: safety guidance without classifier-free guidance (`guidance_scale <= 1`),
-            `return_dag_maps` without DAG, or a bad `safety_concept`.
+            `return_dag_maps` or a `"dag_scale"` callback input without DAG, or a bad `safety_concept`.
 
         Examples:
         """
@@ -451,6 +457,14 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         )
         if return_dag_maps and self._dag is None:
             raise ValueError("`return_dag_maps=True` needs DAG; call `pipe.enable_dag(embedding)` first.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            requested = callback_on_step_end.tensor_inputs
+        else:
+            requested = callback_on_step_end_tensor_inputs or []
+        if "dag_scale" in requested and self._dag is None:
+            raise ValueError(
+                "The callback tensor input 'dag_scale' needs DAG; call `pipe.enable_dag(embedding)` first."
+            )
         if self._dag is None and self._safety_guidance is None:
             output = super().__call__(**sd_arguments)
             if not return_dict:
@@ -690,6 +704,8 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                                 latents.device, noise_pred_uncond.dtype, non_blocking=latents.device.type == "cuda"
                             )
                     safety_pass_last_step = scale is not None
+                    if callback_on_step_end is not None and "dag_scale" in callback_on_step_end_tensor_inputs:
+                        dag_scale = scale if scale is not None else latents.new_zeros(batch, *latent_size)
                     if scale is None:
                         # Nothing to guide: S_dag = 0 makes the safety term exactly zero, so the safety pass is
                         # skipped and the step is the classifier-free one; the momentum only decays.

@@ -27,7 +27,12 @@ def test_erase_quick(tmp_path):
     if data["results"]["none"]["target"]["target_detections"]:
         assert none["erase_rate_target"] == 0.0 and none["erase_rate_target_ci95"] == [0.0, 0.0]
     assert none["seconds_ratio_to_none"] == 1.0
-    for row in data["summary"].values():
+    for method, row in data["summary"].items():
+        assert ("guidance_share_complex" in row) == method.startswith("DAG")  # where DAG guided
+        for key in ("first_step", "all_steps") if method.startswith("DAG") else ():
+            shares = row["guidance_share_complex"][key]
+            assert set(shares) == {"red_star", "other_objects", "background"}
+            assert sum(shares.values()) == pytest.approx(1.0) or all(np.isnan(v) for v in shares.values())
         assert set(row["seconds_per_image"]) == {"target", "complex", "benign", "adversarial"}
         assert all(seconds > 0 for seconds in row["seconds_per_image"].values())
     for name in ("erase_tradeoff.png", "erase_grid.png", "erase.md"):

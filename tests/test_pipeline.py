@@ -249,6 +249,31 @@ class TestDAG:
         )
         assert images.shape == (1, 32, 32, 3) and maps is None and len(unsafe) == 1
 
+    def test_dag_scale_callback_input(self, pipe, star_embedding):
+        """A callback can read each step's `S_dag`: zero in the warm-up, the guided scale after it (so positive only
+        inside the last step's edit region), without changing the images; without DAG it is refused."""
+        pipe.enable_dag(star_embedding, warmup_steps=2, max_edit_area=1.0, edit_mask_threshold=0.3)
+        scales = []
+
+        def on_step_end(pipeline, i, t, tensors):
+            scales.append(tensors["dag_scale"].clone())
+            return {**tensors, "dag_scale": torch.full_like(tensors["dag_scale"], 7.0)}  # read-only: ignored
+
+        kwargs = dict(num_inference_steps=4, output_type="np", safety_concept=CONCEPT, return_dag_maps=True)
+        watched = pipe(PROMPT, generator=torch.manual_seed(0), callback_on_step_end=on_step_end,
+                       callback_on_step_end_tensor_inputs=["latents", "dag_scale"], **kwargs)
+        plain = pipe(PROMPT, generator=torch.manual_seed(0), **kwargs)
+        assert np.array_equal(watched.images, plain.images)
+        assert [tuple(s.shape) for s in scales] == [(1, 16, 16)] * 4
+        assert not scales[0].any() and not scales[1].any()
+        assert scales[3].max() > 0
+        edit = watched.dag_maps >= 0.3
+        assert not scales[3][~edit].any()
+        pipe.disable_dag()
+        with pytest.raises(ValueError, match="'dag_scale' needs DAG"):
+            pipe(PROMPT, num_inference_steps=2, callback_on_step_end=on_step_end,
+                 callback_on_step_end_tensor_inputs=["dag_scale"])
+
     def test_prompt_embeds_input(self, pipe, components, silent_embedding):
         embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
         plain = peer(StableDiffusionPipeline, components)
