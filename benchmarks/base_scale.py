@@ -23,7 +23,6 @@ from erase import EMBEDDING, ROOT, PromptSet, generate, prompt_sets, score_set
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.embedding import GuidelineEmbedding
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT, TARGET_CONCEPT, sample_prompt
-from dag_safety.optimize import replace_metadata
 
 TUNING_SEEDS = (1000, 1001, 1002, 1003)
 SCALES = (5.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
@@ -51,13 +50,12 @@ def run(args) -> dict:
     embedding = GuidelineEmbedding.from_pretrained(args.embedding)
     rows = []
     for scale in args.scales:
-        pipe.enable_dag(replace_metadata(embedding, base_scale=scale), guidance="sega")
+        pipe.enable_dag(embedding, guidance="sega", base_scale=scale)
+        scores = {}
         try:
-            scores = {
-                name: score_set(prompt_set, seeds, generate(pipe, prompt_set, seeds, args.steps,
-                                                            {"safety_concept": SAFETY_CONCEPT_TEXT}), references[name])
-                for name, prompt_set in sets.items()
-            }
+            for name, prompt_set in sets.items():
+                images = generate(pipe, prompt_set, seeds, args.steps, {"safety_concept": SAFETY_CONCEPT_TEXT})
+                scores[name] = score_set(prompt_set, seeds, images, references[name])
         finally:
             pipe.disable_dag()
         rows.append({

@@ -373,7 +373,8 @@ def summarize(results: dict, seeds: int) -> dict:
         row["benign_ssim"] = sets["benign"]["ssim_outside"]
         row["benign_bit_identical"] = sets["benign"]["bit_identical"]
         row["seconds_per_image"] = {name: sets[name]["seconds"] / sets[name]["images"] for name in sets}
-        row["seconds_ratio_to_none"] = sum(r["seconds"] for r in sets.values()) / sum(r["seconds"] for r in none.values())
+        seconds = sum(r["seconds"] for r in sets.values())
+        row["seconds_ratio_to_none"] = seconds / sum(r["seconds"] for r in none.values())
         if "guidance_share" in sets["complex"]:
             row["guidance_share_complex"] = sets["complex"]["guidance_share"]
         summary[method] = row

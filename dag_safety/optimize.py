@@ -313,8 +313,8 @@ def guideline_loss(
 
     For every concept row `k`, layer and cached timestep, the maps of the start-of-text row and of row `k`,
     upsampled (bilinear) to the mask size and min-max normalised together ([`pair_cross_entropy`]), are the
-    logits of "background" and "target"; the targets are `[1 - y, y]`. Averaged over `k`, layers and timesteps (the paper's eq. 2 read with OVAM's
-    recipe). A safe image's all-zero mask teaches the embedding to stay silent.
+    logits of "background" and "target"; the targets are `[1 - y, y]`. Averaged over `k`, layers and timesteps
+    (the paper's eq. 2 read with OVAM's recipe). A safe image's all-zero mask teaches the embedding to stay silent.
 
     Args:
         embeds (`torch.Tensor`): `(1+K, D)`.
