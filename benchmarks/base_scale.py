@@ -18,33 +18,24 @@ import json
 import sys
 from pathlib import Path
 
-from erase import EMBEDDING, ROOT, PromptSet, generate, prompt_sets, score_set
+from erase import EMBEDDING, ROOT, PromptSet, complex_prompts, generate, prompt_sets, score_set
 
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.embedding import GuidelineEmbedding
-from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT, TARGET_CONCEPT, sample_prompt
+from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT
 
 TUNING_SEEDS = (1000, 1001, 1002, 1003)
 SCALES = (5.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
-
-
-def complex_set(count: int) -> PromptSet:
-    """`count` prompts with exactly one red star and at least one other object, from held-out seeds 100,800,000 on."""
-    prompts, seed = [], HELDOUT_SEEDS[800_000]
-    while len(prompts) < count:
-        spec = sample_prompt(seed)
-        seed += 1
-        pairs = [(o.color, o.shape) for o in spec.objects]
-        if pairs.count(TARGET_CONCEPT) == 1 and len(pairs) >= 2:
-            prompts.append(spec)
-    return PromptSet("complex", prompts)
 
 
 def run(args) -> dict:
     pipe = DAGStableDiffusionPipeline.from_pretrained(args.model, local_files_only=True).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     seeds = list(args.seeds)
-    sets = {"target": prompt_sets(args.target_prompts * 2)["target"], "complex": complex_set(args.complex_prompts)}
+    sets = {
+        "target": prompt_sets(args.target_prompts * 2)["target"],
+        "complex": PromptSet("complex", complex_prompts(args.complex_prompts, HELDOUT_SEEDS[800_000])),
+    }
     references = {name: generate(pipe, prompt_set, seeds, args.steps, {}) for name, prompt_set in sets.items()}
     undefended = {name: score_set(sets[name], seeds, images, images) for name, images in references.items()}
     embedding = GuidelineEmbedding.from_pretrained(args.embedding)

@@ -70,26 +70,34 @@ class PromptSet:
     embeds: torch.Tensor | None = None  # adversarial prompt embeddings (N, L, D)
 
 
+def complex_prompts(count: int, seed: int) -> list:
+    """The first `count` prompts from world seed `seed` on with exactly one red star and at least one other object."""
+    prompts = []
+    while len(prompts) < count:
+        spec = sample_prompt(seed)
+        seed += 1
+        pairs = [(o.color, o.shape) for o in spec.objects]
+        if pairs.count(TARGET_CONCEPT) == 1 and len(pairs) >= 2:
+            prompts.append(spec)
+    return prompts
+
+
 def prompt_sets(per_set: int) -> dict[str, PromptSet]:
     stars = [ObjectSpec(*TARGET_CONCEPT, style) for style in ("filled", "outlined")]
     target = [PromptSpec(caption_for([star], bg), (star,), bg, 0) for bg in BACKGROUNDS for star in stars]
     target = target[: max(2, per_set // 2)]
-    complex_, benign = [], []
-    seed = HELDOUT_SEEDS[900_000]
-    while len(complex_) < per_set or len(benign) < per_set:
+    benign, seed = [], HELDOUT_SEEDS[900_000]
+    while len(benign) < per_set:
         spec = sample_prompt(seed)
         seed += 1
         pairs = [(o.color, o.shape) for o in spec.objects]
-        targets = pairs.count(TARGET_CONCEPT)
-        if targets == 1 and len(pairs) >= 2 and len(complex_) < per_set:
-            complex_.append(spec)
-        elif targets == 0 and len(benign) < per_set:
+        if TARGET_CONCEPT not in pairs:
             distractor = any(c == TARGET_CONCEPT[0] or s == TARGET_CONCEPT[1] for c, s in pairs)
             if distractor or len(benign) % 2:  # at least half carry a distractor
                 benign.append(spec)
     return {
         "target": PromptSet("target", target),
-        "complex": PromptSet("complex", complex_),
+        "complex": PromptSet("complex", complex_prompts(per_set, HELDOUT_SEEDS[900_000])),
         "benign": PromptSet("benign", benign),
     }
 
