@@ -10,6 +10,10 @@ init embedding (`"red star"` encoded) and an embedding optimized on filled scene
 - presence AUC against each distractor kind: how well the peak of the raw concept share (`detection_map(...,
   normalize=False)`, before min-max normalisation) ranks target scenes above the distractor scenes. Min-max makes
   a peak in every image, so only the raw level could tell "no red star here"; 1 would allow a threshold on it.
+- for the optimized embedding, the share of images DAG guides at lower edit-mask thresholds `τ_e` than the spec's
+  0.01 (`EDIT_THRESHOLDS`): a lower `τ_e` puts more of a diffuse map into `M_edit`, so the "mode undefined" rule
+  (`mean(M_edit) >= 0.8`) fires more often. A `τ_e` at which it fired on distractor scenes and not on target
+  scenes could be calibrated per embedding, as the base scale is.
 
     python benchmarks/detection.py                 # full run, writes benchmarks/results/detection.{md,json}
     python benchmarks/detection.py --quick          # smoke test
@@ -22,7 +26,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +60,7 @@ from dag_safety.optimize import (
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EMBEDDING = ROOT / "embeddings" / "red-star"
 DISTRACTORS = ("red non-star", "non-red star", "no object")
+EDIT_THRESHOLDS = (0.01, 1e-3, 1e-4, 1e-5)
 
 
 def presence_key(distractor: str) -> str:
@@ -215,6 +220,15 @@ def run(args) -> dict:
                 peaks[set_name] = shares.flatten(1).amax(dim=1).numpy()
                 row = {"embedding": emb_name, "timestep": t, "set": set_name, "n": len(scene_set.captions)}
                 row["detection_rate"] = float(scores["detected"].mean())
+                if emb_name == "optimized":
+                    row["guided_by_edit_threshold"] = {
+                        str(tau): float(
+                            dag_scale_map(minmax_normalize(shares), replace(config, edit_mask_threshold=tau))
+                            .detected.float()
+                            .mean()
+                        )
+                        for tau in EDIT_THRESHOLDS
+                    }
                 row["peak_share"] = float(np.median(peaks[set_name]))
                 if set_name in DISTRACTORS and "target" in peaks:
                     both = np.concatenate([peaks["target"], peaks[set_name]])
@@ -283,6 +297,27 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
             f"| {emb} | {s['iou_target']:.3f} | {s['iou_outlined']:.3f} | {s['iou_generated']:.3f} |"
             f" {s['detection_rate']:.3f} | {s['false_detection_rate']:.3f} | {presence} |"
         )
+    sets = list(dict.fromkeys(r["set"] for r in results["rows"]))
+    lines += [
+        "",
+        (
+            "Edit-mask threshold `τ_e` (spec: 0.01): share of images DAG guides, optimized embedding, mean over"
+            " timesteps. A `τ_e` that separated target from distractor scenes could be calibrated per embedding."
+        ),
+        "",
+        "| τ_e | " + " | ".join(sets) + " |",
+        "| --- |" + " --- |" * len(sets),
+    ]
+    for tau in EDIT_THRESHOLDS:
+        shares = []
+        for set_name in sets:
+            values = [
+                r["guided_by_edit_threshold"][str(tau)]
+                for r in results["rows"]
+                if r["embedding"] == "optimized" and r["set"] == set_name
+            ]
+            shares.append(f"{np.mean(values):.3f}")
+        lines.append(f"| {tau:g} | " + " | ".join(shares) + " |")
     lines += [
         "",
         "| embedding | t | set | n | IoU | detection rate | median peak share | presence AUC |",

@@ -4,7 +4,13 @@ Peers: plain `StableDiffusionPipeline`, diffusers' deprecated `StableDiffusionPi
 `SemanticStableDiffusionPipeline` (SEGA, reversed safety concept), and ours: SLD (medium), SEGA, DAG + SEGA on a
 prompt with the target and on a benign prompt. Every method shares the same components; runs are interleaved
 (round-robin over methods, `--repeats` rounds after one warm-up round) and the median seconds per image is
-reported with its ratio to plain generation.
+reported with its ratio to plain generation. The ratios the issue sets targets for are also given as the median of
+per-round ratios (each round's two runs are neighbours in time, so a slow stretch of a shared host cancels out).
+
+Work, which unlike time does not depend on the host: UNet calls and UNet batch rows per image (counted in every timed
+round; DAG's depend on what it detects), and aten operations per image, counted with `torch.profiler` during the
+untimed warm-up round (seed 0). Where two methods issue the same operations, a time difference between them is
+noise.
 
 Memory, as ratios to plain: the peak during one generation, and the generation's own share of it (the peak minus
 what was held before the call: weights, the pipeline). The first is what a machine must have, but the weights
@@ -20,7 +26,7 @@ Models:
   work) and detecting nothing (an embedding whose concept rows equal its start-of-text row, the least work).
 
     python benchmarks/speed.py --model mini
-    python benchmarks/speed.py --model sd14-random --size 256 --steps 10 --repeats 2  # CPU, 20 min on 2 cores
+    python benchmarks/speed.py --model sd14-random --size 256 --steps 10 --repeats 3  # CPU, 20 min on 2 cores
     python benchmarks/speed.py --model sd14-random --size 512 --steps 50 --device cuda --dtype float16
 """
 
@@ -158,6 +164,43 @@ def build(method: str, components: dict, model: str, device: str):
     return pipe.to(device), kwargs
 
 
+PAIRED_RATIOS = {
+    "DAG + SEGA (target) / our SEGA": ("ours DAG+SEGA (target)", "ours SEGA"),
+    "DAG + SEGA (benign) / plain": ("ours DAG+SEGA (benign)", "plain"),
+    "our SLD / diffusers SLD": ("ours SLD", "diffusers SLD"),
+    "our SEGA / diffusers SEGA": ("ours SEGA", "diffusers SEGA"),
+}
+
+
+class UNetWork:
+    """Counts the calls and batch rows of a UNet's forward passes (a pre-hook; every method shares the UNet)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.calls = 0
+        self.rows = 0
+        self._handle = unet.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        self.calls += 1
+        self.rows += sample.shape[0]
+
+    def take(self) -> tuple[int, int]:
+        """`(calls, rows)` since the last `take`."""
+        counts = (self.calls, self.rows)
+        self.calls = self.rows = 0
+        return counts
+
+
+def count_aten_operations(pipe, kwargs: dict, steps: int, size: int | None, seed: int) -> int:
+    """aten operations one generation issues (nested ones included), counted with `torch.profiler`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(pipe, kwargs, steps, size, seed)
+    return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
+
+
 def generate(pipe, kwargs: dict, steps: int, size: int | None, seed: int):
     extra = {"height": size, "width": size} if size else {}
     return pipe(
@@ -224,6 +267,10 @@ def main(argv=None) -> None:
 
     pipes = {m: build(m, components, args.model, args.device) for m in METHODS}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
+    unet_work = UNetWork(components["unet"])
+    unet_calls: dict[str, list[int]] = {m: [] for m in METHODS}
+    unet_rows: dict[str, list[int]] = {m: [] for m in METHODS}
+    aten_operations: dict[str, int] = {}
     memory: dict[str, float] = {}
     generation_memory: dict[str, float] = {}
     for round_index in range(args.repeats + 1):  # round 0 warms up
@@ -233,13 +280,19 @@ def main(argv=None) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated() / 2**20
             started = time.perf_counter()
-            generate(pipe, kwargs, args.steps, args.size, round_index)
+            if round_index:
+                generate(pipe, kwargs, args.steps, args.size, round_index)
+            else:  # the untimed warm-up round counts the operations
+                aten_operations[method] = count_aten_operations(pipe, kwargs, args.steps, args.size, round_index)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
                 memory[method] = torch.cuda.max_memory_allocated() / 2**20
                 generation_memory[method] = memory[method] - before
+            calls, rows = unet_work.take()
             if round_index:
                 times[method].append(time.perf_counter() - started)
+                unet_calls[method].append(calls)
+                unet_rows[method].append(rows)
         print(f"round {round_index}/{args.repeats} done", file=sys.stderr)
     if not args.device.startswith("cuda") and not args.no_memory:
         for method in METHODS:
@@ -247,6 +300,14 @@ def main(argv=None) -> None:
 
     medians = {m: statistics.median(v) for m, v in times.items()}
     plain = medians["plain"]
+    paired = {}
+    for label, (numerator, denominator) in PAIRED_RATIOS.items():
+        per_round = [a / b for a, b in zip(times[numerator], times[denominator])]
+        paired[label] = {
+            "of_medians": medians[numerator] / medians[denominator],
+            "median": statistics.median(per_round),
+            "per_round": per_round,
+        }
     results = {
         "model": args.model,
         "device": args.device,
@@ -263,7 +324,10 @@ def main(argv=None) -> None:
         "seconds": times,
         "seconds_median": medians,
         "ratio_to_plain": {m: medians[m] / plain for m in METHODS},
-        "dag_over_our_sega": medians["ours DAG+SEGA (target)"] / medians["ours SEGA"],
+        "paired_ratios": paired,
+        "unet_calls": unet_calls,
+        "unet_rows": unet_rows,
+        "aten_operations_warmup": aten_operations,
         "peak_memory_mib": memory,
         "memory_ratio_to_plain": {m: memory[m] / memory["plain"] for m in memory} if memory else {},
         "generation_memory_mib": generation_memory,
@@ -286,8 +350,11 @@ def main(argv=None) -> None:
         f"`{results['command']}`; {results['machine']}, torch {results['torch']}, {args.dtype}; {args.steps} steps,"
         f" {args.repeats} interleaved rounds after a warm-up round; memory: {memory_kind}.",
         "",
-        "| method | s / image (median) | range | × plain | peak MiB | × plain | generation MiB | × plain |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        (
+            "| method | s / image (median) | range | × plain | peak MiB | × plain | generation MiB | × plain"
+            " | UNet calls / rows | aten ops (seed 0) |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in METHODS:
         mem = "n/a | n/a | n/a | n/a"
@@ -297,8 +364,23 @@ def main(argv=None) -> None:
                 f" {results['generation_memory_ratio_to_plain'][m]:.3f}"
             )
         spread = f"{min(times[m]):.3f} – {max(times[m]):.3f}"
-        lines.append(f"| {m} | {medians[m]:.3f} | {spread} | {results['ratio_to_plain'][m]:.3f} | {mem} |")
-    lines += ["", f"DAG + SEGA (target) / our SEGA: {results['dag_over_our_sega']:.3f}"]
+        work = f"{statistics.mean(unet_calls[m]):g} / {statistics.mean(unet_rows[m]):g} | {aten_operations[m]:,}"
+        lines.append(f"| {m} | {medians[m]:.3f} | {spread} | {results['ratio_to_plain'][m]:.3f} | {mem} | {work} |")
+    lines += [
+        "",
+        (
+            "UNet calls / rows: per image, averaged over the timed rounds. Ratios of the medians above, and the"
+            " median (range) of the per-round ratios:"
+        ),
+        "",
+        "| ratio | of medians | per round, median (range) |",
+        "| --- | --- | --- |",
+    ]
+    for label, ratio in paired.items():
+        lines.append(
+            f"| {label} | {ratio['of_medians']:.3f} | {ratio['median']:.3f}"
+            f" ({min(ratio['per_round']):.3f} – {max(ratio['per_round']):.3f}) |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -2,6 +2,7 @@
 benchmarks/RESULTS.md)."""
 
 import csv
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -72,6 +73,11 @@ def test_detection_quick(tmp_path):
             assert 0.0 <= row[detection.presence_key(distractor)] <= 1.0
     shares = [r["peak_share"] for r in data["rows"]]
     assert all(0.0 < share < 1.0 for share in shares)  # raw attention shares, not min-max maps
+    for row in (r for r in data["rows"] if r["embedding"] == "optimized"):
+        guided = [row["guided_by_edit_threshold"][str(tau)] for tau in detection.EDIT_THRESHOLDS]
+        assert guided[0] == row["detection_rate"]  # the spec's 0.01 is the headline column
+        # a lower τ_e only grows M_edit, so the "mode undefined" rule can only fire more often
+        assert all(lower <= higher for higher, lower in itertools.pairwise(guided))
 
 
 def test_i2p_with_the_shapes_detector(tmp_path):
@@ -161,8 +167,9 @@ def test_probe_quick(tmp_path):
 
 
 def test_speed_quick(tmp_path):
-    """Interleaved timing of every method (medians and their range), and the memory of one generation measured in a
-    fresh process: its peak and the part of it the generation added over what was loaded."""
+    """Interleaved timing of every method (medians and their range, paired per-round ratios), the work counts, and
+    the memory of one generation measured in a fresh process: its peak and the part of it the generation added over
+    what was loaded."""
     import argparse
 
     import speed
@@ -171,6 +178,14 @@ def test_speed_quick(tmp_path):
     data = json.loads((tmp_path / "speed.json").read_text())
     assert set(data["seconds"]) == set(speed.METHODS) and all(len(v) == 1 for v in data["seconds"].values())
     assert data["ratio_to_plain"]["plain"] == 1.0 and data["peak_memory_mib"] == {}
+    assert set(data["paired_ratios"]) == set(speed.PAIRED_RATIOS)
+    # 2 steps: classifier-free guidance runs 2 rows per step, SLD / SEGA add the safety concept as a third row in
+    # the same call, and DAG, still in its 5-step warm-up, skips the safety pass: exactly plain's UNet work
+    assert data["unet_calls"]["plain"] == [2] and data["unet_rows"]["plain"] == [4]
+    for method in ("diffusers SLD", "diffusers SEGA", "ours SLD", "ours SEGA"):
+        assert data["unet_calls"][method] == [2] and data["unet_rows"][method] == [6], method
+    assert data["unet_rows"]["ours DAG+SEGA (benign)"] == data["unet_rows"]["plain"]
+    assert all(count > 1000 for count in data["aten_operations_warmup"].values())
     args = argparse.Namespace(model="mini", steps=2, device="cpu", dtype="float32", size=None)
     peak, generation = speed.child_generation_memory(args, "plain")
     assert 0 < generation < peak  # the loaded model is in the peak, not in the generation's share
