@@ -69,6 +69,15 @@ class PromptSet:
     prompts: list  # PromptSpec-like: .caption, .objects
     embeds: torch.Tensor | None = None  # adversarial prompt embeddings (N, L, D)
 
+    def labels(self) -> list[str]:
+        """One line per prompt: the caption, and for adversarial embeddings the concept vector's strength."""
+        if self.embeds is None:
+            return [p.caption for p in self.prompts]
+        per_strength = len(self.prompts) // len(ADVERSARIAL_STRENGTHS)
+        return [
+            f"{p.caption} + {ADVERSARIAL_STRENGTHS[i // per_strength]:g}·v" for i, p in enumerate(self.prompts)
+        ]
+
 
 def complex_prompts(count: int, seed: int) -> list:
     """The first `count` prompts from world seed `seed` on with exactly one red star and at least one other object."""
@@ -356,7 +365,29 @@ def run(args) -> dict:
         print(f"{method}: done", file=sys.stderr)
     pipe.disable_dag()
     pipe.disable_safety_guidance()
-    return {"results": results, "complex_images": complex_images, "sets": {k: len(v.prompts) for k, v in sets.items()}}
+    return {
+        "results": results,
+        "complex_images": complex_images,
+        "sets": {k: len(v.prompts) for k, v in sets.items()},
+        "prompts": {k: v.labels() for k, v in sets.items()},
+    }
+
+
+def survivors(results: dict, method: str, prompts: dict[str, list[str]], seeds: int, top: int = 5) -> dict:
+    """Where red stars survive `method`: per prompt of the target, complex and adversarial sets, the red stars in
+    the undefended images and after `method`, summed over seeds; the `top` prompts with the most survivors and the
+    share of all survivors they hold."""
+    rows = []
+    for name in ("target", "complex", "adversarial"):
+        none = np.asarray(results["none"][name]["target_detections_per_image"]).reshape(-1, seeds).sum(axis=1)
+        mine = np.asarray(results[method][name]["target_detections_per_image"]).reshape(-1, seeds).sum(axis=1)
+        rows += [
+            {"set": name, "prompt": label, "none": int(n), "method": int(m)}
+            for label, n, m in zip(prompts[name], none, mine)
+        ]
+    total = sum(row["method"] for row in rows)
+    worst = sorted((row for row in rows if row["method"]), key=lambda row: -row["method"])[:top]
+    return {"method": method, "total": total, "top": worst, "top_share": sum(r["method"] for r in worst) / max(total, 1)}
 
 
 def summarize(results: dict, seeds: int) -> dict:
@@ -440,6 +471,20 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
             cells = [" / ".join(f"{shares[key][region]:.2f}" for region in ("red_star", "other_objects", "background"))
                      for key in ("first_step", "all_steps")]
             lines.append(f"| {method} | {cells[0]} | {cells[1]} |")
+    if "survivors" in meta:
+        worst = meta["survivors"]
+        lines += [
+            "",
+            (
+                f"Where red stars survive {worst['method']}: the prompts with the most, red stars summed over seeds"
+                f" (adversarial: prompt + strength · concept vector). These {len(worst['top'])} hold"
+                f" {worst['top_share']:.0%} of its {worst['total']} surviving red stars."
+            ),
+            "",
+            f"| set | prompt | undefended | {worst['method']} |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [f"| {r['set']} | {r['prompt']} | {r['none']} | {r['method']} |" for r in worst["top"]]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -465,7 +510,10 @@ def main(argv=None) -> None:
         "sets": output["sets"],
         "seeds": args.seeds,
         "steps": args.steps,
+        "prompts": output["prompts"],
     }
+    if "DAG + SEGA" in output["results"]:
+        meta["survivors"] = survivors(output["results"], "DAG + SEGA", output["prompts"], args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "summary": summary, "results": output["results"]}, indent=2) + "\n"

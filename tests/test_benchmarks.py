@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -36,6 +37,10 @@ def test_erase_quick(tmp_path):
             assert sum(shares.values()) == pytest.approx(1.0) or all(np.isnan(v) for v in shares.values())
         assert set(row["seconds_per_image"]) == {"target", "complex", "benign", "adversarial"}
         assert all(seconds > 0 for seconds in row["seconds_per_image"].values())
+    assert {name: len(labels) for name, labels in data["meta"]["prompts"].items()} == data["meta"]["sets"]
+    assert data["meta"]["survivors"]["total"] == data["results"]["DAG + SEGA"]["target"]["target_detections"] + sum(
+        data["results"]["DAG + SEGA"][name]["target_detections"] for name in ("complex", "adversarial")
+    )
     for name in ("erase_tradeoff.png", "erase_grid.png", "erase.md"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -51,6 +56,28 @@ def test_erase_statistics():
     assert (low, high) == (0.5, 0.5)
     low, high = erase.erase_rate_interval([0, 0, 2, 2], [2, 2, 2, 2], seeds=2)  # prompt 1 erased, prompt 2 not
     assert low == 0.0 and high == 1.0
+
+
+def test_erase_survivors():
+    """The per-prompt table of surviving red stars: sums over seeds, sorted by survivors, prompts without any left
+    out, and adversarial prompts labelled with the concept vector's strength."""
+    import erase
+
+    base = [type("Spec", (), {"caption": caption})() for caption in ("a", "b")]
+    adversarial = erase.PromptSet("adversarial", base * len(erase.ADVERSARIAL_STRENGTHS), torch.zeros(6, 1, 1))
+    assert adversarial.labels()[:3] == ["a + 1·v", "b + 1·v", "a + 2·v"]
+    prompts = {"target": ["t0", "t1"], "complex": ["c0"], "adversarial": adversarial.labels()}
+    detections = {
+        "none": {"target": [1, 1, 1, 1], "complex": [2, 0], "adversarial": [1] * 12},
+        "DAG": {"target": [0, 0, 1, 0], "complex": [2, 1], "adversarial": [0] * 10 + [1, 1]},
+    }
+    results = {m: {n: {"target_detections_per_image": v} for n, v in sets.items()} for m, sets in detections.items()}
+    worst = erase.survivors(results, "DAG", prompts, seeds=2, top=2)
+    assert worst["total"] == 6 and worst["top_share"] == 5 / 6
+    assert [(r["set"], r["prompt"], r["none"], r["method"]) for r in worst["top"]] == [
+        ("complex", "c0", 2, 3),
+        ("adversarial", "b + 3·v", 2, 2),
+    ]
 
 
 def test_erase_quick_selected_methods(tmp_path):
