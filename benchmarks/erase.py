@@ -394,8 +394,9 @@ def summarize(results: dict, seeds: int) -> dict:
     none = results["none"]
     summary = {}
     for method, sets in results.items():
-        row = {}
-        for name in ("target", "complex", "adversarial"):
+        counted = ("target", "complex", "adversarial")
+        row = {"target_detections": {name: sets[name]["target_detections"] for name in counted}}
+        for name in counted:
             base = none[name]["target_detections"]
             row[f"erase_rate_{name}"] = 1 - sets[name]["target_detections"] / base if base else float("nan")
             row[f"erase_rate_{name}_ci95"] = erase_rate_interval(
@@ -430,11 +431,12 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
         " any red star the undefended image drew (complex and benign alike). Seconds per image: wall time of each"
         " set's generation after one warm-up call per method, *complex* / *benign* (benign one image per call), and"
         " all sets' time relative to *none*; a single pass, so differences of 10-20 % can be noise: `speed.py`"
-        " measures speed with interleaved rounds.",
+        " measures speed with interleaved rounds. Red stars: the shapes detector's count over the set's images, as"
+        " the paper's Table 2 counts NudeNet detections.",
         "",
-        "| method | ER target | ER complex | ER adversarial | co-object retention | PSNR out (complex) |"
-        " SSIM out (complex) | benign PSNR | benign bit-identical | s / image complex / benign | time × none |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | red stars target / complex / adversarial | ER target | ER complex | ER adversarial |"
+        " co-object retention | PSNR out (complex) | SSIM out (complex) | benign PSNR | benign bit-identical | s / image complex / benign | time × none |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def rate(r: dict, name: str) -> str:
@@ -445,8 +447,9 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
         return "identical" if value is None else f"{value:.1f}"
 
     for method, r in summary.items():
+        counts = " / ".join(str(count) for count in r["target_detections"].values())
         lines.append(
-            f"| {method} | {rate(r, 'target')} | {rate(r, 'complex')} | {rate(r, 'adversarial')} |"
+            f"| {method} | {counts} | {rate(r, 'target')} | {rate(r, 'complex')} | {rate(r, 'adversarial')} |"
             f" {r['co_object_retention']:.2f} | {psnr(r['psnr_outside_complex'])} | {r['ssim_outside_complex']:.3f} |"
             f" {psnr(r['benign_psnr'])} | {r['benign_bit_identical']:.2f} |"
             f" {r['seconds_per_image']['complex']:.3f} / {r['seconds_per_image']['benign']:.3f} |"

@@ -35,6 +35,11 @@ def test_erase_quick(tmp_path):
             shares = row["guidance_share_complex"][key]
             assert set(shares) == {"red_star", "other_objects", "background"}
             assert sum(shares.values()) == pytest.approx(1.0) or all(np.isnan(v) for v in shares.values())
+        for name, count in row["target_detections"].items():  # the counts the Erase Rates come from
+            base = data["summary"]["none"]["target_detections"][name]
+            assert count == data["results"][method][name]["target_detections"]
+            if base:
+                assert row[f"erase_rate_{name}"] == pytest.approx(1 - count / base)
         assert set(row["seconds_per_image"]) == {"target", "complex", "benign", "adversarial"}
         assert all(seconds > 0 for seconds in row["seconds_per_image"].values())
     assert {name: len(labels) for name, labels in data["meta"]["prompts"].items()} == data["meta"]["sets"]
@@ -43,6 +48,8 @@ def test_erase_quick(tmp_path):
     )
     for name in ("erase_tradeoff.png", "erase_grid.png", "erase.md"):
         assert (tmp_path / name).stat().st_size > 0
+    counts = " / ".join(str(count) for count in data["summary"]["DAG + SEGA"]["target_detections"].values())
+    assert f"| DAG + SEGA | {counts} |" in (tmp_path / "erase.md").read_text()
 
 
 def test_erase_statistics():
