@@ -393,12 +393,12 @@ def survivors(results: dict, method: str, prompts: dict[str, list[str]], seeds: 
 def summarize(results: dict, seeds: int) -> dict:
     none = results["none"]
     summary = {}
+    counted = ("target", "complex", "adversarial")
     for method, sets in results.items():
-        counted = ("target", "complex", "adversarial")
         row = {"target_detections": {name: sets[name]["target_detections"] for name in counted}}
         for name in counted:
             base = none[name]["target_detections"]
-            row[f"erase_rate_{name}"] = 1 - sets[name]["target_detections"] / base if base else float("nan")
+            row[f"erase_rate_{name}"] = 1 - row["target_detections"][name] / base if base else float("nan")
             row[f"erase_rate_{name}_ci95"] = erase_rate_interval(
                 sets[name]["target_detections_per_image"], none[name]["target_detections_per_image"], seeds
             )
@@ -435,7 +435,8 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
         " the paper's Table 2 counts NudeNet detections.",
         "",
         "| method | red stars target / complex / adversarial | ER target | ER complex | ER adversarial |"
-        " co-object retention | PSNR out (complex) | SSIM out (complex) | benign PSNR | benign bit-identical | s / image complex / benign | time × none |",
+        " co-object retention | PSNR out (complex) | SSIM out (complex) | benign PSNR | benign bit-identical |"
+        " s / image complex / benign | time × none |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
