@@ -5,69 +5,365 @@ Examples:
     dag-safety generate "a red star and a blue circle on a white background" --compare
     dag-safety generate "a red star on a gray background" --guidance off --out plain.png
     dag-safety optimize ./data --init-text "red star" --safety-concept "a red star" --out ./red-star-embedding
+
+Every option is checked when the command line is parsed, and the output paths before any model is loaded. An
+error is one line on stderr, `dag-safety: error: ...`, with exit status 2 (argparse's convention); `--debug`
+shows the traceback instead, and leaves the logging and loading progress bars of diffusers and transformers as
+they are (as do their own `DIFFUSERS_VERBOSITY` / `TRANSFORMERS_VERBOSITY` environment variables, each for its
+library).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_SEED = 2**63 - 1
+DENOISING_BAR = {"desc": "Denoising", "delay": 2.0, "leave": False}  # tqdm: shown only on runs longer than 2 s
+
+
+class CommandError(Exception):
+    """A problem with the command line found while running it (an output path, a missing option): printed as
+    `dag-safety: error: ...` with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `dag-safety: error: <message> (see 'dag-safety generate --help')`."""
+
+    def error(self, message: str):
+        self.exit(2, f"dag-safety: error: {message} (see '{self.prog} --help')\n")
+
+
+# 1. Option types: each parses one value or raises `ArgumentTypeError` saying what was expected
+
+
+def _number(
+    kind: type,
+    *,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    multiple_of: int | None = None,
+) -> Callable[[str], int | float]:
+    """An argparse `type=`: a finite `kind` (`int` or `float`) within the bounds, else `ArgumentTypeError`."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"<= {'2**63 - 1' if high == MAX_SEED else high}")
+    if multiple_of is not None:
+        parts.append(f"a multiple of {multiple_of}")
+    noun = "an integer" if kind is int else "a finite number"
+    expected = noun + (f" {' and '.join(parts)}" if parts else "")
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if (
+            (kind is float and not math.isfinite(value))
+            or (low is not None and (value <= low if low_open else value < low))
+            or (high is not None and value > high)
+            or (multiple_of is not None and value % multiple_of)
+        ):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, low=1)
+SEED = _number(int, low=0, high=MAX_SEED)
+IMAGE_SIDE = _number(int, low=8, multiple_of=8)
+FRACTION = _number(float, low=0, low_open=True, high=1)
+
+
+def _text(text: str) -> str:
+    """A non-blank text."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty text")
+    return text
+
+
+def _repo_id(text: str) -> str:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise argparse.ArgumentTypeError(f"expected a Hub repo id such as 'me/my-embedding', got {text!r}") from None
+    return text
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has: `cpu`, `cuda`, `cuda:N`, `mps`, ..."""
+    if text == "cpu":
+        return text  # the default, without importing torch
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("'meta' holds no data; expected cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "CUDA finds no GPU"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not available (torch {torch.__version__}: {build}); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        modules = (getattr(torch.backends, device.type, None), getattr(torch, device.type, None))
+        is_available = next((module.is_available for module in modules if hasattr(module, "is_available")), None)
+        if is_available is None or not is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine; use --device cpu")
+    return text
+
+
+# 2. The parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dag-safety", description="Detect-and-Guide (DAG) safety guidance.")
+    parser = _Parser(prog="dag-safety", description="Detect-and-Guide (DAG) safety guidance.")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help="show tracebacks, and diffusers' and transformers' logging and loading bars as they are",
+    )
 
-    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen = sub.add_parser("generate", help="generate images from a prompt", parents=[common])
     gen.add_argument("prompt", help='e.g. "a red star and a blue circle on a white background"')
-    gen.add_argument("--out", default="out.png", help="output PNG (several images: a grid, plus numbered files)")
-    gen.add_argument("--model", default=None,
-                     help="local pipeline directory or Hub id (defaults to the bundled mini model)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=25, help="number of denoising steps")
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument(
+        "--out",
+        default="out.png",
+        help="output image (.png, .jpg, .webp; several images: a grid, plus <out>_0, <out>_1, ...). Existing files"
+        " are overwritten, the <out>_N, _map and _compare siblings too, unless --no-clobber",
+    )
+    gen.add_argument(
+        "--no-clobber",
+        action="store_true",
+        help="refuse to run if any file it would write exists (checked before generating)",
+    )
+    gen.add_argument(
+        "--model", default=None, help="local pipeline directory or Hub id (defaults to the bundled mini model)"
+    )
+    gen.add_argument("--seed", type=SEED, default=0, help="image i uses seed + i (0 to 2**63 - 1)")
+    gen.add_argument("--steps", type=POSITIVE_INT, default=25, help="number of denoising steps (>= 1)")
+    gen.add_argument(
+        "--guidance-scale",
+        type=_number(float, low=0),
+        default=7.5,
+        help="classifier-free guidance scale (>= 0; <= 1 turns it off)",
+    )
+    gen.add_argument("--num-images", type=POSITIVE_INT, default=1)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--height", type=int, default=None, help="defaults to the model's native size")
-    gen.add_argument("--width", type=int, default=None, help="defaults to the model's native size")
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument(
+        "--height",
+        type=IMAGE_SIDE,
+        default=None,
+        help="image height in pixels, a multiple of 8; give --height and --width together, or neither for the"
+        " model's native size",
+    )
+    gen.add_argument("--width", type=IMAGE_SIDE, default=None, help="image width in pixels (see --height)")
+    gen.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N, mps")
     safety = gen.add_argument_group("safety guidance")
-    safety.add_argument("--guidance", choices=("sega", "sld", "off"), default="sega",
-                        help="DAG with SEGA (default) or SLD guidance, or off (plain generation)")
-    safety.add_argument("--embedding", default=None,
-                        help="guideline embedding: a directory or Hub id (default with the mini model: its red-star"
-                             " embedding)")
-    safety.add_argument("--safety-concept", default=None,
-                        help="safety concept text (default: the embedding's, else SLD's concept text)")
-    safety.add_argument("--no-fingerprint-check", action="store_true",
-                        help="accept an embedding made for another base model")
-    safety.add_argument("--save-maps", action="store_true",
-                        help="also write the detection heat map over each image (<out>_map.png)")
-    safety.add_argument("--compare", action="store_true",
-                        help="also write undefended | DAG | detection map side by side (<out>_compare.png)")
+    safety.add_argument(
+        "--guidance",
+        choices=("sega", "sld", "off"),
+        default="sega",
+        help="DAG with SEGA (default) or SLD guidance, or off (plain generation)",
+    )
+    safety.add_argument(
+        "--embedding",
+        default=None,
+        help="guideline embedding: a directory or Hub id (default with the mini model: its red-star embedding)",
+    )
+    safety.add_argument(
+        "--safety-concept",
+        default=None,
+        help="safety concept text (default: the embedding's, else SLD's concept text)",
+    )
+    safety.add_argument(
+        "--no-fingerprint-check", action="store_true", help="accept an embedding made for another base model"
+    )
+    safety.add_argument(
+        "--save-maps", action="store_true", help="also write the detection heat map over each image (<out>_map.png)"
+    )
+    safety.add_argument(
+        "--compare",
+        action="store_true",
+        help="also write undefended | DAG | detection map side by side (<out>_compare.png)",
+    )
     gen.set_defaults(func=generate)
 
-    opt = sub.add_parser("optimize", help="optimize a guideline embedding from annotated images")
+    opt = sub.add_parser("optimize", help="optimize a guideline embedding from annotated images", parents=[common])
     opt.add_argument("data", help="folder: images, masks/<stem>.png, captions.csv (file_name,caption)")
-    opt.add_argument("--init-text", required=True, help='text that initialises the embedding, e.g. "nude person"')
+    opt.add_argument(
+        "--init-text", type=_text, required=True, help='text that initialises the embedding, e.g. "nude person"'
+    )
     opt.add_argument("--concept", default=None, help="the concept's name in the metadata (default: init text)")
     opt.add_argument("--safety-concept", default=None, help="safety concept text to pair it with")
-    opt.add_argument("--out", required=True, help="output directory (GuidelineEmbedding.save_pretrained)")
+    opt.add_argument(
+        "--out",
+        required=True,
+        help="output directory (GuidelineEmbedding.save_pretrained); must be new or empty unless --overwrite",
+    )
+    opt.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out: replaces guideline_embeds.safetensors, config.json and README.md there",
+    )
     opt.add_argument("--model", default=None, help="base model: a directory or Hub id (default: the mini model)")
-    opt.add_argument("--timesteps", type=int, default=10, help="cached timesteps per image (memory budget)")
-    opt.add_argument("--steps", type=int, default=None, help="optimization steps (default: 100 x unsafe images)")
-    opt.add_argument("--lr", type=float, default=200.0)
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--layer-fractions", type=float, nargs="+", default=[0.25, 0.5])
-    opt.add_argument("--base-scale", type=float, default=5.0,
-                     help="DAG's AreaScaler numerator to save as the embedding's default (the paper: 5)")
+    opt.add_argument(
+        "--timesteps", type=POSITIVE_INT, default=10, help="cached timesteps per image (memory budget; >= 1)"
+    )
+    opt.add_argument(
+        "--steps", type=POSITIVE_INT, default=None, help="optimization steps (default: 100 x unsafe images)"
+    )
+    opt.add_argument("--lr", type=_number(float, low=0, low_open=True), default=200.0, help="learning rate (> 0)")
+    opt.add_argument("--seed", type=SEED, default=0)
+    opt.add_argument(
+        "--layer-fractions",
+        type=FRACTION,
+        nargs="+",
+        default=[0.25, 0.5],
+        help="detection layers, as fractions in (0, 1] of the latent side",
+    )
+    opt.add_argument(
+        "--base-scale",
+        type=_number(float, low=0),
+        default=5.0,
+        help="DAG's AreaScaler numerator to save as the embedding's default (>= 0; the paper: 5)",
+    )
     opt.add_argument("--fp16-cache", action="store_true", help="store the query cache in float16")
-    opt.add_argument("--device", default="cpu")
-    opt.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push the embedding to the Hub")
+    opt.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N, mps")
+    opt.add_argument(
+        "--push-to-hub", type=_repo_id, default=None, metavar="REPO_ID", help="also push the embedding to the Hub"
+    )
     opt.set_defaults(func=optimize)
     return parser
+
+
+# 3. Checks of the options together and of the output paths, before any model is loaded
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    """`path` can be written: its nearest existing ancestor is a directory in which a file can be created."""
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CommandError(f"{flag} {str(path)!r}: {str(ancestor)!r} is a file, not a directory.")
+    try:  # os.access says yes to root everywhere, and to read-only mounts; creating a file is the real test
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".dag-safety-write-test-"):
+            pass
+    except OSError as error:
+        raise CommandError(f"{flag} {str(path)!r}: cannot write in {str(ancestor)!r} ({error.strerror}).") from None
+
+
+def _check_model(name: str | None) -> None:
+    """`--model` is an existing directory or can be a Hub repo id (the bundled mini model when `None`)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name is None or os.path.isdir(os.path.expanduser(name)):
+        return
+    if os.path.exists(os.path.expanduser(name)):
+        raise CommandError(f"--model {name!r} is a file; pass a pipeline directory (with model_index.json).")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise CommandError(
+            f"--model {name!r}: no local directory of that name exists, and it is not a valid Hub repo id"
+            " ('namespace/name'); check the path."
+        ) from None
+
+
+def output_paths(out: Path, num_images: int, save_maps: bool, compare: bool) -> list[Path]:
+    """Every file `generate` writes for `--out out`: the image (a grid of several), `_i`, `_map[_i]`, `_compare`."""
+    paths = [out]
+    if num_images > 1:
+        paths += [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(num_images)]
+    if save_maps:
+        suffixes = [""] if num_images == 1 else [f"_{i}" for i in range(num_images)]
+        paths += [out.with_name(f"{out.stem}_map{suffix}{out.suffix}") for suffix in suffixes]
+    if compare:
+        paths.append(out.with_name(f"{out.stem}_compare{out.suffix}"))
+    return paths
+
+
+def check_generate(args: argparse.Namespace) -> list[Path]:
+    """Option combinations `generate` refuses, and the files it will write, each checked writable (and absent
+    with `--no-clobber`); returns those files, `--out` first."""
+    if (args.height is None) != (args.width is None):
+        raise CommandError("give --height and --width together, or neither for the model's native size.")
+    if args.guidance == "off" and (args.save_maps or args.compare):
+        flag = "--save-maps" if args.save_maps else "--compare"
+        raise CommandError(f"{flag} shows DAG's detection, which `--guidance off` turns off; drop one of the two.")
+    if args.guidance != "off" and args.model is not None and args.embedding is None:
+        raise CommandError(
+            "DAG needs a guideline embedding for this model: pass --embedding DIR_OR_HUB_ID, or --guidance off."
+        )
+    if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+        raise CommandError(f"--out must name an image file (.png, .jpg, .webp), got {args.out!r}.")
+    _check_model(args.model)
+    paths = output_paths(Path(args.out), args.num_images, args.save_maps, args.compare)
+    for path in paths:
+        if path.is_dir():
+            raise CommandError(f"--out {args.out!r}: {str(path)!r} is a directory; name an image file.")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise CommandError(f"--out {args.out!r}: {str(path)!r} exists and is read-only.")
+    _check_creatable(Path(args.out), "--out")
+    if args.no_clobber:
+        existing = [str(path) for path in paths if path.exists()]
+        if existing:
+            raise CommandError(
+                f"--no-clobber: {', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; choose"
+                " another --out, or drop --no-clobber to overwrite."
+            )
+    return paths
+
+
+def check_optimize(args: argparse.Namespace) -> Path:
+    """`--model` can be loaded, and `--out` is a directory to be or an empty one (any with `--overwrite`) that can
+    be written; returns `--out`."""
+    _check_model(args.model)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {args.out!r} is a file; name a new or empty directory.")
+    if out.is_dir():
+        entries = sorted(entry.name for entry in out.iterdir())
+        if entries and not args.overwrite:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise CommandError(
+                f"--out {args.out!r} is not empty ({shown}); name a new or empty directory, or pass --overwrite"
+                " to replace guideline_embeds.safetensors, config.json and README.md there."
+            )
+        _check_creatable(out / "guideline_embeds.safetensors", "--out")
+    else:
+        _check_creatable(out, "--out")
+    return out
+
+
+# 4. The commands
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -95,20 +391,20 @@ def resolve_embedding(args: argparse.Namespace):
         return GuidelineEmbedding.from_pretrained(args.embedding)
     if args.model is None:
         return GuidelineEmbedding.from_pretrained(RED_STAR)
-    raise SystemExit(
+    raise CommandError(
         "DAG needs a guideline embedding for this model: pass --embedding DIR_OR_HUB_ID, or --guidance off."
     )
 
 
-def setup_pipeline(pipe, args: argparse.Namespace):
+def setup_pipeline(pipe, args: argparse.Namespace, embedding=None):
     """Configure the loaded pipeline from the command line: DAG with the chosen guidance, or nothing."""
     from .config import SLD_SAFETY_CONCEPT
 
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(**DENOISING_BAR)
     args.call_kwargs = {}
     if args.guidance == "off":
         return pipe
-    embedding = resolve_embedding(args)
+    embedding = embedding if embedding is not None else resolve_embedding(args)
     pipe.enable_dag(embedding, guidance=args.guidance, check_fingerprint=not args.no_fingerprint_check)
     concept = args.safety_concept or embedding.metadata.safety_concept or SLD_SAFETY_CONCEPT
     args.call_kwargs = {"safety_concept": concept, "return_dag_maps": args.save_maps or args.compare}
@@ -128,81 +424,73 @@ def heat_map(image, detection_map):
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
+    """`dag-safety generate`: the images, and with DAG its detection report, maps and comparison; returns the files
+    written."""
     import torch
-    from diffusers.utils import make_image_grid
 
-    if args.num_images < 1:
-        raise SystemExit(f"--num-images must be >= 1, got {args.num_images}.")
-    out = Path(args.out)
-    if out.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
-        raise SystemExit(f"--out must name an image file (.png, .jpg, .webp), got {str(out)!r}.")
-    if args.guidance == "off" and (args.save_maps or args.compare):
-        flag = "--save-maps" if args.save_maps else "--compare"
-        raise SystemExit(f"{flag} shows DAG's detection, which `--guidance off` turns off; drop one of the two.")
-
-    # 1. Load the pipeline
+    # 1. Check the options and outputs, and load the embedding, before the model: all fail fast
+    paths = check_generate(args)
+    out = paths[0]
+    embedding = resolve_embedding(args) if args.guidance != "off" else None
+    # 2. Load the pipeline
     pipe = load_pipeline(args)
-    # 2. Pipeline setup (safety guidance options go here)
-    pipe = setup_pipeline(pipe, args)
-    # 3. Generate: image i uses seed `args.seed + i`, so any image can be reproduced on its own
+    # 3. Pipeline setup (safety guidance options go here)
+    pipe = setup_pipeline(pipe, args, embedding)
+    # 4. Generate: image i uses seed `args.seed + i`, so any image can be reproduced on its own
     generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)]
-    call = dict(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        num_images_per_prompt=args.num_images,
-        height=args.height,
-        width=args.width,
-    )
+    call = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "num_images_per_prompt": args.num_images,
+        "height": args.height,
+        "width": args.width,
+    }
     output = pipe(generator=generators, **call, **args.call_kwargs)
     images = output.images
     if output.unsafe_detected is not None:
         for i, unsafe in enumerate(output.unsafe_detected):
             print(f"image {i}: {'unsafe content detected and guided away' if unsafe else 'nothing unsafe detected'}")
-    # 4. Save
+    # 5. Save, to the paths checked in step 1 (`output_paths` order)
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    if len(images) == 1:
-        images[0].save(out)
-        written.append(out)
-    else:
-        cols = min(len(images), 4)
-        rows = (len(images) + cols - 1) // cols
-        blank = images[0].copy()
-        blank.paste((255, 255, 255), (0, 0, *blank.size))
-        make_image_grid(images + [blank] * (rows * cols - len(images)), rows, cols).save(out)
-        written.append(out)
-        for i, image in enumerate(images):
-            path = out.with_name(f"{out.stem}_{i}{out.suffix}")
-            image.save(path)
-            written.append(path)
+    pictures = [images[0]] if len(images) == 1 else [image_grid(images), *images]
     if args.save_maps:
-        for i, image in enumerate(images):
-            path = out.with_name(f"{out.stem}_map{'' if len(images) == 1 else f'_{i}'}{out.suffix}")
-            heat_map(image, output.dag_maps[i]).save(path)
-            written.append(path)
+        pictures += [heat_map(image, amap) for image, amap in zip(images, output.dag_maps)]
+    for path, picture in zip(paths, pictures):
+        picture.save(path)
     if args.compare:
-        written.append(write_comparison(pipe, args, call, images, output.dag_maps, out))
-    for path in written:
+        write_comparison(pipe, args, call, images, output.dag_maps, paths[-1])
+    for path in paths:
         print(f"wrote {path}")
-    return written
+    return paths
 
 
-def write_comparison(pipe, args, call: dict, images, maps, out: Path) -> Path:
-    """One PNG, a row per image: undefended | DAG | detection map over the DAG image (leaves DAG disabled)."""
+def image_grid(images):
+    """The images in rows of up to 4, the last row filled with white."""
+    from diffusers.utils import make_image_grid
+
+    cols = min(len(images), 4)
+    rows = (len(images) + cols - 1) // cols
+    blank = images[0].copy()
+    blank.paste((255, 255, 255), (0, 0, *blank.size))
+    return make_image_grid(images + [blank] * (rows * cols - len(images)), rows, cols)
+
+
+def write_comparison(pipe, args, call: dict, images, maps, path: Path) -> None:
+    """One image at `path`, a row per image: undefended | DAG | detection map over the DAG image (leaves DAG
+    disabled)."""
     import torch
     from diffusers.utils import make_image_grid
 
     pipe.disable_dag()
     generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)]
+    pipe.set_progress_bar_config(**{**DENOISING_BAR, "desc": "Denoising (undefended, for --compare)"})
     undefended = pipe(generator=generators, **call).images
     tiles = []
     for plain, guided, amap in zip(undefended, images, maps):
         tiles += [plain, guided, heat_map(guided, amap)]
-    path = out.with_name(f"{out.stem}_compare{out.suffix}")
     make_image_grid(tiles, rows=len(images), cols=3).save(path)
-    return path
 
 
 def optimize(args: argparse.Namespace) -> Path:
@@ -211,8 +499,7 @@ def optimize(args: argparse.Namespace) -> Path:
 
     from .optimize import OptimizationConfig, load_annotated_folder, optimize_guideline_embedding
 
-    items = load_annotated_folder(args.data)
-    pipe = load_pipeline(args)
+    out = check_optimize(args)
     config = OptimizationConfig(
         init_text=args.init_text,
         concept=args.concept,
@@ -225,10 +512,11 @@ def optimize(args: argparse.Namespace) -> Path:
         base_scale=args.base_scale,
         cache_dtype=torch.float16 if args.fp16_cache else torch.float32,
     )
+    items = load_annotated_folder(args.data)
+    pipe = load_pipeline(args)
     base_model = args.model or "dag-safety mini model"
     result = optimize_guideline_embedding(pipe, items, config, base_model=base_model)
-    out = Path(args.out)
-    result.embedding.save_pretrained(out)
+    result.embedding.save_pretrained(out, overwrite=args.overwrite)
     first, best = result.eval_losses[0][1], result.embedding.metadata.final_loss
     print(f"loss {first:.4f} -> {best:.4f}; wrote {out}")
     if args.push_to_hub:
@@ -237,9 +525,62 @@ def optimize(args: argparse.Namespace) -> Path:
     return out
 
 
+# 5. Entry point
+
+
+@contextlib.contextmanager
+def quiet_libraries(debug: bool) -> Iterator[None]:
+    """diffusers' and transformers' notices, deprecation warnings and model-loading bars off for the command, and
+    restored afterwards: none of them is for the user of the command line.
+
+    Left as they are with `debug`; each library's verbosity also when its own environment variable
+    (`DIFFUSERS_VERBOSITY`, `TRANSFORMERS_VERBOSITY`) is set. Hub download bars stay on (a download can be long).
+    """
+    if debug:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [(diffusers_logging, "DIFFUSERS_VERBOSITY"), (transformers_logging, "TRANSFORMERS_VERBOSITY")]
+    saved = [(library.get_verbosity(), library.is_progress_bar_enabled()) for library, _ in libraries]
+    hub_bars = not are_progress_bars_disabled()
+    try:
+        for library, variable in libraries:
+            if not os.environ.get(variable):
+                library.set_verbosity_error()
+            library.disable_progress_bar()
+        if hub_bars:  # transformers' switch turns the Hub's download bars off too
+            enable_progress_bars()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for (library, _), (verbosity, bars) in zip(libraries, saved):
+            library.set_verbosity(verbosity)
+            if bars:
+                library.enable_progress_bar()
+        if hub_bars == are_progress_bars_disabled():  # transformers' switch set the Hub's bars too: put them back
+            enable_progress_bars() if hub_bars else disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with quiet_libraries(args.debug):
+            args.func(args)
+    except (CommandError, ValueError, OSError) as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        parser.exit(2, f"dag-safety: error: {message}\n")
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        parser.exit(130, "dag-safety: interrupted\n")
     return 0
 
 

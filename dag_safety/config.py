@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+import numpy as np
+
+from ._validation import is_integer, is_real
 
 __all__ = [
     "DAGConfig",
@@ -45,6 +50,30 @@ class GuidanceMethod(str, Enum):
             raise ValueError(f"Unknown guidance method {value!r}; expected one of {valid}.") from None
 
 
+def _check_field_types(config: Any) -> None:
+    """Checks every field of a config dataclass against its annotation (`float`, `int`, `bool`,
+    `tuple[float, ...]`): the ranges are checked after this, so every check below can assume the type."""
+    for item in dataclasses.fields(config):
+        name, value = item.name, getattr(config, item.name)
+        if item.type == "float":
+            if not is_real(value):
+                raise ValueError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
+            _check_finite(name, value)
+        elif item.type == "int":
+            if not is_integer(value):
+                raise ValueError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
+        elif item.type == "bool":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__}).")
+        elif item.type == "tuple[float, ...]":
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(
+                    f"`{name}` must be a sequence of numbers such as (0.5, 1.0), got {value!r} ({type(value).__name__})."
+                )
+            if not all(is_real(v) and math.isfinite(v) for v in value):
+                raise ValueError(f"`{name}` must hold finite real numbers only, got {value!r}.")
+
+
 def _check_finite(name: str, value: float) -> None:
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
@@ -65,7 +94,7 @@ def _check_non_negative(name: str, value: float) -> None:
 
 
 def _check_steps(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if value < 0:
         raise ValueError(f"`{name}` must be a non-negative integer number of steps, got {value!r}.")
 
 
@@ -93,6 +122,7 @@ class SLDConfig:
     sld_mom_beta: float = 0.4
 
     def __post_init__(self):
+        _check_field_types(self)
         _check_non_negative("sld_guidance_scale", self.sld_guidance_scale)
         _check_steps("sld_warmup_steps", self.sld_warmup_steps)
         _check_finite("sld_threshold", self.sld_threshold)
@@ -142,6 +172,7 @@ class SEGAConfig:
     edit_mom_beta: float = 0.4
 
     def __post_init__(self):
+        _check_field_types(self)
         _check_non_negative("edit_guidance_scale", self.edit_guidance_scale)
         _check_steps("edit_warmup_steps", self.edit_warmup_steps)
         _check_unit_interval("edit_threshold", self.edit_threshold)
@@ -199,6 +230,7 @@ class DAGConfig:
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
             raise ValueError(f"`base` must be a SEGAConfig or an SLDConfig, got {type(self.base).__name__}.")
+        _check_field_types(self)
         _check_unit_interval("unsafe_threshold", self.unsafe_threshold)
         _check_unit_interval("edit_mask_threshold", self.edit_mask_threshold)
         if self.edit_mask_threshold > self.unsafe_threshold:

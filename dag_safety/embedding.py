@@ -7,7 +7,8 @@ Files (a directory, locally or as a Hugging Face Hub repo):
 - `config.json`: the same metadata as JSON, for browsing;
 - `README.md`: a model card.
 
-Loading never unpickles anything.
+Loading never unpickles anything. Every header field is parsed and checked against the type [`EmbeddingMetadata`]
+declares for it; a damaged file or header is a `ValueError` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -15,19 +16,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from huggingface_hub import ModelCardData, ModelHubMixin, hf_hub_download
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import validate_repo_id
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ._validation import is_real
 from .detection import validate_embedding
 
 __all__ = ["EMBEDDING_FILE", "EmbeddingMetadata", "GuidelineEmbedding", "unet_fingerprint"]
@@ -36,6 +49,8 @@ EMBEDDING_FILE = "guideline_embeds.safetensors"
 TENSOR_NAME = "guideline_embeds"
 FORMAT_NAME = "dag-safety/guideline-embedding"
 FORMAT_VERSION = 1
+CARD_TAGS = ["dag-safety", "guideline-embedding", "safe-generation"]
+SAVED_FILES = (EMBEDDING_FILE, "config.json", "README.md")
 
 
 def unet_fingerprint(unet: UNet2DConditionModel) -> str:
@@ -69,6 +84,82 @@ def _hub_model_id(name: str) -> str | None:
     except HFValidationError:
         return None
     return name
+
+
+def _header_json(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        raise ValueError("not JSON") from None
+
+
+def _header_text(raw: str) -> str:
+    if not isinstance(raw, str):
+        raise TypeError("not a string")
+    return raw
+
+
+def _header_version(raw: str) -> int:
+    value = _header_json(raw)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("not a positive integer")
+    return value
+
+
+def _header_finite(raw: str) -> float:
+    value = _header_json(raw)
+    if not is_real(value) or not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return float(value)
+
+
+def _header_optional_number(raw: str) -> float | None:
+    value = _header_json(raw)
+    if value is not None and not is_real(value):
+        raise ValueError("neither a number nor null")
+    return None if value is None else float(value)
+
+
+def _header_fractions(raw: str) -> tuple[float, ...]:
+    value = _header_json(raw)
+    if not isinstance(value, list) or not value or not all(is_real(v) and math.isfinite(v) for v in value):
+        raise ValueError("not a non-empty list of finite numbers")
+    return tuple(float(v) for v in value)
+
+
+def _header_object(raw: str) -> dict:
+    value = _header_json(raw)
+    if not isinstance(value, dict):
+        raise TypeError("not a JSON object")
+    return value
+
+
+# How each declared type of an `EmbeddingMetadata` field (and the header's `format_version`) is read from its
+# header string, and what a valid value looks like.
+_HEADER_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
+    "str": (_header_text, "a string"),
+    "int": (_header_version, "a positive integer such as '1'"),
+    "float": (_header_finite, "a finite number in JSON, such as '0.5'"),
+    "float | None": (_header_optional_number, "a number or 'null'"),
+    "tuple[float, ...]": (_header_fractions, "a JSON list of finite numbers, such as '[0.25, 0.5]'"),
+    "dict": (_header_object, "a JSON object, such as '{}'"),
+}
+
+
+def _parse_header_field(source: str, name: str, raw: Any, declared: str) -> Any:
+    """Reads one safetensors header value (a string) as the type `declared` for its field.
+
+    Raises:
+        `ValueError`: naming `source` (the file), the field, the value found and what was expected.
+    """
+    parse, expected = _HEADER_TYPES[declared]
+    try:
+        return parse(raw)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{source}: the header field {name!r} is {raw!r} ({error}); expected {expected}. The file is damaged or"
+            " was not written by dag-safety; re-save or re-download the embedding."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -122,28 +213,135 @@ class EmbeddingMetadata:
 
     @classmethod
     def from_strings(cls, values: dict[str, str], source: str) -> EmbeddingMetadata:
+        """The metadata from a safetensors header ([`to_strings`]'s form); every field goes through
+        [`_parse_header_field`] with its declared type, and fields without a default are required.
+
+        Raises:
+            `ValueError`: not a guideline embedding's header, a newer format, a required field missing, or a value
+            that does not parse as its field's type; the message names `source` and the field.
+        """
         if values.get("format") != FORMAT_NAME:
             raise ValueError(f"{source} is not a dag-safety guideline embedding (its header has no {FORMAT_NAME!r}).")
-        version = int(values.get("format_version", "0"))
+        fields = [("format_version", "int", True)]
+        fields += [
+            (item.name, item.type, item.default is MISSING and item.default_factory is MISSING)
+            for item in dataclasses.fields(cls)
+        ]
+        missing = [
+            f"{name!r} ({_HEADER_TYPES[declared][1]})"
+            for name, declared, required in fields
+            if required and name not in values
+        ]
+        if missing:
+            raise ValueError(
+                f"{source}: the header lacks the required field{'s' if len(missing) > 1 else ''}"
+                f" {', '.join(missing)}. The file is damaged or was not written by dag-safety; re-save or"
+                " re-download the embedding."
+            )
+        parsed = {
+            name: _parse_header_field(source, name, values[name], declared)
+            for name, declared, _ in fields
+            if name in values
+        }
+        version = parsed.pop("format_version")
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"{source} uses guideline-embedding format {version}; this dag-safety reads up to {FORMAT_VERSION}."
                 " Upgrade dag-safety."
             )
-        parsed: dict[str, Any] = {}
-        for item in dataclasses.fields(cls):
-            if item.name not in values:
-                continue
-            raw = values[item.name]
-            parsed[item.name] = raw if item.type == "str" else json.loads(raw)
-        parsed["layer_fractions"] = tuple(parsed.get("layer_fractions", (0.25, 0.5)))
         return cls(**parsed)
+
+
+def _download_embedding_file(model_id: str, **hub_kwargs) -> str:
+    """`hf_hub_download` of a repo's embedding file, its errors said in terms of a name that is no local directory.
+
+    Raises:
+        `ValueError`: the repo, the revision or the file is not on the Hub, or (offline) not in the cache.
+        `ConnectionError`: the Hub could not be reached and the file is not in the cache.
+    """
+    try:
+        return hf_hub_download(repo_id=model_id, filename=EMBEDDING_FILE, **hub_kwargs)
+    except GatedRepoError:
+        raise  # huggingface_hub's message says how to request access
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"No local directory {model_id!r} exists, and the Hugging Face Hub has no repo {model_id!r} (or it is"
+            " private: log in with `hf auth login` or pass token=). Check the name, or pass a local directory."
+        ) from None
+    except RevisionNotFoundError:
+        raise ValueError(
+            f"The Hub repo {model_id!r} has no revision {hub_kwargs.get('revision')!r} (and no local directory"
+            f" {model_id!r} exists)."
+        ) from None
+    except RemoteEntryNotFoundError:
+        raise ValueError(
+            f"The Hub repo {model_id!r} has no {EMBEDDING_FILE}: it is not a dag-safety guideline embedding (and no"
+            f" local directory {model_id!r} exists)."
+        ) from None
+    except LocalEntryNotFoundError as error:
+        fix = f"pass a local directory, or download it first: `hf download {model_id} {EMBEDDING_FILE}`"
+        if hub_kwargs.get("local_files_only"):
+            raise ValueError(
+                f"No local directory {model_id!r} exists, and the Hub repo {model_id!r} is not in the local cache"
+                f" (local_files_only=True: no cached {EMBEDDING_FILE}). Drop local_files_only, or {fix}."
+            ) from None
+        if _caused_by(error, OfflineModeIsEnabled):
+            raise ValueError(
+                f"No local directory {model_id!r} exists, and the Hub repo {model_id!r} is not in the offline cache"
+                f" (HF_HUB_OFFLINE=1: no cached {EMBEDDING_FILE}). Go online (unset HF_HUB_OFFLINE), or {fix}."
+            ) from None
+        cause = error.__cause__ or error
+        raise ConnectionError(
+            f"Could not reach the Hugging Face Hub to fetch {model_id!r} ({type(cause).__name__}: {cause}), and its"
+            f" {EMBEDDING_FILE} is not in the local cache; no local directory {model_id!r} exists either. Check your"
+            " connection, or pass a local directory."
+        ) from error
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _is_saved_embedding(path: Path) -> bool:
+    """Whether `path` (one of [`SAVED_FILES`]) is a guideline embedding's own: its header, config or card says so."""
+    try:
+        if path.name == EMBEDDING_FILE:
+            with safe_open(str(path), framework="pt") as handle:
+                return (handle.metadata() or {}).get("format") == FORMAT_NAME
+        if path.name == "config.json":
+            config = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(config, dict) and config.get("format") == FORMAT_NAME
+        card = metadata_load(path) or {}
+        return "guideline-embedding" in (card.get("tags") or [])
+    except (OSError, ValueError, SafetensorError):  # unreadable: not something we know to be ours
+        return False
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """What in `directory` is not a saved guideline embedding's (hidden entries aside); `[]` when it is missing."""
+    if not directory.is_dir():
+        return []
+    foreign = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.name not in SAVED_FILES or not entry.is_file():
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+        elif not _is_saved_embedding(entry):
+            foreign.append(f"{entry.name} (not a guideline embedding's)")
+    return foreign
 
 
 class GuidelineEmbedding(
     ModelHubMixin,
     library_name="dag-safety",
-    tags=["dag-safety", "guideline-embedding", "safe-generation"],
+    tags=CARD_TAGS,
 ):
     """A guideline embedding `(1+K, D)` with its metadata; saved, loaded and shared like a Hub model.
 
@@ -184,23 +382,74 @@ class GuidelineEmbedding(
     ) -> GuidelineEmbedding:
         """Loads from a local directory or a Hub repo id; the keyword arguments are `huggingface_hub`'s.
 
-        Only the safetensors file is read (its header holds the metadata), so a repo whose embedding file alone is
-        in the cache loads offline; `config.json` and the card are for people browsing the repo.
+        An existing local directory of that name always wins; any other name must be a Hub repo id (`name` or
+        `namespace/name`). Only the safetensors file is read (its header holds the metadata), so a repo whose
+        embedding file alone is in the cache loads offline; `config.json` and the card are for people browsing the
+        repo.
 
         Raises:
-            `ValueError`: a path that can only be local (absolute, `./`, `../`, `~`) does not exist.
+            `ValueError`: no local directory of that name exists and the name is not a valid Hub repo id, or the
+                Hub (or, offline, the cache) has no such repo or no embedding file in it; the file is not a
+                readable safetensors file; or its header is not a valid guideline embedding's (the message names
+                the file and the field).
+            `ConnectionError`: the Hub could not be reached and the file is not in the cache.
         """
-        text = os.fspath(pretrained_model_name_or_path)
-        if text.startswith(("/", "./", "../", "~", ".\\")) and not os.path.isdir(os.path.expanduser(text)):
-            raise ValueError(f"No guideline embedding directory at {text!r}; check the path.")
+        text = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        if not os.path.isdir(text):
+            if os.path.exists(text):
+                raise ValueError(
+                    f"{text!r} is a file, not a directory; pass the directory that holds {EMBEDDING_FILE}."
+                )
+            if text.startswith(("/", "./", "../", ".\\")) or os.path.isabs(text):
+                raise ValueError(f"No guideline embedding directory exists at {text!r}; check the path.")
+            try:
+                validate_repo_id(text)
+            except HFValidationError:
+                raise ValueError(
+                    f"No local directory {text!r} exists, and {text!r} is not a valid Hub repo id ('name' or"
+                    " 'namespace/name' of letters, digits, '-', '_' and '.'); check the path or the repo id."
+                ) from None
         return cls._from_pretrained(
-            model_id=os.path.expanduser(text),
+            model_id=text,
             revision=revision,
             cache_dir=cache_dir,
             force_download=force_download,
             local_files_only=local_files_only,
             token=token,
         )
+
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False, **kwargs) -> str | None:
+        """Saves `guideline_embeds.safetensors`, `config.json` and the model card `README.md` into `save_directory`
+        (created if missing); the other keyword arguments are `huggingface_hub`'s (`push_to_hub=`, `repo_id=`, ...).
+
+        Nothing but a guideline embedding is ever replaced without asking: the directory may be missing, empty, or
+        hold a guideline embedding saved before (its three files are replaced, as `save_pretrained` does
+        everywhere). A directory holding anything else (a model's `model_index.json` or weights, another
+        `README.md` or `config.json`, any other file) is refused unless `overwrite=True`, which replaces the three
+        files and leaves the rest as is. Hidden entries (`.git`, `.gitattributes`, `.cache`) are ignored.
+
+        Args:
+            save_directory (`str` or `Path`): the directory.
+            overwrite (`bool`, *optional*, defaults to `False`): write into a directory that holds other content.
+
+        Raises:
+            `ValueError`: `save_directory` is a file, or holds other content and `overwrite` is `False`.
+        """
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(
+                f"Cannot save a guideline embedding to {str(directory)!r}: it is a file, not a directory."
+            )
+        if not overwrite:
+            foreign = _foreign_entries(directory)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise ValueError(
+                    f"{str(directory)!r} holds content that is not a dag-safety guideline embedding ({shown}), and"
+                    f" saving would replace any {', '.join(SAVED_FILES)} there. Choose a new or empty directory,"
+                    " or pass overwrite=True."
+                )
+        return super().save_pretrained(directory, **kwargs)
 
     @property
     def num_concept_tokens(self) -> int:
@@ -232,21 +481,32 @@ class GuidelineEmbedding(
             if not os.path.isfile(path):
                 raise ValueError(f"{model_id} has no {EMBEDDING_FILE}; is it a dag-safety guideline embedding?")
         else:
-            path = hf_hub_download(
-                repo_id=model_id,
-                filename=EMBEDDING_FILE,
+            path = _download_embedding_file(
+                model_id,
                 revision=revision,
                 cache_dir=cache_dir,
                 force_download=force_download,
                 local_files_only=local_files_only,
                 token=token,
             )
-        with safe_open(path, framework="pt") as handle:
-            if TENSOR_NAME not in handle.keys():
-                raise ValueError(f"{path} holds no {TENSOR_NAME!r} tensor; is it a dag-safety guideline embedding?")
-            embeds = handle.get_tensor(TENSOR_NAME)
-            metadata = EmbeddingMetadata.from_strings(handle.metadata() or {}, model_id)
-        return cls(embeds, metadata)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                if TENSOR_NAME not in handle.keys():
+                    raise ValueError(
+                        f"{path} holds no {TENSOR_NAME!r} tensor; is it a dag-safety guideline embedding?"
+                    )
+                embeds = handle.get_tensor(TENSOR_NAME)
+                header = handle.metadata() or {}
+        except SafetensorError as error:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({error}): it is truncated, damaged or another kind of"
+                " file. Re-save or re-download the embedding."
+            ) from error
+        metadata = EmbeddingMetadata.from_strings(header, path)
+        try:
+            return cls(embeds, metadata)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
 
     def model_card(self) -> str:
         """A model card: concept, base model, data, loss, detection quality and usage."""
@@ -256,7 +516,7 @@ class GuidelineEmbedding(
         quality = quality or "| (not measured) | |"
         card_data = ModelCardData(
             library_name="dag-safety",
-            tags=["dag-safety", "guideline-embedding", "safe-generation"],
+            tags=CARD_TAGS,
             base_model=_hub_model_id(meta.base_model),
         )
         return f"""---

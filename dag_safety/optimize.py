@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,8 +181,19 @@ class OptimizationConfig:
             raise ValueError(f"`timestep_range` must be (low, high) with 0 <= low <= high, got {self.timestep_range}.")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"`steps` must be >= 1, got {self.steps}.")
-        if self.learning_rate <= 0 or self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
-            raise ValueError("`learning_rate` must be > 0, `lr_step` >= 1 and `lr_gamma` in (0, 1].")
+        # NaN fails every comparison, so `learning_rate <= 0` let it through: require finite and > 0
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate!r}.")
+        if self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"`lr_step` must be >= 1 and `lr_gamma` in (0, 1], got {self.lr_step}, {self.lr_gamma}.")
+        if not (math.isfinite(self.base_scale) and self.base_scale >= 0):
+            raise ValueError(f"`base_scale` must be a finite number >= 0, got {self.base_scale!r}.")
+        fractions = tuple(self.layer_fractions)
+        if not fractions or not all(0 < fraction <= 1 for fraction in fractions):
+            raise ValueError(
+                "`layer_fractions` must be a non-empty tuple of fractions in (0, 1] of the latent side, got"
+                f" {self.layer_fractions!r}."
+            )
         if self.eval_every < 1:
             raise ValueError(f"`eval_every` must be >= 1, got {self.eval_every}.")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -12,6 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils import deprecate, logging, replace_example_docstring
 
+from ._validation import check_finite_number, check_positive_int
 from .attention import CrossAttentionCapture
 from .config import (
     SLD_SAFETY_CONCEPT,
@@ -105,6 +109,14 @@ def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
     return defaults[0] if defaults else {}
 
 
+def _concept_list(safety_concept: str | list[str]) -> list[str]:
+    """`safety_concept` as a list of texts; a clear error for anything but a non-empty string or list of them."""
+    concepts = [safety_concept] if isinstance(safety_concept, str) else safety_concept
+    if not isinstance(concepts, (list, tuple)) or not concepts or not all(isinstance(c, str) and c for c in concepts):
+        raise ValueError(f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}.")
+    return list(concepts)
+
+
 class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     r"""
     [`StableDiffusionPipeline`] with inference-time safety guidance: Detect-and-Guide (DAG, Li et al., CVPR 2025)
@@ -125,6 +137,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     # diffusers' loaders read the same component signature.
     _dag: _DAGState | None = None
     _safety_guidance: SLDConfig | SEGAConfig | None = None
+    _in_call: bool = False
     # `dag_scale`: DAG's per-pixel scale `S_dag` of the step, `(B, h, w)`, zero where and when nothing is guided
     _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, "dag_scale"]
 
@@ -178,6 +191,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             thresholds outside `(0, 1]`, no cross-attention layer at the chosen resolutions, or plain safety
             guidance already enabled.
         """
+        self._refuse_during_call("enable_dag")
         if embedding is None:
             raise ValueError(
                 "`enable_dag` needs a guideline embedding: a (1+K, D) tensor, or a list of them for several concepts."
@@ -239,6 +253,16 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                         " `pipe.to(dtype=torch.bfloat16)`), or pass `check_fingerprint=False` if you know the"
                         " models match."
                     )
+                if self.safety_weights:
+                    # the loaded weights, not another base model, are the likely cause: say so
+                    raise ValueError(
+                        f"The guideline embedding for {item.metadata.concept!r} was optimized on"
+                        f" {item.metadata.base_model!r} (UNet fingerprint {expected}); this UNet's fingerprint is"
+                        f" {actual} because safety weights are loaded ({sorted(self.safety_weights)}), which change or"
+                        " wrap the to_q / to_k projections the embedding is tied to. Call `enable_dag` before"
+                        " `load_safety_weights` (DAG then keeps scoring with the base projections), or pass"
+                        " `check_fingerprint=False` to score with the loaded projections."
+                    )
                 raise ValueError(
                     f"The guideline embedding for {item.metadata.concept!r} was optimized on"
                     f" {item.metadata.base_model!r} (UNet fingerprint {expected}), but this pipeline's UNet has"
@@ -249,7 +273,31 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
     def disable_dag(self) -> None:
         """Turns DAG off. (The capture processors are only on the UNet during a call, so nothing is left there.)"""
+        self._refuse_during_call("disable_dag")
         self._dag = None
+
+    def _refuse_during_call(self, action: str) -> None:
+        """Guidance is fixed for the length of a call: a callback that changes it would leave the denoising loop
+        half with one setting and half with another (and the capture processors installed for the old one)."""
+        if self._in_call:
+            raise RuntimeError(
+                f"`{action}()` was called while the pipeline is generating (from a callback?). Guidance settings"
+                " cannot change during a call; change them between calls."
+            )
+
+    @contextlib.contextmanager
+    def _calling(self):
+        """Marks the pipeline as generating, for [`_refuse_during_call`] and against re-entrant calls."""
+        if self._in_call:
+            raise RuntimeError(
+                "The pipeline was called from inside one of its own calls (from a callback?); a pipeline runs one"
+                " call at a time. Use a second pipeline (`DAGStableDiffusionPipeline.from_pipe(pipe)`) instead."
+            )
+        self._in_call = True
+        try:
+            yield
+        finally:
+            self._in_call = False
 
     def enable_safety_guidance(self, method: str = "sld", preset: str | None = None, **overrides: Any) -> None:
         r"""
@@ -264,6 +312,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         Raises:
             `ValueError`: unknown method, preset or option, invalid values, or DAG already enabled.
         """
+        self._refuse_during_call("enable_safety_guidance")
         if self._dag is not None:
             raise ValueError("DAG is enabled; call `disable_dag()` before `enable_safety_guidance`.")
         config = build_config(method, preset, **overrides)
@@ -278,6 +327,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
     def disable_safety_guidance(self) -> None:
         """Turns plain safety guidance off."""
+        self._refuse_during_call("disable_safety_guidance")
         self._safety_guidance = None
 
     @torch.no_grad()
@@ -308,6 +358,12 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         """
         if self._dag is None:
             raise ValueError("`detection_map` needs DAG; call `pipe.enable_dag(embedding)` first.")
+        channels = self.unet.config.in_channels
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != channels:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(
+                f"`latents` must be a (B, {channels}, h, w) tensor of noisy latents (the UNet's input), got {shape}."
+            )
         batch = latents.shape[0]
         if prompt_embeds is None:
             if prompt is None:
@@ -329,11 +385,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         self, safety_concept: str | list[str], batch: int, device: torch.device, lora_scale: float | None
     ) -> list[torch.Tensor]:
         """Text-encoder states of each safety concept, repeated to the batch: a list of `(batch, L, D)`."""
-        concepts = [safety_concept] if isinstance(safety_concept, str) else list(safety_concept)
-        if not concepts or not all(isinstance(c, str) and c for c in concepts):
-            raise ValueError(
-                f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}."
-            )
+        concepts = _concept_list(safety_concept)
         base = self._dag.config.base if self._dag is not None else self._safety_guidance
         if len(concepts) > 1 and isinstance(base, SLDConfig):
             raise ValueError(f"SLD guides away from one safety concept; got {len(concepts)}. Use SEGA for several.")
@@ -356,6 +408,12 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         shares = torch.stack(
             [concept_share(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
         ).cpu()
+        if not torch.isfinite(shares).all():
+            # a map of NaN would read as "nothing detected": an image DAG cannot inspect must not pass as safe
+            raise FloatingPointError(
+                "DAG cannot inspect the image: the UNet's inputs are not finite (NaN or Inf latents, e.g. from a"
+                " callback, or a scheduler setting that diverges such as `eta=1` with very few DDIM steps)."
+            )
         maps = [minmax_normalize(share) if normalize else share for share in shares]
         return maps[0] if len(maps) == 1 else combine_concepts(maps)
 
@@ -455,29 +513,89 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             **kwargs,
         )
-        if return_dag_maps and self._dag is None:
-            raise ValueError("`return_dag_maps=True` needs DAG; call `pipe.enable_dag(embedding)` first.")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            requested = callback_on_step_end.tensor_inputs
-        else:
-            requested = callback_on_step_end_tensor_inputs or []
-        if "dag_scale" in requested and self._dag is None:
+        self._check_call_arguments(sd_arguments, safety_concept, return_dag_maps)
+        with self._calling():
+            if self._dag is None and self._safety_guidance is None:
+                output = super().__call__(**sd_arguments)
+                if not return_dict:
+                    return output
+                return DAGPipelineOutput(images=output.images, nsfw_content_detected=output.nsfw_content_detected)
+            if safety_concept is None:
+                saved = self._dag.safety_concepts if self._dag is not None else []
+                safety_concept = (saved[0] if len(saved) == 1 else saved) if saved else SLD_SAFETY_CONCEPT
+            if self._dag is None:
+                return self._guided_call(safety_concept=safety_concept, return_dag_maps=False, **sd_arguments)
+            # The capture processors sit on the UNet for this call only
+            with self._dag.capture:
+                return self._guided_call(
+                    safety_concept=safety_concept, return_dag_maps=return_dag_maps, **sd_arguments
+                )
+
+    def _check_call_arguments(
+        self, arguments: dict[str, Any], safety_concept: str | list[str] | None, return_dag_maps: bool
+    ) -> None:
+        """Refuses, before any work, what `StableDiffusionPipeline.__call__` would let through silently or fail on
+        with a raw library error: unknown keywords, sizes and counts that are not positive integers, `height`
+        without `width`, non-finite scales, and safety arguments without the guidance they belong to.
+
+        A call that passes is run as `StableDiffusionPipeline.__call__` runs it: these checks only reject.
+        """
+        known = set(inspect.signature(type(self).__call__).parameters) - {"self", "kwargs"}
+        unknown = [key for key in arguments if key not in known and key not in ("callback", "callback_steps")]
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else f". Valid arguments: {sorted(known)}."
+            raise TypeError(f"`{type(self).__name__}.__call__` got an unexpected keyword argument `{key}`{hint}")
+
+        if arguments["timesteps"] is None and arguments["sigmas"] is None:
+            check_positive_int("num_inference_steps", arguments["num_inference_steps"])
+        if arguments["num_images_per_prompt"] is not None:
+            check_positive_int("num_images_per_prompt", arguments["num_images_per_prompt"])
+        height, width = arguments["height"], arguments["width"]
+        if (height is None) != (width is None):
+            # StableDiffusionPipeline would silently fall back to the default size for both
             raise ValueError(
-                "The callback tensor input 'dag_scale' needs DAG; call `pipe.enable_dag(embedding)` first."
+                f"Pass both `height` and `width`, or neither for the model's default size; got height={height!r},"
+                f" width={width!r}."
             )
-        if self._dag is None and self._safety_guidance is None:
-            output = super().__call__(**sd_arguments)
-            if not return_dict:
-                return output
-            return DAGPipelineOutput(images=output.images, nsfw_content_detected=output.nsfw_content_detected)
-        if safety_concept is None:
-            saved = self._dag.safety_concepts if self._dag is not None else []
-            safety_concept = (saved[0] if len(saved) == 1 else saved) if saved else SLD_SAFETY_CONCEPT
+        for name in ("height", "width"):
+            if arguments[name] is not None:
+                check_positive_int(name, arguments[name])
+        for name in ("guidance_scale", "eta", "guidance_rescale"):
+            check_finite_number(name, arguments[name])
+        generator = arguments["generator"]
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(
+                f"`generator` must be a torch.Generator or a list of them (e.g. `torch.Generator().manual_seed(0)`),"
+                f" got {generator!r}."
+            )
+
+        callback = arguments["callback_on_step_end"]
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            requested = callback.tensor_inputs
+        else:
+            requested = arguments["callback_on_step_end_tensor_inputs"]
+            if requested is None or isinstance(requested, str):
+                raise ValueError(
+                    "`callback_on_step_end_tensor_inputs` must be a list of tensor names such as ['latents'], got"
+                    f" {requested!r}."
+                )
         if self._dag is None:
-            return self._guided_call(safety_concept=safety_concept, return_dag_maps=False, **sd_arguments)
-        # The capture processors sit on the UNet for this call only
-        with self._dag.capture:
-            return self._guided_call(safety_concept=safety_concept, return_dag_maps=return_dag_maps, **sd_arguments)
+            if return_dag_maps:
+                raise ValueError("`return_dag_maps=True` needs DAG; call `pipe.enable_dag(embedding)` first.")
+            if "dag_scale" in requested:
+                raise ValueError(
+                    "The callback tensor input 'dag_scale' needs DAG; call `pipe.enable_dag(embedding)` first."
+                )
+            if safety_concept is not None and self._safety_guidance is None:
+                # ignoring it would generate unprotected images while the caller believes them guided
+                raise ValueError(
+                    f"`safety_concept={safety_concept!r}` needs safety guidance, and none is enabled: call"
+                    " `pipe.enable_dag(embedding)` or `pipe.enable_safety_guidance('sega' | 'sld')` first."
+                )
+        if safety_concept is not None:
+            _concept_list(safety_concept)
 
     def _guided_call(
         self,
@@ -748,6 +866,13 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                     if callback is not None and i % callback_steps == 0:
                         step_idx = i // getattr(self.scheduler, "order", 1)
                         callback(step_idx, t, latents)
+
+        if dag is not None and not torch.isfinite(latents).all():
+            raise FloatingPointError(
+                "The latents are not finite (NaN or Inf) after denoising, so DAG could not inspect the images:"
+                " a callback returned non-finite latents, or the scheduler diverged (e.g. `eta=1` with very few"
+                " DDIM steps). Nothing is returned as safe."
+            )
 
         # 8. Decode, safety checker, post-processing (as StableDiffusionPipeline)
         if not output_type == "latent":

@@ -12,14 +12,20 @@ Two families of safety fine-tunes combine with inference-time guidance:
   into the UNet as `W0 + scale * (W - W0)` (or `W0 + scale * delta`), after a CPU copy of every touched tensor is
   kept, so unloading restores the base weights bit for bit.
 
-Only safetensors files are read; pickled checkpoints (`.bin`, `.pt`, ...) are refused, never unpickled.
+Only safetensors files are read; pickled checkpoints (`.bin`, `.pt`, ...) are refused, never unpickled. Every file
+is checked before anything is written into the pipeline: it must be a readable safetensors file, every tensor must be
+finite, and a LoRA's keys and shapes must fit the layers they name. A LoRA load that fails inside diffusers / peft is
+undone: the peft layers it injected are taken out again, so the UNet and text encoder are as they were before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -27,8 +33,9 @@ from typing import Any
 
 import torch
 from diffusers.utils import logging
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+
+from ._validation import check_finite_number
 
 __all__ = [
     "LoadedSafetyWeights",
@@ -62,6 +69,11 @@ SPF_FORMATS: tuple[str, ...] = ("full", "delta")
 FRAMEWORK_FORMATS: tuple[str, ...] = ("pt", "tf", "flax", "np", "mlx", "paddle")
 DEFAULT_LORA_ADAPTER = "focus_n_fix"
 DEFAULT_SPF_NAME = "spf"
+#: How errors name the models a LoRA goes into (the pipeline attributes diffusers loads LoRA layers into).
+MODEL_LABELS = {"unet": "UNet", "text_encoder": "text encoder"}
+#: Attributes peft / diffusers / transformers set on a model that holds adapters; put back as they were after a
+#: failed load.
+PEFT_ATTRIBUTES: tuple[str, ...] = ("peft_config", "_hf_peft_config_loaded")
 
 
 class SafetyWeightsKind(str, Enum):
@@ -82,7 +94,8 @@ class LoadedSafetyWeights:
         kind (`SafetyWeightsKind`): `FOCUS_N_FIX` (a LoRA adapter) or `SPF` (cross-attention weights).
         path (`str`): The local safetensors file that was read.
         scale (`float`): The strength the weights were applied at.
-        detail (`str`): How the kind was decided and, for SPF, the format (`"full"` / `"delta"`) and tensor count.
+        detail (`str`): How the kind was decided; for a LoRA the key format (and the loaded adapter holding the same
+            tensors, if any), for SPF the format (`"full"` / `"delta"`) and tensor count.
     """
 
     name: str
@@ -98,10 +111,140 @@ class _SPFState:
     originals: dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class _PeftLayout:
+    """A model's peft layers (by module name, with their active adapters) and peft attributes before a LoRA load, to
+    undo a failed one."""
+
+    tuner_layers: dict[str, list[str]]
+    attributes: dict[str, Any]
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
+    """`safe_open`, with errors that name the file: safetensors says only "Error while deserializing header" for a
+    truncated or empty file, or for another format renamed `.safetensors` (a pickle is never unpickled here)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors file ({error}): it is truncated, empty, or a file of another"
+            " format renamed to .safetensors. Download it again, or save it again with"
+            " `safetensors.torch.save_file`."
+        ) from error
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
     """The tensor names and the `__metadata__` of a safetensors file, without reading the tensors."""
-    with safe_open(str(path), framework="pt") as handle:
+    with _open_safetensors(path) as handle:
         return list(handle.keys()), dict(handle.metadata() or {})
+
+
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on CPU, refused if any value is NaN or Inf (it would make every image NaN)."""
+    with _open_safetensors(path) as handle:
+        tensors = {key: handle.get_tensor(key) for key in list(handle.keys())}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(
+                f"{key!r} in {path!r} holds NaN or Inf values: the weights are damaged (or their training diverged)"
+                " and would turn every image into NaN. Use an intact file."
+            )
+    return tensors
+
+
+def _check_scale(scale: Any) -> float:
+    """A strength must be a finite real number: NaN or Inf turns every image into NaN, a bool or a string is a slip."""
+    check_finite_number("scale", scale, " such as 0.8 (0 leaves the output unchanged)")
+    return float(scale)
+
+
+def _lora_layer(model: torch.nn.Module, module_name: str) -> torch.nn.Module | None:
+    """The layer a LoRA key names (the base layer, under a peft LoRA layer); `None` if there is no such layer."""
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    module = getattr(module, "base_layer", module)
+    return module if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+
+
+def _expected_lora_shape(part: str, layer: torch.nn.Module, rank: int) -> tuple[int, ...] | None:
+    """The shape peft gives `part` of a rank-`rank` LoRA on `layer`: `lora_A.weight` `(r, in, *kernel)`,
+    `lora_B.weight` `(out, r, 1, ...)`, `lora_B.bias` `(out,)`. `None` where it is not checked (other parts,
+    layers other than linear and ungrouped convolutions)."""
+    if isinstance(layer, torch.nn.Linear):
+        out_features, rest = layer.out_features, (layer.in_features,)
+    elif isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) and layer.groups == 1:
+        out_features, rest = layer.out_channels, (layer.in_channels, *layer.kernel_size)
+    else:
+        return None
+    return {
+        "lora_A.weight": (rank, *rest),
+        "lora_B.weight": (out_features, rank, *(1,) * (len(rest) - 1)),
+        "lora_B.bias": (out_features,),
+    }.get(part)
+
+
+def _same_tensors(loaded: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> bool:
+    """Whether two LoRA state dicts hold the same keys and values (`new` cast to `loaded`'s dtype and device)."""
+    return loaded.keys() == new.keys() and all(
+        torch.equal(value, new[key].to(device=value.device, dtype=value.dtype)) for key, value in loaded.items()
+    )
+
+
+def _peft_layout(model: torch.nn.Module) -> _PeftLayout:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return _PeftLayout(
+        {
+            name: list(module.active_adapters)
+            for name, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer)
+        },
+        {name: vars(model)[name] for name in PEFT_ATTRIBUTES if name in vars(model)},
+    )
+
+
+def _put_back_base_layer(model: torch.nn.Module, module_name: str, module: Any) -> None:
+    """Replaces the peft layer `module_name` by the layer it wraps (its parameters get their own names back)."""
+    parent, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module.get_base_layer())
+
+
+def _unwrap_empty_peft_layers(model: torch.nn.Module) -> None:
+    """Replaces the peft layers that hold no adapter any more by the layers they wrap: peft's `delete_adapter` leaves
+    them in place, with the wrapped parameters renamed `...base_layer.weight` (another UNet fingerprint)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module_name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and not any(getattr(module, n) for n in module.adapter_layer_names):
+            _put_back_base_layer(model, module_name, module)
+
+
+def _undo_adapter_load(model: torch.nn.Module, layout: _PeftLayout, name: str) -> None:
+    """Takes adapter `name` out of `model` after a failed load: the peft layers wrapped around layers that had none
+    are replaced by the layers they wrap, the peft layers of other adapters lose `name` only and get their active
+    adapters back, and the peft attributes are put back (`peft_config` without `name`). Adapters loaded before stay."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module_name, module in list(model.named_modules()):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if module_name in layout.tuner_layers:
+            module.set_adapter(layout.tuner_layers[module_name])  # peft activated `name` there
+            module.delete_adapter(name)
+        else:
+            _put_back_base_layer(model, module_name, module)
+    config = vars(model).get("peft_config")
+    if isinstance(config, dict):
+        config.pop(name, None)
+    for attribute in PEFT_ATTRIBUTES:
+        if attribute in layout.attributes:
+            setattr(model, attribute, layout.attributes[attribute])
+        elif attribute in vars(model):
+            delattr(model, attribute)
 
 
 def detect_kind(keys: list[str], metadata: dict[str, str]) -> tuple[SafetyWeightsKind, str]:
@@ -315,7 +458,10 @@ class SafetyWeightsMixin:
                 output unchanged.
             adapter_name (`str`, *optional*):
                 The name to load under (defaults to `"focus_n_fix"` for a LoRA, `"spf"` for SPF). Several LoRA
-                adapters can be loaded under different names; only one set of SPF weights at a time.
+                adapters can be loaded under different names; only one set of SPF weights at a time. A LoRA whose
+                tensors equal those of an adapter already loaded (the same file, or a conversion of it) is loaded,
+                since stacking copies is a way to apply one LoRA at more than weight 1.0, but a warning says it now
+                acts twice and `detail` names the other adapter.
             weight_name (`str`, *optional*):
                 The file inside a directory or Hub repo.
             replace (`bool`, *optional*, defaults to `False`):
@@ -330,9 +476,13 @@ class SafetyWeightsMixin:
             [`LoadedSafetyWeights`]: what was loaded, under which name, and why it was read as that kind.
 
         Raises:
-            `ValueError`: a pickled or missing file, an undecidable or unknown `kind`, a name already loaded without
-            `replace=True`, a LoRA fused at the moment, or (SPF) an unknown key, a non-`attn2` key, a shape mismatch,
-            a non-finite value, or an unknown `format` in the metadata.
+            `ValueError`: a pickled, missing or unreadable (truncated, empty, not safetensors) file, a NaN or Inf
+            tensor, a `scale` that is not a finite number, an undecidable or unknown `kind`, a name already loaded
+            without `replace=True`, a LoRA fused at the moment, (LoRA) a key naming no layer of the UNet / text
+            encoder or a tensor whose shape does not fit its layer (a LoRA made for another model), or (SPF) an unknown
+            key, a non-`attn2` key, a shape mismatch, or an unknown `format` in the metadata. All of these are raised
+            before anything is loaded. Should diffusers / peft fail while injecting a LoRA, whatever they injected is
+            taken out again (and with `replace=True` the replaced adapter is loaded back) before the error propagates.
         """
         try:
             kind = SafetyWeightsKind(kind)
@@ -340,8 +490,7 @@ class SafetyWeightsMixin:
             raise ValueError(
                 f"Unknown `kind={kind!r}`; expected one of {[k.value for k in SafetyWeightsKind]}."
             ) from None
-        if not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(float(scale))):
-            raise ValueError(f"`scale` must be a finite number, got {scale!r}.")
+        scale = _check_scale(scale)
         if self._safety_fused is not None:
             raise ValueError(
                 f"LoRA adapters {self._safety_fused[0]} are fused; call `unfuse_safety_weights()` before loading."
@@ -355,8 +504,8 @@ class SafetyWeightsMixin:
         else:
             reason = f"kind={kind.value!r} given"
         if kind is SafetyWeightsKind.FOCUS_N_FIX:
-            return self._load_lora(path, keys, float(scale), adapter_name or DEFAULT_LORA_ADAPTER, replace, reason)
-        return self._load_spf(path, float(scale), adapter_name or DEFAULT_SPF_NAME, replace, allow_non_attn2, reason)
+            return self._load_lora(path, keys, scale, adapter_name or DEFAULT_LORA_ADAPTER, replace, reason)
+        return self._load_spf(path, scale, adapter_name or DEFAULT_SPF_NAME, replace, allow_non_attn2, reason)
 
     def unload_safety_weights(self, adapter_name: str | list[str] | None = None) -> None:
         r"""
@@ -387,15 +536,21 @@ class SafetyWeightsMixin:
                 self._unload_lora(name)
 
     def set_safety_weights_scale(self, adapter_name: str, scale: float) -> None:
-        """Changes the strength of a loaded LoRA adapter (SPF weights: unload and load again at the new scale)."""
+        r"""
+        Changes the strength of a loaded LoRA adapter (SPF weights: unload and load again at the new scale).
+
+        Args:
+            adapter_name (`str`): The adapter's name, as [`load_safety_weights`] returned it.
+            scale (`float`): The new adapter weight; a finite number, validated as at load time.
+        """
+        scale = _check_scale(scale)
         self._forget_removed_adapters()
         lora = self._safety_lora or {}
         if adapter_name not in lora:
             raise ValueError(f"No safety LoRA adapter named {adapter_name!r}; loaded: {list(lora)}.")
         if self._safety_fused is not None:
             raise ValueError("Safety LoRA adapters are fused; call `unfuse_safety_weights()` before rescaling.")
-        record = lora[adapter_name]
-        lora[adapter_name] = LoadedSafetyWeights(record.name, record.kind, record.path, float(scale), record.detail)
+        lora[adapter_name] = dataclasses.replace(lora[adapter_name], scale=scale)
         self._apply_lora_scales()
 
     def fuse_safety_weights(self, adapter_names: list[str] | None = None) -> None:
@@ -473,6 +628,48 @@ class SafetyWeightsMixin:
     def _load_lora(
         self, path: str, keys: list[str], scale: float, name: str, replace: bool, reason: str
     ) -> LoadedSafetyWeights:
+        self._check_lora_name(path, keys, name, replace)
+        tensors = _load_tensors(path)
+        peft_format = bool(tensors) and all(key.startswith(PEFT_PREFIX) for key in tensors)
+        targets = self._lora_targets(tensors, peft_format)
+        self._check_lora_fits(targets, path, {id(value): key for key, value in tensors.items()})
+        if peft_format:
+            detail = f"{reason}; raw PEFT adapter"
+        else:
+            fmt = "kohya" if all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors) else "diffusers"
+            detail = f"{reason}; {fmt} keys"
+        copy_of = self._loaded_copy_of(targets, exclude=name)
+        if copy_of is not None:
+            logger.warning(
+                f"{path!r} holds the same LoRA tensors as the loaded adapter {copy_of!r}: loaded as {name!r} too, the"
+                f" same update now acts twice. To change its strength, rescale {copy_of!r} instead"
+                f" (`set_safety_weights_scale` / `pipe.set_adapters`); to swap it for this file, pass"
+                f" `adapter_name={copy_of!r}, replace=True`, or unload {copy_of!r} first."
+            )
+            detail = f"{detail}; same tensors as adapter {copy_of!r}"
+        replaced = None
+        if name in self._loaded_adapters():  # `replace=True`, checked above
+            if name in (self._safety_lora or {}):
+                replaced = self._safety_lora[name]
+                self._unload_lora(name)
+            else:
+                self.delete_adapters([name])
+        # Loading an adapter makes it the only active one; the others active before are re-activated below.
+        previously_active = [n for n in self.get_active_adapters() if n != name]
+        try:
+            self._inject_lora(path, targets if peft_format else None, name)
+        except BaseException:
+            # a failed replace must not leave the pipeline without the safety weights it had: put them back
+            if replaced is not None:
+                self.load_safety_weights(replaced.path, kind=replaced.kind, scale=replaced.scale, adapter_name=name)
+            raise
+        record = LoadedSafetyWeights(name, SafetyWeightsKind.FOCUS_N_FIX, path, scale, detail)
+        self._safety_lora = {**(self._safety_lora or {}), name: record}
+        self._apply_lora_scales(previously_active)
+        return record
+
+    def _check_lora_name(self, path: str, keys: list[str], name: str, replace: bool) -> None:
+        """Refuses an adapter name peft cannot hold or that is taken, and a file without LoRA keys."""
         # peft keeps adapters in `nn.ModuleDict`s: a name must be a valid key there.
         if not name.isidentifier() or hasattr(torch.nn.ModuleDict, name):
             raise ValueError(
@@ -487,51 +684,128 @@ class SafetyWeightsMixin:
             )
         if self._safety_spf is not None and name == self._safety_spf.record.name:
             raise ValueError(f"The name {name!r} is taken by the loaded SPF weights; choose another `adapter_name`.")
-        replaced = None
-        if name in self._loaded_adapters():
-            if not replace:
-                raise ValueError(
-                    f"A LoRA adapter named {name!r} is already loaded; pass another `adapter_name` to add one, or"
-                    " `replace=True` to swap it (loading the same weights twice would apply them twice)."
-                )
-            if name in (self._safety_lora or {}):
-                replaced = self._safety_lora[name]
-                self._unload_lora(name)
-            else:
-                self.delete_adapters([name])
-        # Loading an adapter makes it the only active one; the others active before are re-activated below.
-        previously_active = [n for n in self.get_active_adapters() if n != name]
+        if name in self._loaded_adapters() and not replace:
+            raise ValueError(
+                f"A LoRA adapter named {name!r} is already loaded; pass another `adapter_name` to add one, or"
+                " `replace=True` to swap it (loading the same weights twice would apply them twice)."
+            )
+
+    def _lora_targets(self, tensors: dict[str, torch.Tensor], peft_format: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """The LoRA tensors by the model they go into (`"unet"`, `"text_encoder"`, or what else a key starts with),
+        keyed as peft names them there (`<module>.lora_A.weight`). These are diffusers' own key conversions (kohya,
+        older diffusers formats), run on the tensors already read so that they can be checked before loading."""
+        from diffusers.utils import (
+            convert_state_dict_to_diffusers,
+            convert_state_dict_to_peft,
+            convert_unet_state_dict_to_peft,
+        )
+
+        if peft_format:
+            return {"unet": {key.removeprefix(PEFT_PREFIX): value for key, value in tensors.items()}}
+        converted, _ = self.lora_state_dict(dict(tensors))
+        targets: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in converted.items():
+            target, _, rest = key.partition(".")
+            targets.setdefault(target, {})[rest] = value
+        if "unet" in targets:
+            targets["unet"] = convert_unet_state_dict_to_peft(targets["unet"])
+        if "text_encoder" in targets:
+            encoder = convert_state_dict_to_peft(convert_state_dict_to_diffusers(targets["text_encoder"]))
+            if not hasattr(getattr(self, "text_encoder", None), "text_model"):  # transformers 5 flattens CLIPTextModel
+                encoder = {key.removeprefix("text_model."): value for key, value in encoder.items()}
+            targets["text_encoder"] = encoder
+        return targets
+
+    def _check_lora_fits(
+        self, targets: dict[str, dict[str, torch.Tensor]], path: str, file_keys: dict[int, str]
+    ) -> None:
+        """Refuses a LoRA with a key that names no layer of the pipeline, or a tensor whose shape does not fit its
+        layer, before peft touches a model (peft would wrap hundreds of layers, then fail on their sizes). Errors quote
+        the key as the file spells it (`file_keys`: by tensor identity, which the key conversions keep)."""
+        models = dict(self._lora_models())
+        for target, tensors in targets.items():
+            label = MODEL_LABELS.get(target, repr(target))
+            ranks = {
+                k.partition(".lora_")[0]: v.shape[0]
+                for k, v in tensors.items()
+                if k.endswith(".lora_A.weight") and v.ndim
+            }
+            for key in sorted(tensors):
+                value, (module_name, _, part) = tensors[key], key.partition(".lora_")
+                shown = file_keys.get(id(value), f"{target}.{key}")
+                if not part:
+                    raise ValueError(
+                        f"{shown!r} in {path!r} is not a LoRA tensor (those are a layer's lora_A / lora_B, or kohya's"
+                        " lora_down / lora_up and alpha); save the LoRA tensors alone."
+                    )
+                layer = _lora_layer(models[target], module_name) if target in models else None
+                if layer is None:
+                    raise ValueError(
+                        f"{shown!r} in {path!r} names no layer of this pipeline's {label} ({module_name!r}): the file"
+                        " was made for another model. Load a LoRA trained on this pipeline's base model."
+                    )
+                rank = ranks.get(module_name, value.shape[1] if value.ndim > 1 else 0)
+                expected = _expected_lora_shape(f"lora_{part}", layer, rank)
+                if expected is not None and tuple(value.shape) != expected:
+                    raise ValueError(
+                        f"{shown!r} in {path!r} has shape {tuple(value.shape)}, but the {label} layer {module_name!r}"
+                        f" has a weight of shape {tuple(layer.weight.shape)} and takes a LoRA tensor of shape"
+                        f" {expected}: the file was made for another model. Load a LoRA trained on this pipeline's"
+                        " base model."
+                    )
+
+    def _loaded_copy_of(self, targets: dict[str, dict[str, torch.Tensor]], exclude: str) -> str | None:
+        """The loaded LoRA adapter (other than `exclude`) that holds exactly these tensors: the same file, or a
+        conversion of it (kohya, diffusers, PEFT keys), loaded under another name."""
+        from peft import get_peft_model_state_dict
+
+        models = dict(self._lora_models())
+        for adapter in sorted(self._loaded_adapters() - {exclude}):
+            loaded = {
+                target: get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
+                for target, model in models.items()
+                if adapter in getattr(model, "peft_config", {})
+            }
+            if loaded.keys() == targets.keys() and all(_same_tensors(loaded[t], targets[t]) for t in targets):
+                return adapter
+        return None
+
+    def _inject_lora(self, path: str, peft_targets: dict[str, dict[str, torch.Tensor]] | None, name: str) -> None:
+        """Loads a checked LoRA file through diffusers (or, for a raw PEFT adapter, its `peft_targets`) as adapter
+        `name`. On any failure, whatever peft injected is taken out again before the error propagates: a half-done
+        load would leave empty LoRA layers that change the UNet's state dict (its parameter names, its
+        fingerprint) and that `unload_safety_weights` cannot see."""
+        layouts = {prefix: _peft_layout(model) for prefix, model in self._lora_models()}
         try:
-            if keys and all(k.startswith(PEFT_PREFIX) for k in keys):
-                detail = f"{reason}; raw PEFT adapter"
-                self._load_peft_adapter(path, name)
+            if peft_targets is not None:
+                self._load_peft_adapter(peft_targets["unet"], path, name)
             else:
-                fmt = "kohya" if all(k.startswith(("lora_unet_", "lora_te_")) for k in keys) else "diffusers"
-                detail = f"{reason}; {fmt} keys"
                 folder, file = os.path.split(path)
                 self.load_lora_weights(folder, weight_name=file, adapter_name=name, use_safetensors=True)
-        except Exception:
-            # a failed replace must not leave the pipeline without the safety weights it had: put them back
-            if name in self._loaded_adapters():
-                self.delete_adapters([name])
-            if replaced is not None:
-                self.load_safety_weights(replaced.path, kind=replaced.kind, scale=replaced.scale, adapter_name=name)
+        except BaseException:
+            for prefix, model in self._lora_models():
+                _undo_adapter_load(model, layouts[prefix], name)
             raise
-        record = LoadedSafetyWeights(name, SafetyWeightsKind.FOCUS_N_FIX, path, scale, detail)
-        self._safety_lora = {**(self._safety_lora or {}), name: record}
-        self._apply_lora_scales(previously_active)
-        return record
 
-    def _load_peft_adapter(self, path: str, name: str) -> None:
-        """A `PeftModel.save_pretrained` UNet adapter: `base_model.model.` keys, LoRA config in adapter_config.json."""
+    def _load_peft_adapter(self, state_dict: dict[str, torch.Tensor], path: str, name: str) -> None:
+        """A `PeftModel.save_pretrained` UNet adapter (keys without `base_model.model.`), its LoRA config in the
+        adapter_config.json next to `path`."""
         from peft import LoraConfig
 
-        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(path).items()}
         config_path = Path(path).with_name(PEFT_CONFIG_FILE)
         metadata = None
         if config_path.is_file():
             fields = set(LoraConfig.__dataclass_fields__)
-            metadata = {k: v for k, v in json.loads(config_path.read_text()).items() if k in fields}
+            try:
+                config = json.loads(config_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                config = error
+            if not isinstance(config, dict):
+                raise ValueError(
+                    f"{str(config_path)!r} is not a JSON object ({config}): the PEFT adapter's config is damaged."
+                    " Save the adapter again with `PeftModel.save_pretrained`."
+                )
+            metadata = {k: v for k, v in config.items() if k in fields}
             for key in ("base_model_name_or_path", "revision", "peft_type", "task_type", "inference_mode"):
                 metadata.pop(key, None)
         else:
@@ -563,7 +837,10 @@ class SafetyWeightsMixin:
             # The last adapter: take the peft layers out altogether.
             self.unload_lora_weights()
         else:
+            # Other adapters stay: delete this one, and take out the peft layers it alone was using.
             self.delete_adapters([name])
+            for _, model in self._lora_models():
+                _unwrap_empty_peft_layers(model)
             self._apply_lora_scales()
 
     # ------------------------------------------------------------------ SPF
@@ -608,7 +885,7 @@ class SafetyWeightsMixin:
             raise ValueError(
                 f"Unknown SPF {SPF_FORMAT_KEY}={fmt!r} in the metadata of {path!r}; expected one of {SPF_FORMATS}."
             )
-        state_dict = load_file(path)
+        state_dict = _load_tensors(path)
         if not state_dict:
             raise ValueError(f"{path!r} holds no tensors.")
         prefix = "unet." if all(key.startswith("unet.") for key in state_dict) else ""
@@ -622,8 +899,6 @@ class SafetyWeightsMixin:
                     f"{prefix + key!r} has shape {tuple(value.shape)}, the UNet's parameter has {tuple(param.shape)}: the"
                     " weights were fitted to another model."
                 )
-            if not torch.isfinite(value).all():
-                raise ValueError(f"{prefix + key!r} holds NaN or Inf values.")
             params[key] = param
         if self._safety_spf is not None:
             self._restore_spf()

@@ -42,12 +42,15 @@ def test_generate_several_images_is_seeded(tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(Image.open(single)).astype(int), first.astype(int), atol=2)
 
 
-def test_parser_rejects_bad_arguments(tmp_path):
+def test_parser_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate"])
-    with pytest.raises(SystemExit, match="--out"):
+    # errors: one line `dag-safety: error: ...` on stderr, exit status 2 (more cases in test_cli_robustness.py)
+    with pytest.raises(SystemExit) as info:
         main(["generate", "a red star on a gray background", "--out", str(tmp_path / "x.txt"), "--guidance", "off"])
+    assert info.value.code == 2 and "dag-safety: error: --out" in capsys.readouterr().err
     for flag in ("--save-maps", "--compare"):  # refused before anything is loaded or written
-        with pytest.raises(SystemExit, match=f"{flag} shows DAG's detection"):
+        with pytest.raises(SystemExit) as info:
             main(["generate", "a red star", "--out", str(tmp_path / "y.png"), "--guidance", "off", flag])
+        assert info.value.code == 2 and f"{flag} shows DAG's detection" in capsys.readouterr().err
     assert not (tmp_path / "y.png").exists()

@@ -67,9 +67,10 @@ def test_optimize_then_generate_with_maps(model_dir, tmp_path, capsys, monkeypat
     assert "image 0:" in printed
 
 
-def test_generate_needs_an_embedding_for_other_models(model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="--embedding"):
+def test_generate_needs_an_embedding_for_other_models(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
         main(["generate", "a red star", "--model", str(model_dir), "--out", str(tmp_path / "x.png")])
+    assert info.value.code == 2 and "--embedding" in capsys.readouterr().err
     main(
         [
             "generate",
@@ -87,9 +88,10 @@ def test_generate_needs_an_embedding_for_other_models(model_dir, tmp_path):
     assert np.asarray(Image.open(tmp_path / "x.png")).shape == (32, 32, 3)
 
 
-def test_optimize_reports_bad_folders(model_dir, tmp_path):
+def test_optimize_reports_bad_folders(model_dir, tmp_path, capsys):
     data = write_folder(tmp_path / "data", mismatch=True)
-    with pytest.raises(ValueError, match="masks must have their image's size"):
+    with pytest.raises(SystemExit) as info:  # the library's ValueError, as one line `dag-safety: error: ...`
         main(
             ["optimize", str(data), "--init-text", "red star", "--out", str(tmp_path / "e"), "--model", str(model_dir)]
         )
+    assert info.value.code == 2 and "masks must have their image's size" in capsys.readouterr().err
