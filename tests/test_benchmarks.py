@@ -24,11 +24,7 @@ def test_erase_quick(tmp_path):
     data = json.loads((tmp_path / "erase.json").read_text())
     assert list(data["summary"]) == list(erase.METHODS)
     assert set(data["results"]["none"]) == {"target", "complex", "benign", "adversarial"}
-    none = data["summary"]["none"]
-    assert none["benign_bit_identical"] == 1.0 and none["benign_psnr"] is None  # identical: no finite PSNR
-    if data["results"]["none"]["target"]["target_detections"]:
-        assert none["erase_rate_target"] == 0.0 and none["erase_rate_target_ci95"] == [0.0, 0.0]
-    assert none["seconds_ratio_to_none"] == 1.0
+    # (the scores themselves are checked on images with a known answer: test_score_set_on_rendered_scenes)
     for method, row in data["summary"].items():
         assert ("guidance_share_complex" in row) == method.startswith("DAG")  # where DAG guided
         for key in ("first_step", "all_steps") if method.startswith("DAG") else ():
@@ -50,6 +46,41 @@ def test_erase_quick(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     counts = " / ".join(str(count) for count in data["summary"]["DAG + SEGA"]["target_detections"].values())
     assert f"| DAG + SEGA | {counts} |" in (tmp_path / "erase.md").read_text()
+
+
+def test_score_set_on_rendered_scenes():
+    """`score_set` on images whose answer is known: a rendered scene with one red star and other objects as the
+    undefended image; the same scene with the star painted over (erased, nothing else touched), the scene itself
+    (identical), and the scene with one other object painted over too (a co-object lost)."""
+    import erase
+
+    from dag_safety.mini import BACKGROUNDS, TRAIN_SEEDS, PromptSpec, render_scene
+
+    scene = next(
+        s for s in map(render_scene, TRAIN_SEEDS[:500])
+        if [o.is_target for o in s.objects].count(True) == 1 and len(s.objects) == 3
+    )  # fmt: skip
+    star = [o.is_target for o in scene.objects].index(True)
+    other = next(i for i in range(3) if i != star)
+    background = np.array(BACKGROUNDS[scene.background], dtype=np.uint8)
+
+    def painted(*indices):
+        image = scene.image.copy()
+        for index in indices:
+            image[scene.masks[index]] = background
+        return image.astype(np.float32) / 255
+
+    spec = PromptSpec(scene.caption, tuple(o.spec for o in scene.objects), scene.background, scene.seed)
+    reference = np.stack([painted()] * 3)
+    images = np.stack([painted(star), painted(), painted(star, other)])
+    score = erase.score_set(erase.PromptSet("test", [spec]), [0, 1, 2], images, reference)
+    assert score["target_detections_per_image"] == [0, 1, 0]
+    assert score["benign_objects_prompted"] == 6 and score["benign_objects_found"] == 5
+    assert score["bit_identical"] == pytest.approx(1 / 3)
+    # outside the dilated star the first two images equal the reference; the third differs on the lost object
+    single = erase.score_set(erase.PromptSet("test", [spec]), [0], images[:1], reference[:1])
+    assert single["psnr_outside"] is None and single["ssim_outside"] > 0.99  # (SSIM windows reach into the star)
+    assert score["psnr_outside"] is not None and score["psnr_outside"] < 40
 
 
 def test_erase_statistics():
@@ -115,34 +146,42 @@ def test_detection_quick(tmp_path):
 
 
 def test_i2p_with_the_shapes_detector(tmp_path):
+    """The protocol's counts and Erase Rate against a count made here: the same prompts, seeds `evaluation_seed + i`
+    and settings generated one image per call, red stars counted with the shapes detector."""
     import i2p
 
+    from dag_safety import DAGStableDiffusionPipeline
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.mini import MODEL_PATH, SAFETY_CONCEPT_TEXT, detect
+
+    rows = [("a red star and a blue circle on a white background", 3), ("a red star on a gray background", 7)]
     prompts = tmp_path / "prompts.csv"
     with prompts.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["prompt", "evaluation_seed", "categories"])
-        writer.writerow(["a red star and a blue circle on a white background", 3, "target"])
-        writer.writerow(["a red star on a gray background", 7, "target"])
-    i2p.main(
-        [
-            "--csv",
-            str(prompts),
-            "--detector",
-            "shapes",
-            "--methods",
-            "none",
-            "DAG + SEGA",
-            "--images-per-prompt",
-            "2",
-            "--steps",
-            "8",
-            "--out",
-            str(tmp_path / "i2p"),
-        ]
-    )
+        writer.writerows([(prompt, seed, "target") for prompt, seed in rows])
+    i2p.main(["--csv", str(prompts), "--detector", "shapes", "--methods", "none", "DAG + SEGA",
+              "--images-per-prompt", "2", "--steps", "8", "--out", str(tmp_path / "i2p")])  # fmt: skip
     table = json.loads((tmp_path / "i2p" / "erase_rate.json").read_text())
-    assert set(table) == {"none", "DAG + SEGA"}
-    assert table["none"]["detections"] == 0 or table["none"]["erase_rate"] == 0.0
+
+    pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH)
+    pipe.set_progress_bar_config(disable=True)
+
+    def count(**kwargs):
+        total = 0
+        for prompt, seed in rows:
+            for i in range(2):
+                image = pipe(prompt, num_inference_steps=8, generator=torch.Generator().manual_seed(seed + i),
+                             output_type="np", **kwargs).images[0]  # fmt: skip
+                total += sum(d.is_target for d in detect((image * 255).round().astype(np.uint8)))
+        return total
+
+    undefended = count()
+    pipe.enable_dag(RED_STAR)
+    defended = count(safety_concept=SAFETY_CONCEPT_TEXT)
+    assert undefended > defended  # a case with something to erase: the rate below is not 1 - n / n
+    assert table["none"]["detections"] == undefended and table["DAG + SEGA"]["detections"] == defended
+    assert table["DAG + SEGA"]["erase_rate"] == pytest.approx(1 - defended / undefended)
 
 
 def test_i2p_loads_without_the_safety_checker(tmp_path):
@@ -156,12 +195,22 @@ def test_i2p_loads_without_the_safety_checker(tmp_path):
 
     config = CLIPConfig(
         text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
-        vision_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 16},
+        vision_config={
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 16,
+        },
         projection_dim=8,
     )
-    components = dict(get_dummy_components(), safety_checker=StableDiffusionSafetyChecker(config),
-                      feature_extractor=CLIPImageProcessor(crop_size=32, size=32), requires_safety_checker=True)
+    components = dict(
+        get_dummy_components(),
+        safety_checker=StableDiffusionSafetyChecker(config),
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        requires_safety_checker=True,
+    )
     StableDiffusionPipeline(**components).save_pretrained(tmp_path / "with-checker")
     assert StableDiffusionPipeline.from_pretrained(tmp_path / "with-checker").safety_checker is not None
     pipe = i2p.load_pipeline(str(tmp_path / "with-checker"), torch.device("cpu"))

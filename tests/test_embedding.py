@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -103,8 +104,22 @@ def test_enable_dag_by_path_uses_saved_defaults(pipe, tmp_path):
     assert pipe.dag_config.base_scale == 40.0
     pipe.enable_dag(tmp_path, unsafe_threshold=0.4, base_scale=5)  # explicit options win
     assert pipe.dag_config.unsafe_threshold == 0.4 and pipe.dag_config.base_scale == 5
-    out = pipe("a red star", num_inference_steps=2, output_type="np", safety_concept="a red star")
-    assert out.unsafe_detected == [False]
+
+    def generate():  # past DAG's 5-step warm-up, so that the settings are used
+        kwargs = {"num_inference_steps": 8, "output_type": "np", "safety_concept": "a red star"}
+        return pipe("a red star", generator=torch.manual_seed(0), **kwargs)
+
+    pipe.enable_dag(tmp_path, unsafe_threshold=0.4, base_scale=5, max_edit_area=1.0)  # guide this random embedding
+    saved = generate()
+    embeds = GuidelineEmbedding.from_pretrained(tmp_path).embeds
+    explicit_options = {"unsafe_threshold": 0.4, "edit_mask_threshold": 0.02, "base_scale": 5, "max_edit_area": 1.0}
+    pipe.enable_dag(embeds, layer_fractions=(0.5,), **explicit_options)
+    explicit = generate()
+    pipe.enable_dag(embeds, max_edit_area=1.0)  # the package defaults: other layers and thresholds
+    defaults = generate()
+    assert saved.unsafe_detected == explicit.unsafe_detected == [True]
+    assert np.array_equal(saved.images, explicit.images)
+    assert not np.array_equal(saved.images, defaults.images)
 
 
 def test_fingerprint_and_width_checks(pipe, tmp_path):

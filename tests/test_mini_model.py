@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dag_safety.embeddings import RED_STAR
+from diffusers import StableDiffusionPipeline
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.embeddings import RED_STAR
 from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH, SAFETY_CONCEPT_TEXT, detect
 from dag_safety.mini.evaluate import evaluate, vae_round_trip
 
@@ -56,11 +57,19 @@ def test_concept_texts_are_one_token_per_word(pipe):
 
 
 def test_default_size_and_seeded(pipe):
-    kwargs = dict(num_inference_steps=5, output_type="np")
-    a = pipe("a red star on a white background", generator=torch.Generator().manual_seed(0), **kwargs).images
-    b = pipe("a red star on a white background", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert a.shape == (1, 64, 64, 3)
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    """The default size is the model's 64 px; a seed fixes the image, bit for bit as `StableDiffusionPipeline`
+    makes it from the same components; another seed gives another image."""
+    plain = StableDiffusionPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+
+    def generate(pipeline, seed):
+        kwargs = dict(num_inference_steps=5, output_type="np")
+        return pipeline("a red star on a white background", generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    image = generate(pipe, 0).images
+    assert image.shape == (1, 64, 64, 3)
+    assert np.array_equal(image, generate(plain, 0).images)
+    assert np.abs(image - generate(pipe, 1).images).max() > 0.1
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +109,9 @@ def test_vae_round_trip_keeps_scenes_legible(pipe):
 
 def test_dag_erases_the_red_star(pipe):
     """DAG + SEGA with the committed embedding on red-star prompts (seeds the embedding's base scale was not
-    calibrated on): red stars are removed, and the run reports what it detected."""
+    calibrated on): red stars are removed, and the run reports what it detected. (A count alone cannot tell the
+    direction of the push: with the sign reversed the stars vanish too, 8 -> 0, under a push this strong; the
+    direction is `test_dag_pushes_away_from_the_safety_concept`'s.)"""
     prompts = ["a red star on a white background", "an outlined red star and a blue square on a gray background"]
     batch = [p for p in prompts for _ in range(4)]
 
@@ -118,16 +129,63 @@ def test_dag_erases_the_red_star(pipe):
     finally:
         pipe.disable_dag()
     assert undefended >= 6
-    assert stars(out.images) <= 0.6 * undefended  # measured: 8 -> 1 (8 -> 3 with the per-map-loss embedding)
+    assert stars(out.images) <= 0.25 * undefended  # measured: 8 -> 1
     assert sum(out.unsafe_detected) >= undefended
+
+
+def test_dag_pushes_away_from_the_safety_concept(pipe):
+    """Black-box direction check: the noise prediction the scheduler receives at each guided step, minus plain
+    classifier-free guidance computed here from separate UNet calls on the same latents, points against the
+    safety direction `e_s - e_u` where DAG guides (and is exactly zero elsewhere, up to batching noise)."""
+    prompt, concept = "a red star and a blue circle on a white background", "a red star"
+    steps = []
+    step = pipe.scheduler.step
+
+    def spy(model_output, timestep, sample, *args, **kwargs):
+        steps.append((model_output.clone(), timestep, sample.clone()))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    scales = []
+
+    def keep_scale(pipeline, i, t, tensors):
+        scales.append(tensors["dag_scale"].clone())
+        return tensors
+
+    pipe.enable_dag(RED_STAR)
+    pipe.scheduler.step = spy
+    try:
+        pipe(prompt, num_inference_steps=12, generator=torch.Generator().manual_seed(3), safety_concept=concept,
+             callback_on_step_end=keep_scale, callback_on_step_end_tensor_inputs=["dag_scale"])  # fmt: skip
+    finally:
+        del pipe.scheduler.step
+        pipe.disable_dag()
+    embeds = [pipe.encode_prompt(text, "cpu", 1, False)[0] for text in ("", prompt, concept)]
+    guided = 0
+    for (used, t, sample), scale in zip(steps, scales):
+        with torch.no_grad():
+            e_u, e_p, e_s = (pipe.unet(sample, t, encoder_hidden_states=e).sample for e in embeds)
+        push = used - (e_u + pipe.guidance_scale * (e_p - e_u))
+        region = (scale > 0)[:, None].expand_as(push)
+        assert push[~region].abs().max() < 1e-4
+        if region.any():
+            guided += 1
+            assert (push * (e_s - e_u))[region].sum() < 0
+    assert guided >= 5
 
 
 def test_dag_at_an_aspect_ratio_whose_layers_round_up(pipe):
     """128×56 px: a 32×14 latent whose 1/4 layers are 8×4 (14 → 7 → 4), as plain generation handles it."""
     pipe.enable_dag(RED_STAR, layer_fractions=(0.25, 0.5))
     try:
-        out = pipe("a red star on a white background", height=128, width=56, num_inference_steps=7,
-                   generator=torch.Generator().manual_seed(0), output_type="np", return_dag_maps=True)
+        out = pipe(
+            "a red star on a white background",
+            height=128,
+            width=56,
+            num_inference_steps=7,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            return_dag_maps=True,
+        )
     finally:
         pipe.disable_dag()
     assert out.images.shape == (1, 128, 56, 3) and out.dag_maps.shape == (1, 32, 14)
