@@ -63,6 +63,28 @@ def test_hour_recipe_is_the_full_chain_shortened():
     assert recipe.grounded_steps < RECIPES["full"].grounded_steps / 3
 
 
+def test_strong_recipe_passes_its_model_and_batch_to_both_unet_phases():
+    """`--recipe strong` (the wider model in training): width, batch, learning rate and scene count reach both
+    UNet phases, so a resumed phase continues the same run; the other recipes keep the bundled model's."""
+    from dag_safety.mini.reproduce import RECIPES, phases
+
+    for name in RECIPES:
+        recipe = RECIPES[name]
+        unet_phases = [
+            argv for phase, _, argv in phases(Path("out"), "cpu", 1, recipe=name) if phase.startswith("unet")
+        ]
+        assert len(unet_phases) == 2
+        for argv in unet_phases:
+            got = {flag: argv[argv.index(flag) + 1] for flag in ("--width", "--batch-size", "--lr", "--num-scenes")}
+            assert got == {"--width": str(recipe.width), "--batch-size": str(recipe.batch_size),
+                           "--lr": str(recipe.lr), "--num-scenes": str(recipe.num_scenes)}  # fmt: skip
+    assert (RECIPES["strong"].width, RECIPES["full"].width, RECIPES["full"].batch_size) == (48, 32, 16)
+    # a VAE made before replaces the VAE phase, in training and export alike
+    given = [(phase, argv) for phase, _, argv in phases(Path("out"), "cpu", 1, recipe="strong", vae=Path("v"))]
+    assert [phase for phase, _ in given][:1] == ["unet (plain)"]
+    assert all(argv[argv.index("--vae") + 1] == "v" for phase, argv in given if "--vae" in argv)
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     """Stopping at a checkpoint and rerunning with `--resume` gives the batches, losses and weights of one
     uninterrupted run, bit for bit (same thread count): the resumability the model card's recipe relies on."""
