@@ -91,6 +91,43 @@ def get_dummy_components(cross_attention_dim: int = 32) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def mini_pipe():
+    """The bundled mini model, loaded once per module, its tests on one CPU thread."""
+    from dag_safety import DAGStableDiffusionPipeline
+    from dag_safety.mini import MODEL_PATH
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pipeline = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    yield pipeline
+    torch.set_num_threads(threads)
+
+
+def make_embedding(pipe, rows: int = 3, **changes):
+    """A random `GuidelineEmbedding` for `pipe`'s UNet (its fingerprint), with test metadata; `changes` override it."""
+    from dag_safety.embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
+
+    torch.manual_seed(0)
+    metadata = EmbeddingMetadata(
+        concept="red star",
+        init_text="red star",
+        base_model="tiny",
+        base_model_fingerprint=unet_fingerprint(pipe.unet),
+        layer_fractions=(0.5,),
+        safety_concept="a red star",
+        unsafe_threshold=0.6,
+        edit_mask_threshold=0.02,
+        base_scale=40.0,
+        training={"steps": 3},
+        final_loss=0.5,
+    )
+    for key, value in changes.items():
+        metadata = EmbeddingMetadata(**{**metadata.as_dict(), key: value})
+    return GuidelineEmbedding(torch.randn(rows, pipe.unet.config.cross_attention_dim), metadata)
+
+
 @pytest.fixture
 def components() -> dict:
     return get_dummy_components()

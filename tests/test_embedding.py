@@ -8,31 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_embedding
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dag_safety.config import SLD_SAFETY_CONCEPT
-from dag_safety.embedding import EMBEDDING_FILE, EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
-
-
-def make_embedding(pipe, rows=3, **changes):
-    torch.manual_seed(0)
-    metadata = EmbeddingMetadata(
-        concept="red star",
-        init_text="red star",
-        base_model="tiny",
-        base_model_fingerprint=unet_fingerprint(pipe.unet),
-        layer_fractions=(0.5,),
-        safety_concept="a red star",
-        unsafe_threshold=0.6,
-        edit_mask_threshold=0.02,
-        base_scale=40.0,
-        training={"steps": 3},
-        final_loss=0.5,
-    )
-    for key, value in changes.items():
-        metadata = EmbeddingMetadata(**{**metadata.as_dict(), key: value})
-    return GuidelineEmbedding(torch.randn(rows, pipe.unet.config.cross_attention_dim), metadata)
+from dag_safety.embedding import EMBEDDING_FILE, GuidelineEmbedding, unet_fingerprint
 
 
 def test_save_load_roundtrip(pipe, tmp_path):
@@ -91,7 +72,10 @@ def test_model_card_front_matter_is_valid_yaml(pipe):
     from huggingface_hub import ModelCard
 
     embedding = make_embedding(pipe)
-    for name, expected in (("my sd: v2 #final", None), ("CompVis/stable-diffusion-v1-4", "CompVis/stable-diffusion-v1-4")):
+    for name, expected in (
+        ("my sd: v2 #final", None),
+        ("CompVis/stable-diffusion-v1-4", "CompVis/stable-diffusion-v1-4"),
+    ):
         card = GuidelineEmbedding(embedding.embeds, dataclasses.replace(embedding.metadata, base_model=name))
         assert ModelCard(card.model_card()).data.to_dict().get("base_model") == expected
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dag_safety.embeddings import RED_STAR
 from diffusers import StableDiffusionPipeline
 
 from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.embeddings import RED_STAR
 from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH, SAFETY_CONCEPT_TEXT, detect
 from dag_safety.mini.evaluate import evaluate, vae_round_trip
 

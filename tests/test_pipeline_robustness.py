@@ -183,16 +183,9 @@ def test_re_enabling_dag_after_loading_weights_names_them(pipe):
     """The fingerprint error names loaded safety weights as the cause, and the fix the README gives works."""
     from pathlib import Path
 
-    from dag_safety.embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
+    from conftest import make_embedding
 
-    metadata = EmbeddingMetadata(
-        concept="red star",
-        init_text="red star",
-        base_model="tiny",
-        base_model_fingerprint=unet_fingerprint(pipe.unet),
-        layer_fractions=(0.5,),
-    )
-    embedding = GuidelineEmbedding(torch.randn(3, pipe.unet.config.cross_attention_dim), metadata)
+    embedding = make_embedding(pipe)
     pipe.enable_dag(embedding)
     pipe.load_safety_weights(Path(__file__).parent / "fixtures" / "spf_red_star_to_green_square.safetensors")
     with pytest.raises(ValueError, match=r"because safety weights are loaded \(\['spf'\]\).*check_fingerprint=False"):

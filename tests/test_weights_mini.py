@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.embeddings import RED_STAR
-from dag_safety.mini import MODEL_PATH, detect
+from dag_safety.mini import detect
 
 MINI = Path(__file__).parent / "fixtures" / "mini"
 LORA_DIR = MINI / "lora_circle_blue"
@@ -39,13 +38,8 @@ SEEDS = range(4)
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    yield pipe
-    torch.set_num_threads(threads)
+def pipe(mini_pipe):
+    return mini_pipe
 
 
 @pytest.fixture(autouse=True)

@@ -19,9 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.embedding import unet_fingerprint
-from dag_safety.mini import MODEL_PATH
 from dag_safety.weights import read_safetensors_header
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -36,13 +34,8 @@ Q_PROJ = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture(scope="module")
-def mini():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    yield pipe
-    torch.set_num_threads(threads)
+def mini(mini_pipe):
+    return mini_pipe
 
 
 @pytest.fixture(autouse=True)
