@@ -483,7 +483,13 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
         Raises:
             `ValueError`: safety guidance without classifier-free guidance (`guidance_scale <= 1`),
-            `return_dag_maps` or a `"dag_scale"` callback input without DAG, or a bad `safety_concept`.
+            `return_dag_maps`, a `"dag_scale"` callback input or `safety_concept` without the guidance it needs, a
+            bad `safety_concept`, steps / sizes / counts that are not positive integers, `height` without `width`,
+            non-finite scales (all checked before any work, see `_check_call_arguments`).
+            `TypeError`: an unknown keyword argument (the message names the closest valid one).
+            `RuntimeError`: a call from inside this pipeline's own call (a callback).
+            `FloatingPointError`: with DAG, latents that became NaN or Inf: an image DAG could not inspect is never
+            reported as safe.
 
         Examples:
         """
