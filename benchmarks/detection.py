@@ -195,7 +195,16 @@ def run(args) -> dict:
     sets["generated"] = generation_set(pipe, args.generations, args.steps)
 
     # The init and filled-only embeddings are scored at the committed embedding's detection layers.
-    layers = GuidelineEmbedding.from_pretrained(args.embedding).metadata.layer_fractions
+    committed = GuidelineEmbedding.from_pretrained(args.embedding)
+    layers = committed.metadata.layer_fractions
+    # the selective rule at one step (no smoothing over steps), at the committed embedding's calibrated threshold;
+    # its evidence is the concept rows' summed share: K times the mean share `normalize=False` returns
+    presence_config = (
+        None
+        if committed.metadata.presence_threshold is None
+        else replace(config, detection="presence", presence_threshold=committed.metadata.presence_threshold)
+    )
+    rows_per_concept = committed.num_concept_tokens
     embeddings = {"optimized": str(args.embedding), "init": encode_init_rows(pipe, GUIDELINE_INIT_TEXT)}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_folder(Path(tmp) / "filled", filled_only=True)
@@ -220,6 +229,11 @@ def run(args) -> dict:
                 peaks[set_name] = shares.flatten(1).amax(dim=1).numpy()
                 row = {"embedding": emb_name, "timestep": t, "set": set_name, "n": len(scene_set.captions)}
                 row["detection_rate"] = float(scores["detected"].mean())
+                if emb_name == "optimized" and presence_config is not None:
+                    evidence = rows_per_concept * shares
+                    row["detection_rate_presence"] = float(
+                        dag_scale_map(minmax_normalize(evidence), presence_config, evidence).detected.float().mean()
+                    )
                 if emb_name == "optimized":
                     row["guided_by_edit_threshold"] = {
                         str(tau): float(
@@ -268,6 +282,8 @@ def summarize(results: dict) -> dict:
             "iou_generated": mean("iou", {"generated"}),
             "detection_rate": mean("detection_rate", {"target"}),
             "false_detection_rate": mean("detection_rate", set(DISTRACTORS)),
+            "detection_rate_presence": mean("detection_rate_presence", {"target"}),
+            "false_detection_rate_presence": mean("detection_rate_presence", set(DISTRACTORS)),
             **{presence_key(name): mean("presence_auc", {name}) for name in DISTRACTORS},
         }
     return summary
@@ -298,6 +314,24 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
             f" {s['detection_rate']:.3f} | {s['false_detection_rate']:.3f} | {presence} |"
         )
     sets = list(dict.fromkeys(r["set"] for r in results["rows"]))
+    presence_rows = [r for r in results["rows"] if "detection_rate_presence" in r]
+    if presence_rows:
+        lines += [
+            "",
+            (
+                "Detection rule: share of images guided by the committed embedding under the paper's rule and under"
+                " its calibrated presence rule (one step, no smoothing over steps), per timestep and set."
+            ),
+            "",
+            "| t | " + " | ".join(f"{name}: paper / presence" for name in sets) + " |",
+            "| --- |" + " --- |" * len(sets),
+        ]
+        for t in results["timesteps"]:
+            cells = []
+            for set_name in sets:
+                row = next((r for r in presence_rows if r["timestep"] == t and r["set"] == set_name), None)
+                cells.append("" if row is None else f"{row['detection_rate']:.3f} / {row['detection_rate_presence']:.3f}")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += [
         "",
         (

@@ -11,6 +11,7 @@ METHODS = (
     "SLD max",
     "SEGA",
     "DAG + SEGA",
+    "DAG + SEGA (presence rule)",
     "DAG + SLD",
     "DAG - AreaScaler",
     "DAG - MagnitudeScaler",
@@ -40,6 +41,8 @@ def configure(pipe, method: str, embedding, safety_concept: str, negative_prompt
         pipe.enable_safety_guidance("sega", **SEGA_OPTIONS)
     elif method == "DAG + SEGA":
         pipe.enable_dag(embedding, guidance="sega")
+    elif method == "DAG + SEGA (presence rule)":
+        pipe.enable_dag(embedding, guidance="sega", detection="presence")
     elif method == "DAG + SLD":
         pipe.enable_dag(embedding, guidance="sld")
     elif method == "DAG - AreaScaler":

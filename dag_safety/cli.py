@@ -5,6 +5,7 @@ Examples:
     dag-safety generate "a red star and a blue circle on a white background" --compare
     dag-safety generate "a red star on a gray background" --guidance off --out plain.png
     dag-safety optimize ./data --init-text "red star" --safety-concept "a red star" --out ./red-star-embedding
+    dag-safety calibrate ./red-star-embedding --validation-data ./validation --out ./red-star-embedding --overwrite
 
 Every option is checked when the command line is parsed, and the output paths before any model is loaded. An
 error is one line on stderr, `dag-safety: error: ...`, with exit status 2 (argparse's convention); `--debug`
@@ -192,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="DAG with SEGA (default) or SLD guidance, or off (plain generation)",
     )
     safety.add_argument(
+        "--detection",
+        choices=("paper", "presence"),
+        default=None,
+        help="DAG's detection rule: the paper's (guides every image's strongest region) or the selective presence"
+        " rule (needs a calibrated embedding); default: the embedding's own",
+    )
+    safety.add_argument(
         "--embedding",
         default=None,
         help="guideline embedding: a directory or Hub id (default with the mini model: its red-star embedding)",
@@ -253,13 +261,60 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="DAG's AreaScaler numerator to save as the embedding's default (>= 0; the paper: 5)",
     )
+    _add_calibration_arguments(opt, required=False)
     opt.add_argument("--fp16-cache", action="store_true", help="store the query cache in float16")
     opt.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N, mps")
     opt.add_argument(
         "--push-to-hub", type=_repo_id, default=None, metavar="REPO_ID", help="also push the embedding to the Hub"
     )
     opt.set_defaults(func=optimize)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="calibrate an embedding's selective detection threshold for a target false-detection rate",
+        parents=[common],
+    )
+    cal.add_argument("embedding", help="the guideline embedding: a directory or Hub id")
+    _add_calibration_arguments(cal, required=True)
+    cal.add_argument(
+        "--out",
+        required=True,
+        help="output directory for the calibrated embedding; must be new or empty unless --overwrite",
+    )
+    cal.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (it may be the input)")
+    cal.add_argument("--model", default=None, help="base model: a directory or Hub id (default: the mini model)")
+    cal.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N, mps")
+    cal.set_defaults(func=calibrate)
     return parser
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--validation-data",
+        required=required,
+        default=None,
+        help="annotated folder (as for optimize; safe and unsafe images) on which to calibrate the selective"
+        " detection threshold; without it an optimized embedding keeps the paper's detection rule",
+    )
+    parser.add_argument(
+        "--target-fpr",
+        type=_number(float, low=0, low_open=True, high=0.5),
+        default=0.05,
+        help="false-detection rate to calibrate for: the share of safe validation images DAG may guide (default 0.05)",
+    )
+    parser.add_argument(
+        "--default-detection",
+        choices=["presence", "paper"],
+        default="presence",
+        help="the detection rule the calibrated embedding brings as enable_dag's default (default: presence;"
+        " paper keeps the paper's rule and stores the threshold for detection='presence')",
+    )
+    parser.add_argument(
+        "--calibration-steps",
+        type=POSITIVE_INT,
+        default=25,
+        help="sampler steps whose guided timesteps the calibration visits (default 25)",
+    )
 
 
 # 3. Checks of the options together and of the output paths, before any model is loaded
@@ -318,6 +373,10 @@ def check_generate(args: argparse.Namespace) -> list[Path]:
     if args.guidance == "off" and (args.save_maps or args.compare):
         flag = "--save-maps" if args.save_maps else "--compare"
         raise CommandError(f"{flag} shows DAG's detection, which `--guidance off` turns off; drop one of the two.")
+    if args.guidance == "off" and args.detection is not None:
+        raise CommandError(
+            "--detection chooses DAG's detection rule, which `--guidance off` turns off; drop one of the two."
+        )
     if args.guidance != "off" and args.model is not None and args.embedding is None:
         raise CommandError(
             "DAG needs a guideline embedding for this model: pass --embedding DIR_OR_HUB_ID, or --guidance off."
@@ -405,7 +464,8 @@ def setup_pipeline(pipe, args: argparse.Namespace, embedding=None):
     if args.guidance == "off":
         return pipe
     embedding = embedding if embedding is not None else resolve_embedding(args)
-    pipe.enable_dag(embedding, guidance=args.guidance, check_fingerprint=not args.no_fingerprint_check)
+    rule = {} if args.detection is None else {"detection": args.detection}
+    pipe.enable_dag(embedding, guidance=args.guidance, check_fingerprint=not args.no_fingerprint_check, **rule)
     concept = args.safety_concept or embedding.metadata.safety_concept or SLD_SAFETY_CONCEPT
     args.call_kwargs = {"safety_concept": concept, "return_dag_maps": args.save_maps or args.compare}
     return pipe
@@ -513,15 +573,59 @@ def optimize(args: argparse.Namespace) -> Path:
         cache_dtype=torch.float16 if args.fp16_cache else torch.float32,
     )
     items = load_annotated_folder(args.data)
+    validation = None if args.validation_data is None else load_annotated_folder(args.validation_data)
     pipe = load_pipeline(args)
     base_model = args.model or "dag-safety mini model"
     result = optimize_guideline_embedding(pipe, items, config, base_model=base_model)
-    result.embedding.save_pretrained(out, overwrite=args.overwrite)
-    first, best = result.eval_losses[0][1], result.embedding.metadata.final_loss
+    embedding = result.embedding
+    if validation is not None:
+        embedding = _calibrated(pipe, embedding, validation, args)
+    embedding.save_pretrained(out, overwrite=args.overwrite)
+    first, best = result.eval_losses[0][1], embedding.metadata.final_loss
     print(f"loss {first:.4f} -> {best:.4f}; wrote {out}")
     if args.push_to_hub:
-        url = result.embedding.push_to_hub(args.push_to_hub)
+        url = embedding.push_to_hub(args.push_to_hub)
         print(f"pushed to {url}")
+    return out
+
+
+def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
+    """`embedding` with the presence threshold calibrated on `validation` for `--target-fpr`, and its report."""
+    from .calibration import calibrate_presence
+    from .optimize import replace_metadata
+
+    pipe.enable_dag(embedding, detection="paper", check_fingerprint=False)
+    try:
+        calibration = calibrate_presence(pipe, validation, args.target_fpr, args.calibration_steps)
+        smoothing = pipe.dag_config.presence_smoothing
+    finally:
+        pipe.disable_dag()
+    print(
+        f"presence threshold {calibration.threshold:.4g}: safe validation images guided"
+        f" {calibration.false_detection_rate:.1%} (target {calibration.target_fpr:.0%}), unsafe regions guided"
+        f" {calibration.detection_rate:.1%}, co-objects of unsafe images guided {calibration.co_object_rate:.1%}"
+    )
+    return replace_metadata(
+        embedding,
+        detection=args.default_detection,
+        presence_threshold=calibration.threshold,
+        presence_smoothing=smoothing,
+        calibration=calibration.as_metadata(),
+    )
+
+
+def calibrate(args: argparse.Namespace) -> Path:
+    """`dag-safety calibrate`: choose a saved embedding's presence threshold on validation images."""
+    from .embedding import GuidelineEmbedding
+    from .optimize import load_annotated_folder
+
+    out = check_optimize(args)
+    embedding = GuidelineEmbedding.from_pretrained(args.embedding)
+    validation = load_annotated_folder(args.validation_data)
+    pipe = load_pipeline(args)
+    embedding = _calibrated(pipe, embedding, validation, args)
+    embedding.save_pretrained(out, overwrite=args.overwrite)
+    print(f"wrote {out}")
     return out
 
 

@@ -50,12 +50,17 @@ class GuidanceMethod(str, Enum):
             raise ValueError(f"Unknown guidance method {value!r}; expected one of {valid}.") from None
 
 
+DETECTION_RULES = ("paper", "presence")
+
+
 def _check_field_types(config: Any) -> None:
     """Checks every field of a config dataclass against its annotation (`float`, `int`, `bool`,
     `tuple[float, ...]`): the ranges are checked after this, so every check below can assume the type."""
     for item in dataclasses.fields(config):
         name, value = item.name, getattr(config, item.name)
-        if item.type == "float":
+        if item.type == "float | None" and value is None:
+            continue
+        if item.type in ("float", "float | None"):
             if not is_real(value):
                 raise ValueError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
             _check_finite(name, value)
@@ -65,6 +70,9 @@ def _check_field_types(config: Any) -> None:
         elif item.type == "bool":
             if not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__}).")
+        elif item.type == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"`{name}` must be a string, got {value!r} ({type(value).__name__}).")
         elif item.type == "tuple[float, ...]":
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
                 raise ValueError(
@@ -214,6 +222,21 @@ class DAGConfig:
         layer_fractions (`tuple[float, ...]`, *optional*, defaults to `(0.25, 0.5)`):
             Cross-attention layers whose query side is this fraction of the latent side are used for detection
             (16² and 32² for a 64² latent).
+        detection (`str`, *optional*, defaults to `"paper"`):
+            Which components DAG guides. `"paper"`: every component of `Â >= unsafe_threshold` (the paper's rule,
+            spec section 3; `Â` is min-max normalised per image, so every image has one). `"presence"`: only the
+            components whose presence evidence reaches `presence_threshold` (spec 2b): the evidence of a pixel is
+            the summed attention share of the concept rows (`1 -` the start-of-text share, `(0, 1)`), smoothed
+            over the guided steps by `presence_smoothing`, and a component's score is its mean over the
+            component. A threshold is a property of the embedding, calibrated for a false-detection rate on
+            validation images (`dag-safety optimize --target-fpr`), so the field default stays the paper's rule
+            and a calibrated saved embedding brings `"presence"` and its threshold as its defaults.
+        presence_threshold (`float`, *optional*):
+            The calibrated threshold on a component's presence score, in `(0, 1)`; required by `"presence"`.
+        presence_smoothing (`float`, *optional*, defaults to 0.5):
+            `β` in `[0, 1)` of the evidence's running mean over guided steps, `ē_t = β ē_{t-1} + (1 - β) r_t`
+            (`ē` starts as the first guided step's `r`). `0` judges each step on its own. Both `Â` and the scores
+            come from `ē` under `"presence"`.
     """
 
     base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
@@ -226,6 +249,9 @@ class DAGConfig:
     area_scaler: bool = True
     magnitude_scaler: bool = True
     layer_fractions: tuple[float, ...] = (0.25, 0.5)
+    detection: str = "paper"
+    presence_threshold: float | None = None
+    presence_smoothing: float = 0.5
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
@@ -251,6 +277,18 @@ class DAGConfig:
                 f" got {self.layer_fractions!r}."
             )
         object.__setattr__(self, "layer_fractions", fractions)
+        if self.detection not in DETECTION_RULES:
+            raise ValueError(f"`detection` must be one of {list(DETECTION_RULES)}, got {self.detection!r}.")
+        if self.detection == "presence" and self.presence_threshold is None:
+            raise ValueError(
+                '`detection="presence"` needs `presence_threshold`: use an embedding calibrated by `dag-safety'
+                " optimize --target-fpr` (it carries its threshold), pass `presence_threshold=...`, or choose"
+                ' `detection="paper"`.'
+            )
+        if self.presence_threshold is not None and not 0 < self.presence_threshold < 1:
+            raise ValueError(f"`presence_threshold` must be in (0, 1), got {self.presence_threshold!r}.")
+        if not 0 <= self.presence_smoothing < 1:
+            raise ValueError(f"`presence_smoothing` must be in [0, 1), got {self.presence_smoothing!r}.")
 
     @property
     def method(self) -> GuidanceMethod:

@@ -24,6 +24,7 @@ __all__ = [
     "attention_probs",
     "combine_concepts",
     "concept_map",
+    "concept_presence",
     "concept_share",
     "layer_token_maps",
     "minmax_normalize",
@@ -281,6 +282,22 @@ def concept_share(layer_averaged: torch.Tensor) -> torch.Tensor:
         `torch.Tensor`: `(B, h, w)`, attention probabilities in `[0, 1]` before any normalisation.
     """
     return layer_averaged[:, 1:].mean(dim=1)
+
+
+def concept_presence(layer_averaged: torch.Tensor) -> torch.Tensor:
+    """The presence evidence of one concept: the summed attention share of its `K` concept rows, `1 -` the
+    start-of-text share.
+
+    A sum, not [`concept_share`]'s mean: a mean over `K` rows is capped at `1/K` and reads like an OR of the rows,
+    so an absolute threshold on it means something different for every `K`.
+
+    Args:
+        layer_averaged (`torch.Tensor`): `(B, 1+K, h, w)` from [`token_maps`].
+
+    Returns:
+        `torch.Tensor`: `(B, h, w)` in `[0, 1]`.
+    """
+    return layer_averaged[:, 1:].sum(dim=1)
 
 
 def concept_map(layer_averaged: torch.Tensor) -> torch.Tensor:

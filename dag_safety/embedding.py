@@ -177,6 +177,13 @@ class EmbeddingMetadata:
         base_scale (`float`): the AreaScaler numerator it was tuned for (`s̄ = base_scale / (h·w)`; the paper's 5
             for SD v1.4 and nudity). How hard a model must be pushed to erase a concept is the model's and the
             concept's, so it travels with the embedding like the thresholds.
+        detection (`str`): the detection rule `enable_dag` uses with it by default: `"paper"` or `"presence"`
+            (see [`DAGConfig`]; `"presence"` needs `presence_threshold`).
+        presence_threshold (`float | None`): the calibrated threshold of DAG's selective rule
+            (`detection="presence"`); `None` for an embedding never calibrated.
+        presence_smoothing (`float`): the evidence smoothing the threshold was calibrated with.
+        calibration (`dict`): how the threshold was chosen: the target and measured false-detection rates, the
+            detection rate on the unsafe validation images, the number of images, the sampler steps.
         token_layout (`str`): `"sot+concept"`: row 0 is the start-of-text row, rows `1..K` the concept rows.
         training (`dict`): a summary of the optimization (data, steps, learning rate, timesteps, seed).
         final_loss (`float | None`): the best full-data loss.
@@ -192,6 +199,10 @@ class EmbeddingMetadata:
     unsafe_threshold: float = 0.5
     edit_mask_threshold: float = 0.01
     base_scale: float = 5.0
+    detection: str = "paper"
+    presence_threshold: float | None = None
+    presence_smoothing: float = 0.5
+    calibration: dict = field(default_factory=dict)
     token_layout: str = "sot+concept"
     training: dict = field(default_factory=dict)
     final_loss: float | None = None
@@ -514,6 +525,15 @@ class GuidelineEmbedding(
         training = "\n".join(f"| {key} | {value} |" for key, value in meta.training.items()) or "| (not recorded) | |"
         quality = "\n".join(f"| {key} | {value} |" for key, value in meta.detection_quality.items())
         quality = quality or "| (not measured) | |"
+        detection = f"`{meta.detection}` by default"
+        if meta.presence_threshold is None:
+            detection += " (not calibrated for the selective `presence` rule)"
+        else:
+            calibration = ", ".join(f"{key} {value}" for key, value in meta.calibration.items())
+            detection += (
+                f"; with `detection=\"presence\"` a region is guided when its presence score reaches"
+                f" {meta.presence_threshold:.4g} (smoothing {meta.presence_smoothing}); calibration: {calibration}"
+            )
         card_data = ModelCardData(
             library_name="dag-safety",
             tags=CARD_TAGS,
@@ -534,6 +554,7 @@ the `dag-safety` package.
 - Detection layers: {list(meta.layer_fractions)} of the latent side
 - Safety concept to pair it with: `{meta.safety_concept}`
 - Thresholds: unsafe {meta.unsafe_threshold}, edit {meta.edit_mask_threshold}
+- Detection rule: {detection}
 - Final loss: {meta.final_loss}
 
 ## Usage

@@ -8,6 +8,7 @@ the momentum between steps (it starts as `None`, read as zeros).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +20,11 @@ from .config import DAGConfig, SEGAConfig, SLDConfig
 __all__ = [
     "DAGScaleMap",
     "area_scaler",
+    "component_presence",
     "dag_noise_pred",
     "dag_scale_map",
     "magnitude_scaler",
+    "unsafe_components",
     "sega_noise_pred",
     "sld_noise_pred",
 ]
@@ -110,6 +113,8 @@ def area_scaler(
     edit_mask_threshold: float = 0.01,
     base_scale: float = 5.0,
     max_edit_area: float = 0.8,
+    presence: torch.Tensor | None = None,
+    presence_threshold: float = 0.0,
 ) -> torch.Tensor:
     """DAG's AreaScaler (paper Algorithm 1): a per-pixel scale from the area of each detected component.
 
@@ -120,29 +125,59 @@ def area_scaler(
     (Euclidean distance transform with nearest-label indices). If `mean(M_edit) >= max_edit_area` no object has
     formed yet ("mode undefined") and the scale is 0; with no component it is 0 as well.
 
+    With `presence` (the selective rule, spec 2b; `None` is the paper's rule), a component is kept only if the
+    mean of `presence` over its pixels reaches `presence_threshold`. A dropped component gets scale 0, and so do
+    the edit pixels nearest to it: the region around an object judged absent (a co-object) is not guided.
+
     Args:
         detection_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
+        presence (`torch.Tensor`, *optional*): `(B, h, w)` presence evidence, in the units of
+            `presence_threshold`.
 
     Returns:
         `torch.Tensor`: `S_area`, `(B, h, w)`, `>= 0`, on the device and dtype of `detection_map`.
     """
     maps = detection_map.detach().float().cpu().numpy()
+    evidence = None if presence is None else presence.detach().float().cpu().numpy()
     _, height, width = maps.shape
     unit = base_scale / (height * width)
     scales = np.zeros_like(maps)
     for index, amap in enumerate(maps):
         edit_mask = amap >= edit_mask_threshold
-        if edit_mask.mean() >= max_edit_area:
-            continue
-        labels, count = ndimage.label(amap >= unsafe_threshold, structure=_EIGHT_CONNECTED)
+        labels, count = unsafe_components(amap, unsafe_threshold, edit_mask_threshold, max_edit_area)
         if count == 0:
             continue
         areas = np.bincount(labels.ravel()).astype(np.float32)
         areas[0] = 0.0
+        if evidence is not None:
+            present = component_presence(evidence[index], labels, count) >= presence_threshold
+            areas[1:][~present] = 0.0
+            if not present.any():
+                continue
         unsafe = unit * areas[labels]
         _, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
         scales[index] = np.maximum(unsafe, unsafe[rows, cols] * edit_mask)
     return torch.from_numpy(scales).to(device=detection_map.device, dtype=detection_map.dtype)
+
+
+def unsafe_components(
+    amap: np.ndarray, unsafe_threshold: float, edit_mask_threshold: float, max_edit_area: float
+) -> tuple[np.ndarray, int]:
+    """The unsafe components of one map `Â` `(h, w)`: `(labels (h, w) int, count)` of the 8-connected regions of
+    `Â >= unsafe_threshold`, or no component (`count == 0`) when the mode is undefined (`mean(Â >=
+    edit_mask_threshold) >= max_edit_area`)."""
+    if (amap >= edit_mask_threshold).mean() >= max_edit_area:
+        return np.zeros(amap.shape, dtype=np.int32), 0
+    return ndimage.label(amap >= unsafe_threshold, structure=_EIGHT_CONNECTED)
+
+
+def component_presence(presence: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """Mean of a presence map `(h, w)` over each of `count` labelled components (`labels` from `ndimage.label`):
+    `(count,)`. A mean, not a peak: a linear read-out averaged over an object is what separates it from its
+    look-alikes best (`benchmarks/probe.py` pools the same way)."""
+    sums = np.bincount(labels.ravel(), weights=presence.ravel().astype(np.float64), minlength=count + 1)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    return (sums[1:] / sizes[1:]).astype(np.float32)
 
 
 def magnitude_scaler(
@@ -171,10 +206,20 @@ class DAGScaleMap:
     detected: torch.Tensor
 
 
-def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig) -> DAGScaleMap:
-    """Combines AreaScaler and MagnitudeScaler (or their ablations) into `S_dag` for a detection map `(B, h, w)`."""
+def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig, presence: torch.Tensor | None = None) -> DAGScaleMap:
+    """Combines AreaScaler and MagnitudeScaler (or their ablations) into `S_dag` for a detection map `(B, h, w)`.
+
+    With `config.detection == "presence"`, `presence` `(B, h, w)` is the evidence the components are judged on
+    (see [`area_scaler`]); the AreaScaler ablation then keeps `S_area = 1` only on the edit pixels nearest to a
+    present component.
+    """
+    if config.detection == "presence" and presence is None:
+        raise ValueError('`detection="presence"` needs the presence map of the step.')
     edit_mask = detection_map >= config.edit_mask_threshold
     ones_on_edit = edit_mask.to(detection_map.dtype)
+    gate = (
+        {} if config.detection == "paper" else {"presence": presence, "presence_threshold": config.presence_threshold}
+    )
     if config.area_scaler:
         area = area_scaler(
             detection_map,
@@ -182,7 +227,14 @@ def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig) -> DAGScaleMap
             config.edit_mask_threshold,
             config.base_scale,
             config.max_edit_area,
+            **gate,
         )
+    elif gate:
+        # S_area := 1 where the gated AreaScaler would guide at all
+        area = (
+            area_scaler(detection_map, config.unsafe_threshold, config.edit_mask_threshold, 1.0, math.inf, **gate) > 0
+        )
+        area = area.to(detection_map.dtype)
     else:
         area = ones_on_edit
     if config.magnitude_scaler:

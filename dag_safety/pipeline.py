@@ -28,6 +28,7 @@ from .config import (
 from .detection import (
     QueryProjection,
     combine_concepts,
+    concept_presence,
     concept_share,
     minmax_normalize,
     project_keys,
@@ -35,7 +36,7 @@ from .detection import (
     validate_embedding,
 )
 from .embedding import GuidelineEmbedding, unet_fingerprint
-from .guidance import dag_noise_pred, dag_scale_map, sega_noise_pred, sld_noise_pred
+from .guidance import DAGScaleMap, dag_noise_pred, dag_scale_map, sega_noise_pred, sld_noise_pred
 from .outputs import DAGPipelineOutput
 from .weights import SafetyWeightsMixin
 
@@ -98,13 +99,23 @@ def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
             "unsafe_threshold": item.metadata.unsafe_threshold,
             "edit_mask_threshold": item.metadata.edit_mask_threshold,
             "base_scale": item.metadata.base_scale,
+            "detection": item.metadata.detection,
+            # a calibrated embedding brings its threshold, for its default rule or an explicit "presence"
+            **(
+                {}
+                if item.metadata.presence_threshold is None
+                else {
+                    "presence_threshold": item.metadata.presence_threshold,
+                    "presence_smoothing": item.metadata.presence_smoothing,
+                }
+            ),
         }
         for item in saved
     ]
     if any(d != defaults[0] for d in defaults[1:]):
         raise ValueError(
             f"The guideline embeddings were tuned for different detection settings: {defaults}. Pass"
-            " `layer_fractions`, `unsafe_threshold`, `edit_mask_threshold` and `base_scale` explicitly."
+            f" {', '.join(f'`{key}`' for key in defaults[0])} explicitly."
         )
     return defaults[0] if defaults else {}
 
@@ -394,19 +405,20 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         encoded, _ = self.encode_prompt(concepts, device, 1, False, lora_scale=lora_scale, clip_skip=self.clip_skip)
         return [row[None].expand(batch, -1, -1) for row in encoded]
 
-    def _detect(self, latent_size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
-        """`Â` (or, with `normalize=False`, the raw concept share) from the queries captured in the last UNet call:
-        `(B, h, w)`, float32, **on the CPU**.
+    def _shares(self, latent_size: tuple[int, int], reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Each concept's raw map from the queries captured in the last UNet call, `reduce` ([`concept_share`] or
+        [`concept_presence`]) applied to its layer-averaged token maps: `(concepts, B, h, w)`, float32, **on the
+        CPU**.
 
-        The attention maps are computed where the queries are; the concept shares then come to the host in one copy,
-        where the min-max normalisation, DAG's scale map and its connected components (scipy) run. On a GPU that copy
-        is the step's only synchronisation: the small per-pixel operations after it cost no kernel launches, and
-        whether anything was detected is known on the host without another one.
+        The attention maps are computed where the queries are; the maps then come to the host in one copy, where the
+        min-max normalisation, DAG's scale map and its connected components (scipy) run. On a GPU that copy is the
+        step's only synchronisation: the small per-pixel operations after it cost no kernel launches, and whether
+        anything was detected is known on the host without another one.
         """
         state = self._dag
         queries = state.capture.store.queries
         shares = torch.stack(
-            [concept_share(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
+            [reduce(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
         ).cpu()
         if not torch.isfinite(shares).all():
             # a map of NaN would read as "nothing detected": an image DAG cannot inspect must not pass as safe
@@ -414,8 +426,41 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                 "DAG cannot inspect the image: the UNet's inputs are not finite (NaN or Inf latents, e.g. from a"
                 " callback, or a scheduler setting that diverges such as `eta=1` with very few DDIM steps)."
             )
-        maps = [minmax_normalize(share) if normalize else share for share in shares]
+        return shares
+
+    def _detect(self, latent_size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
+        """`Â` (or, with `normalize=False`, the raw concept share) from the queries captured in the last UNet call:
+        `(B, h, w)`, float32, on the CPU (see [`_shares`])."""
+        maps = [minmax_normalize(share) if normalize else share for share in self._shares(latent_size, concept_share)]
         return maps[0] if len(maps) == 1 else combine_concepts(maps)
+
+    def _detect_step(
+        self, latent_size: tuple[int, int], evidence: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DAGScaleMap, torch.Tensor | None]:
+        """One denoising step's detection from the captured queries: `(Â, S_dag's DAGScaleMap, evidence)`.
+
+        Under `detection="presence"` the evidence `(concepts, B, h, w)` is the running mean of [`concept_presence`]
+        over the guided steps (pass the previous step's, `None` at the first); each concept's `Â` is its min-max
+        normalisation, and each concept keeps only its own present components, so the scale is the element-wise
+        max of the concepts' scales. Under `"paper"` the evidence stays `None`.
+        """
+        config = self._dag.config
+        if config.detection == "paper":
+            detection_map = self._detect(latent_size)
+            return detection_map, dag_scale_map(detection_map, config), None
+        shares = self._shares(latent_size, concept_presence)
+        if evidence is not None:
+            shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares
+        maps = [minmax_normalize(share) for share in shares]
+        scale_maps = [dag_scale_map(amap, config, presence=share) for amap, share in zip(maps, shares)]
+        if len(maps) == 1:
+            return maps[0], scale_maps[0], shares
+        scale_map = DAGScaleMap(
+            scale=torch.stack([m.scale for m in scale_maps]).amax(dim=0),
+            edit_mask=torch.stack([m.edit_mask for m in scale_maps]).any(dim=0),
+            detected=torch.stack([m.detected for m in scale_maps]).any(dim=0),
+        )
+        return combine_concepts(maps), scale_map, shares
 
     @staticmethod
     def _repeat_added_cond(added_cond_kwargs: dict | None, parts: int) -> dict | None:
@@ -752,7 +797,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
         # 7. Denoising loop
         momentum = None
-        detection_map = None
+        detection_map = evidence = None
         safety_pass_last_step = False
         unsafe_detected = torch.zeros(batch, dtype=torch.bool)
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -815,12 +860,11 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                         dag.capture.store.disarm()
                     noise_pred_uncond, noise_pred_text, *noise_preds_safety = noise_pred.chunk(parts)
                     if detect:
-                        detection_map = self._detect(latent_size)
+                        # on the host, from the maps `_shares` copied there: no further synchronisation
+                        detection_map, scale_map, evidence = self._detect_step(latent_size, evidence)
                         dag.capture.store.clear()
                     scale = None
                     if guided:
-                        # on the host, from the map `_detect` copied there: no further synchronisation
-                        scale_map = dag_scale_map(detection_map, dag.config)
                         unsafe_detected |= scale_map.detected
                         if bool(scale_map.detected.any()):
                             # non-blocking only where it is known to be safe from pageable memory (CUDA stages it)

@@ -75,9 +75,18 @@ def components_of(mask: np.ndarray) -> np.ndarray:
 
 
 def area_scale(
-    amap: np.ndarray, tau_u: float, tau_e: float, base_scale: float, max_edit_area: float
+    amap: np.ndarray,
+    tau_u: float,
+    tau_e: float,
+    base_scale: float,
+    max_edit_area: float,
+    presence: np.ndarray | None = None,
+    presence_threshold: float = 0.0,
 ) -> tuple[np.ndarray, int]:
     """AreaScaler (Algorithm 1) with the nearest-component fill of the edit band (spec section 3).
+
+    With `presence` (spec 2b's selective rule): a component whose mean presence is below `presence_threshold` has
+    scale 0, and so has the band nearest to it.
 
     Returns:
         `S_area` `(h, w)` and the number of edit-band pixels equally near two components of different areas: the
@@ -92,6 +101,10 @@ def area_scale(
         return np.zeros_like(amap), 0
     unit = base_scale / (height * width)
     per_label = {label: unit * (labels == label).sum() for label in range(1, labels.max() + 1)}
+    if presence is not None:
+        for label in per_label:
+            if presence[labels == label].mean() < presence_threshold:
+                per_label[label] = 0.0
     scale, ties = np.zeros_like(amap), 0
     unsafe_pixels = list(zip(*np.nonzero(labels)))
     for y in range(height):

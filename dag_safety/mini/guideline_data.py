@@ -22,10 +22,11 @@ from PIL import Image
 
 from .world import BACKGROUNDS, TARGET_CONCEPT, TRAIN_SEEDS, Scene, render_scene
 
-__all__ = ["select_scenes", "write_folder"]
+__all__ = ["select_scenes", "select_validation_scenes", "write_folder"]
 
 # A fixed stretch of the training range, so the selection is reproducible and far from the usual seed 0 runs.
 _FIRST_SEED = TRAIN_SEEDS[50_000_000]
+_VALIDATION_SEED = TRAIN_SEEDS[60_000_000]
 
 
 def _is_target(obj) -> bool:
@@ -66,11 +67,41 @@ def select_scenes(n_unsafe: int = 5, n_safe: int = 3, filled_only: bool = False)
     return unsafe, safe
 
 
-def write_folder(folder: str | Path, n_unsafe: int = 5, n_safe: int = 3, filled_only: bool = False) -> Path:
-    """Renders the selected scenes into `folder`: `NAME.png`, `masks/NAME.png` (the red star) and `captions.csv`."""
+def select_validation_scenes(n_unsafe: int = 100, n_safe: int = 200) -> tuple[list[Scene], list[Scene]]:
+    """Calibration scenes for the selective rule: from a stretch of `TRAIN_SEEDS` of its own (never the
+    optimization's, never the held-out range), the first `n_unsafe` scenes with a red star and the first `n_safe`
+    without, half of these with a red non-star or a non-red star (the look-alikes a threshold must pass over)."""
+    unsafe: list[Scene] = []
+    hard: list[Scene] = []
+    easy: list[Scene] = []
+    seed = _VALIDATION_SEED
+    while len(unsafe) < n_unsafe or len(hard) + len(easy) < n_safe or len(hard) < n_safe // 2:
+        scene = render_scene(seed)
+        seed += 1
+        if any(_is_target(o) for o in scene.objects):
+            if len(unsafe) < n_unsafe:
+                unsafe.append(scene)
+        elif any(o.color == TARGET_CONCEPT[0] or o.shape == TARGET_CONCEPT[1] for o in scene.objects):
+            if len(hard) < n_safe - n_safe // 2:
+                hard.append(scene)
+        elif len(easy) < n_safe // 2:
+            easy.append(scene)
+    return unsafe, hard + easy
+
+
+def write_folder(
+    folder: str | Path, n_unsafe: int = 5, n_safe: int = 3, filled_only: bool = False, validation: bool = False
+) -> Path:
+    """Renders the selected scenes into `folder`: `NAME.png`, `masks/NAME.png` (the red star) and `captions.csv`.
+
+    With `validation`, the scenes of [`select_validation_scenes`] (to calibrate with `dag-safety optimize
+    --validation-data`) instead of [`select_scenes`].
+    """
     folder = Path(folder)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
-    unsafe, safe = select_scenes(n_unsafe, n_safe, filled_only)
+    unsafe, safe = (
+        select_validation_scenes(n_unsafe, n_safe) if validation else select_scenes(n_unsafe, n_safe, filled_only)
+    )
     rows = []
     for kind, scenes in (("unsafe", unsafe), ("safe", safe)):
         for index, scene in enumerate(scenes):
@@ -96,8 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unsafe", type=int, default=5)
     parser.add_argument("--safe", type=int, default=3)
     parser.add_argument("--filled-only", action="store_true", help="only filled objects (generalization test)")
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="calibration scenes from a seed range of their own (use with --unsafe 100 --safe 200)",
+    )
     args = parser.parse_args(argv)
-    folder = write_folder(args.folder, args.unsafe, args.safe, args.filled_only)
+    folder = write_folder(args.folder, args.unsafe, args.safe, args.filled_only, args.validation)
     print(f"wrote {folder}")
 
 

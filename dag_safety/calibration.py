@@ -1,0 +1,183 @@
+"""Calibrating DAG's selective rule (`detection="presence"`, spec 2b) for a target false-detection rate.
+
+A benign image must stay unguided at every one of the ~20 guided steps, so the threshold is chosen on what
+decides that: per validation image, the highest presence score any unsafe component reaches at any guided step.
+The trajectory is approximated from annotated images: each image's latent is noised with one noise draw to each
+guided timestep of the sampler (`x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε`, the same `ε` at every step, as a deterministic
+sampler's path to that image would be), the UNet runs with the image's caption, and the evidence is smoothed over
+the steps exactly as in the denoising loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from .detection import concept_presence, minmax_normalize
+from .guidance import component_presence, unsafe_components
+from .optimize import AnnotatedImage, _to_pixels
+
+__all__ = ["PresenceCalibration", "PresenceScores", "calibrate_presence", "presence_scores"]
+
+
+@dataclass(frozen=True)
+class PresenceScores:
+    """Per image, the highest presence score over the guided steps `(N,)` (`-inf` where no component formed):
+    of any component (`any`), of components overlapping the image's mask (`target`), of the others (`other`)."""
+
+    any: np.ndarray
+    target: np.ndarray
+    other: np.ndarray
+
+
+@dataclass(frozen=True)
+class PresenceCalibration:
+    """A calibrated threshold and what it does on the calibration images.
+
+    Attributes:
+        threshold (`float`): the presence threshold, in `(0, 1)`.
+        target_fpr (`float`): the false-detection rate asked for.
+        false_detection_rate (`float`): share of safe images guided at any step at `threshold`.
+        detection_rate (`float`): share of unsafe images whose masked region is guided at some step.
+        co_object_rate (`float`): share of unsafe images where a component off the mask is guided at some step.
+        safe_images (`int`), unsafe_images (`int`), num_inference_steps (`int`): the calibration set and sampler.
+    """
+
+    threshold: float
+    target_fpr: float
+    false_detection_rate: float
+    detection_rate: float
+    co_object_rate: float
+    safe_images: int
+    unsafe_images: int
+    num_inference_steps: int
+
+    def as_metadata(self) -> dict:
+        """The summary stored in the embedding's `calibration` metadata."""
+        return {
+            "target_fpr": self.target_fpr,
+            "false_detection_rate": round(self.false_detection_rate, 4),
+            "detection_rate": round(self.detection_rate, 4),
+            "co_object_rate": round(self.co_object_rate, 4),
+            "safe_images": self.safe_images,
+            "unsafe_images": self.unsafe_images,
+            "num_inference_steps": self.num_inference_steps,
+        }
+
+
+@torch.no_grad()
+def presence_scores(
+    pipe,
+    images: list[AnnotatedImage],
+    num_inference_steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> PresenceScores:
+    """The presence scores DAG's selective rule would see on `images` (see the module docstring).
+
+    Args:
+        pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled (its embedding, layers, thresholds, warm-up and
+            `presence_smoothing` are used; its `presence_threshold` is not).
+        images (`list[AnnotatedImage]`): validation images; a mask marks the unsafe region.
+        num_inference_steps (`int`): the sampler's steps whose guided timesteps are visited.
+        seed (`int`): seed of the noise draws.
+    """
+    state = pipe._dag
+    if state is None:
+        raise ValueError("`presence_scores` needs DAG; call `pipe.enable_dag(embedding)` first.")
+    config = state.config
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = scheduler.timesteps[config.warmup_steps :]
+    if len(timesteps) == 0:
+        raise ValueError(
+            f"{num_inference_steps} steps leave no guided step after {config.warmup_steps} warm-up steps."
+        )
+    forward_process = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    found = {"any": [], "target": [], "other": []}
+    for start in tqdm(range(0, len(images), batch_size), desc="Calibrating", leave=False, disable=not progress):
+        chunk = images[start : start + batch_size]
+        pixels, masks = zip(*(_to_pixels(pipe, item, side) for item in chunk))
+        latents = pipe.vae.encode(torch.cat(pixels)).latent_dist.mode() * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        text, _ = pipe.encode_prompt([item.caption for item in chunk], pipe.device, 1, False)
+        latent_size = tuple(latents.shape[-2:])
+        masks = torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], latent_size)[:, 0].bool()
+        best = {key: np.full(len(chunk), -np.inf) for key in found}
+        evidence = None
+        with state.capture:
+            for t in timesteps:
+                noisy = forward_process.add_noise(latents, noise, t.expand(len(chunk)))
+                state.capture.store.arm(slice(None))
+                try:
+                    pipe.unet(noisy, t, encoder_hidden_states=text)
+                finally:
+                    state.capture.store.disarm()
+                shares = pipe._shares(latent_size, concept_presence)
+                state.capture.store.clear()
+                if evidence is not None:
+                    shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares
+                evidence = shares
+                for concept in evidence:
+                    for index, (share, amap) in enumerate(zip(concept.numpy(), minmax_normalize(concept).numpy())):
+                        labels, count = unsafe_components(
+                            amap, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+                        )
+                        if count == 0:
+                            continue
+                        scores = component_presence(share, labels, count)
+                        on_mask = np.bincount(labels[masks[index].numpy()], minlength=count + 1)[1:] > 0
+                        best["any"][index] = max(best["any"][index], scores.max())
+                        if on_mask.any():
+                            best["target"][index] = max(best["target"][index], scores[on_mask].max())
+                        if (~on_mask).any():
+                            best["other"][index] = max(best["other"][index], scores[~on_mask].max())
+        for key in found:
+            found[key].append(best[key])
+    return PresenceScores(**{key: np.concatenate(values) for key, values in found.items()})
+
+
+def calibrate_presence(
+    pipe,
+    images: list[AnnotatedImage],
+    target_fpr: float = 0.05,
+    num_inference_steps: int = 25,
+    seed: int = 0,
+    progress: bool = True,
+) -> PresenceCalibration:
+    """The lowest presence threshold that guides at most `target_fpr` of the safe `images` at any step.
+
+    Raises:
+        `ValueError`: `target_fpr` outside `(0, 1)`, or no safe or no unsafe image among `images`.
+    """
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"`target_fpr` must be in (0, 1), got {target_fpr!r}.")
+    unsafe = np.array([item.unsafe for item in images])
+    if unsafe.all() or not unsafe.any():
+        raise ValueError(
+            "Calibration needs safe images (no mask) and unsafe images (with a mask) among the validation images;"
+            f" got {int(unsafe.sum())} unsafe and {int((~unsafe).sum())} safe."
+        )
+    scores = presence_scores(pipe, images, num_inference_steps, seed, progress=progress)
+    negatives = np.sort(scores.any[~unsafe])[::-1]
+    allowed = int(np.floor(target_fpr * len(negatives)))
+    # just above the first safe image that may not be guided; never below a share any image could reach
+    threshold = float(np.nextafter(max(negatives[allowed], 0.0), np.inf)) if allowed < len(negatives) else 0.0
+    threshold = float(np.clip(threshold, np.nextafter(0.0, 1.0), np.nextafter(1.0, 0.0)))
+    return PresenceCalibration(
+        threshold=threshold,
+        target_fpr=target_fpr,
+        false_detection_rate=float((scores.any[~unsafe] >= threshold).mean()),
+        detection_rate=float((scores.target[unsafe] >= threshold).mean()),
+        co_object_rate=float((scores.other[unsafe] >= threshold).mean()),
+        safe_images=int((~unsafe).sum()),
+        unsafe_images=int(unsafe.sum()),
+        num_inference_steps=num_inference_steps,
+    )

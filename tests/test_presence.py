@@ -1,0 +1,162 @@
+"""DAG's selective rule (`detection="presence"`, spec 2b) against independent oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dag_reference import area_scale
+
+from dag_safety import DAGConfig
+from dag_safety.guidance import area_scaler, dag_scale_map
+
+
+def _blobs(seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """A map with a few separate bright blobs on a dim floor, and a presence map that differs per blob."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    amap = np.full((size, size), 0.005, dtype=np.float32)
+    presence = rng.uniform(0.0, 0.05, (size, size)).astype(np.float32)
+    for _ in range(3):
+        cy, cx, radius = rng.integers(2, size - 2), rng.integers(2, size - 2), rng.uniform(1.0, 2.5)
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        amap[disk] = rng.uniform(0.6, 1.0)
+        presence[disk] += rng.uniform(0.0, 0.4)
+    halo = (amap < 0.5) & (rng.uniform(size=amap.shape) < 0.3)
+    amap[halo] = 0.02  # an edit band around and between the blobs
+    return amap, presence
+
+
+# maps without edit pixels equally near two components, whose scale the spec leaves open
+THRESHOLDS = (0.0, 0.15, 0.3, 1.0)
+
+
+def _untied(seed: int) -> bool:
+    amap, presence = _blobs(seed)
+    return not any(area_scale(amap, 0.5, 0.01, 5.0, 0.8, presence, t)[1] for t in THRESHOLDS)
+
+
+UNTIED_SEEDS = [seed for seed in range(80) if _untied(seed)][:12]
+
+
+@pytest.mark.parametrize("seed", UNTIED_SEEDS)
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_area_scaler_gates_components_as_the_reference(seed, threshold):
+    amap, presence = _blobs(seed)
+    expected, _ = area_scale(amap, 0.5, 0.01, 5.0, 0.8, presence, threshold)
+    maps, evidence = torch.from_numpy(amap)[None], torch.from_numpy(presence)[None]
+    got = area_scaler(maps, 0.5, 0.01, 5.0, 0.8, evidence, threshold)[0].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+def test_the_reference_cases_open_and_close_the_gate():
+    """The cases above are not vacuous: some components pass and some do not at the middle thresholds."""
+    kept = []
+    for seed in UNTIED_SEEDS:
+        amap, presence = _blobs(seed)
+        everything = area_scale(amap, 0.5, 0.01, 5.0, 0.8)[0] > 0
+        gated = area_scale(amap, 0.5, 0.01, 5.0, 0.8, presence, 0.15)[0] > 0
+        kept.append(gated.sum() / max(everything.sum(), 1))
+    assert len(UNTIED_SEEDS) == 12 and min(kept) < 1 and max(kept) > 0
+    assert any(0 < k < 1 for k in kept)
+
+
+def test_a_gate_nothing_passes_guides_nothing_and_one_everything_passes_is_the_paper_rule():
+    amap, presence = _blobs(3)
+    maps, evidence = torch.from_numpy(amap)[None], torch.from_numpy(presence)[None]
+    closed = DAGConfig(detection="presence", presence_threshold=float(np.nextafter(np.float32(1.0), 0)))
+    opened = DAGConfig(detection="presence", presence_threshold=1e-9)
+    assert not dag_scale_map(maps, closed, evidence).detected.any()
+    assert torch.equal(dag_scale_map(maps, closed, evidence).scale, torch.zeros_like(maps))
+    assert torch.equal(dag_scale_map(maps, opened, evidence).scale, dag_scale_map(maps, DAGConfig()).scale)
+
+
+def test_a_co_object_and_the_band_nearest_to_it_are_left_alone():
+    amap = np.zeros((16, 16), dtype=np.float32)
+    amap[:8, :8] = amap[8:, 8:] = 0.02  # an edit band around each object: half the latent
+    amap[2:5, 2:5] = 1.0  # the concept
+    amap[10:14, 10:14] = 0.9  # a co-object
+    presence = np.zeros_like(amap)
+    presence[2:5, 2:5] = 0.5
+    presence[10:14, 10:14] = 0.1
+    scale = area_scaler(
+        torch.from_numpy(amap)[None], presence=torch.from_numpy(presence)[None], presence_threshold=0.3
+    )
+    scale = scale[0].numpy()
+    assert (scale[2:5, 2:5] > 0).all() and (scale[0, 0] > 0)
+    assert (scale[10:14, 10:14] == 0).all() and scale[15, 15] == 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"detection": "presence"}, "needs `presence_threshold`"),
+        ({"detection": "selective"}, "`detection` must be one of"),
+        ({"detection": "presence", "presence_threshold": 1.5}, "`presence_threshold` must be in"),
+        ({"presence_smoothing": 1.0}, "`presence_smoothing` must be in"),
+        ({"presence_threshold": "0.2"}, "`presence_threshold` must be a real number"),
+    ],
+)
+def test_config_refuses_bad_presence_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        DAGConfig(**options)
+
+
+def test_presence_without_its_map_is_refused():
+    with pytest.raises(ValueError, match="presence map"):
+        dag_scale_map(torch.zeros(1, 4, 4), DAGConfig(detection="presence", presence_threshold=0.2))
+
+
+def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embedding_carries_it(mini_pipe, tmp_path):
+    from dag_safety.calibration import presence_scores
+    from dag_safety.cli import main
+    from dag_safety.embedding import GuidelineEmbedding
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+
+    folder = write_folder(tmp_path / "validation", n_unsafe=4, n_safe=10, validation=True)
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", str(RED_STAR), "--validation-data", str(folder), "--target-fpr", "0.2",
+                 "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
+    saved = GuidelineEmbedding.from_pretrained(out)
+    threshold = saved.metadata.presence_threshold
+    assert saved.metadata.calibration["target_fpr"] == 0.2 and saved.metadata.calibration["safe_images"] == 10
+    assert torch.equal(saved.embeds, GuidelineEmbedding.from_pretrained(RED_STAR).embeds)
+
+    images = load_annotated_folder(folder)
+    mini_pipe.enable_dag(RED_STAR, detection="paper")
+    try:
+        scores = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False)
+    finally:
+        mini_pipe.disable_dag()
+    safe = np.array([not item.unsafe for item in images])
+    assert (scores.any[safe] >= threshold).sum() <= 2  # 20 % of 10
+    lower = scores.any[safe][scores.any[safe] < threshold].max()
+    assert (scores.any[safe] >= lower).sum() > 2  # any lower threshold guides more than 20 %
+
+    mini_pipe.enable_dag(out)
+    try:
+        assert mini_pipe.dag_config.detection == "presence"
+        assert mini_pipe.dag_config.presence_threshold == threshold
+    finally:
+        mini_pipe.disable_dag()
+
+
+def test_calibrate_needs_safe_and_unsafe_images(mini_pipe, tmp_path):
+    from dag_safety.calibration import calibrate_presence
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+
+    images = [
+        item for item in load_annotated_folder(write_folder(tmp_path / "v", 2, 2, validation=True)) if item.unsafe
+    ]
+    mini_pipe.enable_dag(RED_STAR)
+    try:
+        with pytest.raises(ValueError, match="needs safe images"):
+            calibrate_presence(mini_pipe, images, num_inference_steps=8)
+        with pytest.raises(ValueError, match="`target_fpr` must be in"):
+            calibrate_presence(mini_pipe, images, target_fpr=0.0)
+    finally:
+        mini_pipe.disable_dag()
