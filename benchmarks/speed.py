@@ -66,6 +66,7 @@ METHODS = (
     "ours SEGA",
     "ours DAG+SEGA (target)",
     "ours DAG+SEGA (benign)",
+    "ours DAG+SEGA presence (benign)",
 )
 
 
@@ -148,16 +149,21 @@ def build(method: str, components: dict, model: str, device: str):
             pipe.enable_safety_guidance("sega")
         else:
             benign = method.endswith("(benign)")
+            # the selective rule: with the mini model the embedding's calibrated threshold; with random weights
+            # nothing is present at an unreachable share
+            rule = {"detection": "presence"} if "presence" in method else {}
             if model == "sd14-random":
                 from dag_safety.optimize import encode_init_rows
 
                 rows = encode_init_rows(pipe, "red star")
+                if rule:
+                    rule["presence_threshold"] = 1 - 1e-6
                 if benign:  # concept rows equal to the SoT row: a flat map, nothing detected
-                    pipe.enable_dag(rows[:1].repeat(rows.shape[0], 1))
+                    pipe.enable_dag(rows[:1].repeat(rows.shape[0], 1), **rule)
                 else:  # guided at every step after warm-up
-                    pipe.enable_dag(rows, max_edit_area=1.0)
+                    pipe.enable_dag(rows, max_edit_area=1.0, **rule)
             else:
-                pipe.enable_dag(str(ROOT / "embeddings" / "red-star"))
+                pipe.enable_dag(str(ROOT / "embeddings" / "red-star"), **rule)
                 if benign:
                     kwargs["prompt"] = BENIGN_PROMPT
     pipe.set_progress_bar_config(disable=True)
@@ -167,6 +173,7 @@ def build(method: str, components: dict, model: str, device: str):
 PAIRED_RATIOS = {
     "DAG + SEGA (target) / our SEGA": ("ours DAG+SEGA (target)", "ours SEGA"),
     "DAG + SEGA (benign) / plain": ("ours DAG+SEGA (benign)", "plain"),
+    "DAG + SEGA presence (benign) / plain": ("ours DAG+SEGA presence (benign)", "plain"),
     "our SLD / diffusers SLD": ("ours SLD", "diffusers SLD"),
     "our SEGA / diffusers SEGA": ("ours SEGA", "diffusers SEGA"),
 }
