@@ -24,9 +24,9 @@ __all__ = [
     "dag_noise_pred",
     "dag_scale_map",
     "magnitude_scaler",
-    "unsafe_components",
     "sega_noise_pred",
     "sld_noise_pred",
+    "unsafe_components",
 ]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)

@@ -87,6 +87,21 @@ def test_a_co_object_and_the_band_nearest_to_it_are_left_alone():
     assert (scale[10:14, 10:14] == 0).all() and scale[15, 15] == 0
 
 
+def test_without_the_area_scaler_the_gate_keeps_one_on_the_present_objects_side():
+    amap = np.zeros((16, 16), dtype=np.float32)
+    amap[:8, :8] = amap[8:, 8:] = 0.02
+    amap[2:5, 2:5] = 1.0
+    amap[11:14, 11:14] = 0.9
+    presence = np.zeros_like(amap)
+    presence[2:5, 2:5] = 0.5
+    presence[11:14, 11:14] = 0.1
+    config = DAGConfig(detection="presence", presence_threshold=0.3, area_scaler=False, magnitude_scaler=False)
+    scale = dag_scale_map(torch.from_numpy(amap)[None], config, torch.from_numpy(presence)[None]).scale[0].numpy()
+    expected = np.zeros_like(amap)
+    expected[:8, :8] = 1.0  # the present object's edit region, at S_area = T = 1
+    np.testing.assert_array_equal(scale, expected)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
