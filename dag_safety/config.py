@@ -51,6 +51,7 @@ class GuidanceMethod(str, Enum):
 
 
 DETECTION_RULES = ("paper", "presence")
+GUIDANCE_FORMS = ("table1", "sega")
 
 
 def _check_field_types(config: Any) -> None:
@@ -222,6 +223,13 @@ class DAGConfig:
         layer_fractions (`tuple[float, ...]`, *optional*, defaults to `(0.25, 0.5)`):
             Cross-attention layers whose query side is this fraction of the latent side are used for detection
             (16² and 32² for a 64² latent).
+        guidance_form (`str`, *optional*, defaults to `"table1"`):
+            Where the classifier-free scale `s_g` meets DAG's term `g` (spec section 3 leaves it open):
+            `"table1"`, the paper's Table 1 read literally, `e = e_u + s_g ((e_p - e_u) - g)`, so DAG's push grows
+            with the guidance scale; `"sega"`, SEGA's own form (which A.2's "editing strength" refers to),
+            `e = e_u + s_g (e_p - e_u) - g`, a push independent of it. Since `g` is linear in `base_scale`, at a
+            fixed guidance scale `"sega"` with `base_scale · s_g` is `"table1"` with `base_scale`; a saved
+            embedding's base scale is calibrated for `"table1"`.
         detection (`str`, *optional*, defaults to `"paper"`):
             Which components DAG guides. `"paper"`: every component of `Â >= unsafe_threshold` (the paper's rule,
             spec section 3; `Â` is min-max normalised per image, so every image has one). `"presence"`: only the
@@ -249,6 +257,7 @@ class DAGConfig:
     area_scaler: bool = True
     magnitude_scaler: bool = True
     layer_fractions: tuple[float, ...] = (0.25, 0.5)
+    guidance_form: str = "table1"
     detection: str = "paper"
     presence_threshold: float | None = None
     presence_smoothing: float = 0.5
@@ -277,6 +286,8 @@ class DAGConfig:
                 f" got {self.layer_fractions!r}."
             )
         object.__setattr__(self, "layer_fractions", fractions)
+        if self.guidance_form not in GUIDANCE_FORMS:
+            raise ValueError(f"`guidance_form` must be one of {list(GUIDANCE_FORMS)}, got {self.guidance_form!r}.")
         if self.detection not in DETECTION_RULES:
             raise ValueError(f"`detection` must be one of {list(DETECTION_RULES)}, got {self.detection!r}.")
         if self.detection == "presence" and self.presence_threshold is None:

@@ -254,7 +254,8 @@ def dag_noise_pred(
     momentum: torch.Tensor | None,
     config: DAGConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One guided DAG step (paper Table 1): `e = e_u + s_g * ((e_p - e_u) - g)`.
+    """One guided DAG step (paper Table 1): `e = e_u + s_g * ((e_p - e_u) - g)`, or with
+    `config.guidance_form == "sega"` SEGA's own form `e = e_u + s_g * (e_p - e_u) - g`.
 
     `g = Σ_c S_dag ⊙ M_base,c ⊙ (e_s_c - e_u) + momentum_scale * 1[S_dag > 0] ⊙ v`, where `M_base` is the base
     method's mask (SEGA: `|e_s - e_u|` at or above its `edit_threshold` quantile over `h×w`; SLD:
@@ -282,5 +283,8 @@ def dag_noise_pred(
     # a bool mask times a Python float is float32: cast it, or float16 runs would turn float32 here
     safety = safety + config.momentum_scale * (scale > 0).to(momentum.dtype) * momentum
     momentum = config.mom_beta * momentum + (1 - config.mom_beta) * safety
-    noise_pred = noise_pred_uncond + guidance_scale * ((noise_pred_text - noise_pred_uncond) - safety)
+    if config.guidance_form == "sega":
+        noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond) - safety
+    else:
+        noise_pred = noise_pred_uncond + guidance_scale * ((noise_pred_text - noise_pred_uncond) - safety)
     return noise_pred, momentum

@@ -166,6 +166,14 @@ class TestDAGNoisePred:
         noise_pred, _ = dag_noise_pred(e_u, e_p, [e_s], 3.0, scale, None, config)
         assert torch.allclose(noise_pred, t([3.0 * (1 - 2 * 2.0), 3.0]))
 
+    def test_by_hand_sega_form(self):
+        """SEGA's own form: the DAG term is not multiplied by the guidance scale (Table 1's form: -9 above)."""
+        base = SLDConfig(sld_threshold=0.0, sld_momentum_scale=0.0, sld_mom_beta=0.0)
+        config = DAGConfig(base=base, guidance_form="sega")
+        e_u, e_p, e_s = t([0.0, 0.0]), t([1.0, 1.0]), t([2.0, 0.5])
+        noise_pred, _ = dag_noise_pred(e_u, e_p, [e_s], 3.0, torch.tensor([[[2.0, 2.0]]]), None, config)
+        assert torch.allclose(noise_pred, t([3.0 * 1 - 2.0 * 2.0, 3.0]))
+
 
 @pytest.mark.parametrize(
     "kwargs",

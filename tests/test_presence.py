@@ -175,3 +175,28 @@ def test_calibrate_needs_safe_and_unsafe_images(mini_pipe, tmp_path):
             calibrate_presence(mini_pipe, images, target_fpr=0.0)
     finally:
         mini_pipe.disable_dag()
+
+
+def test_sega_form_at_base_scale_times_cfg_is_table_one(mini_pipe):
+    """`g` is linear in the base scale (momentum included), so SEGA's form with `base_scale · s_g` is Table 1's
+    form with `base_scale`, at any fixed guidance scale: an identity the two code paths must both obey."""
+    from dag_safety.embeddings import RED_STAR
+
+    def latents(**options):
+        mini_pipe.enable_dag(RED_STAR, **options)
+        try:
+            return mini_pipe(
+                "a red star and a blue square on a gray background",
+                num_inference_steps=12,
+                guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(2),
+                output_type="latent",
+            ).images
+        finally:
+            mini_pipe.disable_dag()
+
+    table1 = latents(base_scale=100.0)
+    sega = latents(base_scale=500.0, guidance_form="sega")
+    weaker = latents(base_scale=100.0, guidance_form="sega")
+    torch.testing.assert_close(sega, table1, rtol=0, atol=1e-4)
+    assert (weaker - table1).abs().max() > 1e-2
