@@ -594,7 +594,7 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
     from .calibration import calibrate_presence
     from .optimize import replace_metadata
 
-    pipe.enable_dag(embedding, detection="paper", check_fingerprint=False)
+    pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
     try:
         calibration = calibrate_presence(pipe, validation, args.target_fpr, args.calibration_steps)
         smoothing = pipe.dag_config.presence_smoothing

@@ -200,3 +200,21 @@ def test_sega_form_at_base_scale_times_cfg_is_table_one(mini_pipe):
     weaker = latents(base_scale=100.0, guidance_form="sega")
     torch.testing.assert_close(sega, table1, rtol=0, atol=1e-4)
     assert (weaker - table1).abs().max() > 1e-2
+
+
+def test_calibrate_refuses_an_embedding_made_for_another_model(mini_pipe, tmp_path, capsys):
+    from test_embedding import make_embedding
+
+    from dag_safety.cli import main
+    from dag_safety.mini.guideline_data import write_folder
+
+    foreign = tmp_path / "foreign"
+    make_embedding(mini_pipe, base_model_fingerprint="0123456789abcdef").save_pretrained(foreign)
+    folder = write_folder(tmp_path / "validation", n_unsafe=1, n_safe=2, validation=True)
+    try:
+        status = main(["calibrate", str(foreign), "--validation-data", str(folder), "--out", str(tmp_path / "out")])
+    except SystemExit as error:
+        status = error.code
+    assert status == 2
+    assert "fingerprint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
