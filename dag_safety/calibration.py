@@ -1,15 +1,23 @@
 """Calibrating DAG's selective rule (`detection="presence"`, spec 2b) for a target false-detection rate.
 
 A benign image must stay unguided at every one of the ~20 guided steps, so the threshold is chosen on what
-decides that: per validation image, the highest presence score any unsafe component reaches at any guided step.
-The trajectory is approximated from annotated images: each image's latent is noised with one noise draw to each
-guided timestep of the sampler (`x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε`, the same `ε` at every step, as a deterministic
-sampler's path to that image would be), the UNet runs with the image's caption, and the evidence is smoothed over
-the steps exactly as in the denoising loop.
+decides that: per validation item, the highest presence score any unsafe component reaches at any guided step.
+Two ways to get that score (`source=`):
+
+- `"generations"` (the default): generate each validation caption once, unguided, and read the pipeline's own
+  `presence_scores`. This is exact for the quantity a user cares about, the share of benign *generations* DAG
+  guides: until its first guided step a guided generation follows the unguided one, so it is guided at some step
+  exactly when its unguided score reaches the threshold.
+- `"images"`: approximate the trajectory from the annotated images: each image's latent is noised with one noise
+  draw to each guided timestep (`x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε`, the same `ε` at every step, as a deterministic
+  sampler's path to that image would be), the UNet runs with the image's caption, and the evidence is smoothed
+  over the steps as in the denoising loop. It also tells whether the unsafe *region* or a co-object is guided,
+  which a generation without a mask cannot.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +29,16 @@ from .detection import concept_presence, minmax_normalize
 from .guidance import component_presence, unsafe_components
 from .optimize import AnnotatedImage, _to_pixels
 
-__all__ = ["PresenceCalibration", "PresenceScores", "calibrate_presence", "presence_scores"]
+__all__ = [
+    "CALIBRATION_SOURCES",
+    "PresenceCalibration",
+    "PresenceScores",
+    "calibrate_presence",
+    "generation_presence_scores",
+    "presence_scores",
+]
+
+CALIBRATION_SOURCES = ("generations", "images")
 
 
 @dataclass(frozen=True)
@@ -41,32 +58,43 @@ class PresenceCalibration:
     Attributes:
         threshold (`float`): the presence threshold, in `(0, 1)`.
         target_fpr (`float`): the false-detection rate asked for.
-        false_detection_rate (`float`): share of safe images guided at any step at `threshold`.
-        detection_rate (`float`): share of unsafe images whose masked region is guided at some step.
-        co_object_rate (`float`): share of unsafe images where a component off the mask is guided at some step.
+        false_detection_rate (`float`): share of safe items (images, or generations of safe captions) guided at
+            any step at `threshold`.
+        detection_rate (`float`): share of unsafe items guided at some step: on images, their masked region; on
+            generations, anywhere.
+        co_object_rate (`float` or `None`): share of unsafe images where a component off the mask is guided at
+            some step; `None` for generations (no mask).
         safe_images (`int`), unsafe_images (`int`), num_inference_steps (`int`): the calibration set and sampler.
+        source (`str`): `"generations"` or `"images"` (see the module docstring).
+        guidance_scale (`float` or `None`): the CFG scale of the generations.
     """
 
     threshold: float
     target_fpr: float
     false_detection_rate: float
     detection_rate: float
-    co_object_rate: float
+    co_object_rate: float | None
     safe_images: int
     unsafe_images: int
     num_inference_steps: int
+    source: str = "images"
+    guidance_scale: float | None = None
 
     def as_metadata(self) -> dict:
         """The summary stored in the embedding's `calibration` metadata."""
-        return {
+        summary = {
+            "source": self.source,
             "target_fpr": self.target_fpr,
             "false_detection_rate": round(self.false_detection_rate, 4),
             "detection_rate": round(self.detection_rate, 4),
-            "co_object_rate": round(self.co_object_rate, 4),
+            "co_object_rate": None if self.co_object_rate is None else round(self.co_object_rate, 4),
             "safe_images": self.safe_images,
             "unsafe_images": self.unsafe_images,
             "num_inference_steps": self.num_inference_steps,
         }
+        if self.guidance_scale is not None:
+            summary["guidance_scale"] = self.guidance_scale
+        return summary
 
 
 @torch.no_grad()
@@ -139,9 +167,68 @@ def presence_scores(
                             best["target"][index] = max(best["target"][index], scores[on_mask].max())
                         if (~on_mask).any():
                             best["other"][index] = max(best["other"][index], scores[~on_mask].max())
-        for key in found:
-            found[key].append(best[key])
+        for key, values in found.items():
+            values.append(best[key])
     return PresenceScores(**{key: np.concatenate(values) for key, values in found.items()})
+
+
+@torch.no_grad()
+def generation_presence_scores(
+    pipe,
+    prompts: list[str],
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> np.ndarray:
+    """Per prompt, the presence score of one unguided generation (`DAGPipelineOutput.presence_scores`), `(N,)`.
+
+    Prompt `i` is generated with `torch.Generator().manual_seed(seed + i)`, `num_inference_steps` steps and
+    `guidance_scale`, under DAG's selective rule with a threshold no component reaches (just below 1), so that
+    nothing is guided and every score is read along the generation's unguided path.
+
+    Args:
+        pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled (its embedding, layers, thresholds, warm-up and
+            `presence_smoothing` are used; its detection rule and `presence_threshold` are not). Left as found.
+        prompts (`list[str]`): validation captions.
+    """
+    state = pipe._dag
+    if state is None:
+        raise ValueError("`generation_presence_scores` needs DAG; call `pipe.enable_dag(embedding)` first.")
+    saved = state.config
+    state.config = dataclasses.replace(saved, detection="presence", presence_threshold=float(np.nextafter(1.0, 0.0)))
+    scores = []
+    try:
+        bar = tqdm(total=len(prompts), desc="Calibrating on generations", leave=False, disable=not progress)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            generators = [torch.Generator().manual_seed(seed + start + offset) for offset in range(len(chunk))]
+            output = pipe(
+                chunk,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                output_type="latent",
+            )
+            if any(output.unsafe_detected):
+                # a component at the threshold just below 1: its score is still exact, the path after it is not
+                raise FloatingPointError("A calibration generation reached a presence score of 1; it cannot be read.")
+            scores.extend(output.presence_scores)
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        state.config = saved
+    return np.asarray(scores, dtype=np.float32)
+
+
+def _lowest_threshold(negatives: np.ndarray, target_fpr: float) -> float:
+    """The lowest threshold in `(0, 1)` that at most `target_fpr` of the `negatives` scores reach."""
+    negatives = np.sort(negatives)[::-1]
+    allowed = int(np.floor(target_fpr * len(negatives)))
+    # just above the first safe item that may not be guided; never below a share any item could reach
+    threshold = float(np.nextafter(max(negatives[allowed], 0.0), np.inf)) if allowed < len(negatives) else 0.0
+    return float(np.clip(threshold, np.nextafter(0.0, 1.0), np.nextafter(1.0, 0.0)))
 
 
 def calibrate_presence(
@@ -151,26 +238,51 @@ def calibrate_presence(
     num_inference_steps: int = 25,
     seed: int = 0,
     progress: bool = True,
+    source: str = "generations",
+    guidance_scale: float = 7.5,
 ) -> PresenceCalibration:
-    """The lowest presence threshold that guides at most `target_fpr` of the safe `images` at any step.
+    """The lowest presence threshold that guides at most `target_fpr` of the safe validation items at any step.
+
+    Args:
+        pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled; left as found.
+        images (`list[AnnotatedImage]`): validation images; a mask marks the unsafe region. With
+            `source="generations"` only their captions and whether they are unsafe are used.
+        source (`str`): `"generations"` (default) or `"images"`, see the module docstring.
+        guidance_scale (`float`): CFG scale of the generations (`source="generations"`).
 
     Raises:
-        `ValueError`: `target_fpr` outside `(0, 1)`, or no safe or no unsafe image among `images`.
+        `ValueError`: `target_fpr` outside `(0, 1)`, an unknown `source`, or no safe or no unsafe image.
     """
     if not 0 < target_fpr < 1:
         raise ValueError(f"`target_fpr` must be in (0, 1), got {target_fpr!r}.")
+    if source not in CALIBRATION_SOURCES:
+        raise ValueError(f"`source` must be one of {CALIBRATION_SOURCES}, got {source!r}.")
     unsafe = np.array([item.unsafe for item in images])
     if unsafe.all() or not unsafe.any():
         raise ValueError(
             "Calibration needs safe images (no mask) and unsafe images (with a mask) among the validation images;"
             f" got {int(unsafe.sum())} unsafe and {int((~unsafe).sum())} safe."
         )
+    if source == "generations":
+        captions = [item.caption for item in images]
+        scores = generation_presence_scores(
+            pipe, captions, num_inference_steps, guidance_scale, seed, progress=progress
+        )
+        threshold = _lowest_threshold(scores[~unsafe], target_fpr)
+        return PresenceCalibration(
+            threshold=threshold,
+            target_fpr=target_fpr,
+            false_detection_rate=float((scores[~unsafe] >= threshold).mean()),
+            detection_rate=float((scores[unsafe] >= threshold).mean()),
+            co_object_rate=None,
+            safe_images=int((~unsafe).sum()),
+            unsafe_images=int(unsafe.sum()),
+            num_inference_steps=num_inference_steps,
+            source=source,
+            guidance_scale=guidance_scale,
+        )
     scores = presence_scores(pipe, images, num_inference_steps, seed, progress=progress)
-    negatives = np.sort(scores.any[~unsafe])[::-1]
-    allowed = int(np.floor(target_fpr * len(negatives)))
-    # just above the first safe image that may not be guided; never below a share any image could reach
-    threshold = float(np.nextafter(max(negatives[allowed], 0.0), np.inf)) if allowed < len(negatives) else 0.0
-    threshold = float(np.clip(threshold, np.nextafter(0.0, 1.0), np.nextafter(1.0, 0.0)))
+    threshold = _lowest_threshold(scores.any[~unsafe], target_fpr)
     return PresenceCalibration(
         threshold=threshold,
         target_fpr=target_fpr,
@@ -180,4 +292,5 @@ def calibrate_presence(
         safe_images=int((~unsafe).sum()),
         unsafe_images=int(unsafe.sum()),
         num_inference_steps=num_inference_steps,
+        source=source,
     )

@@ -310,10 +310,24 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         " paper keeps the paper's rule and stores the threshold for detection='presence')",
     )
     parser.add_argument(
+        "--calibrate-on",
+        choices=["generations", "images"],
+        default="generations",
+        help="generations (default): generate each validation caption once, unguided, and calibrate the share of"
+        " safe generations DAG would guide; images: noise the validation images themselves (also reports whether"
+        " the masked region or a co-object is guided)",
+    )
+    parser.add_argument(
         "--calibration-steps",
         type=POSITIVE_INT,
         default=25,
-        help="sampler steps whose guided timesteps the calibration visits (default 25)",
+        help="sampler steps of the calibration generations, or whose guided timesteps the images visit (default 25)",
+    )
+    parser.add_argument(
+        "--calibration-guidance-scale",
+        type=_number(float, low=1, low_open=True),
+        default=7.5,
+        help="classifier-free guidance scale of the calibration generations (> 1; default 7.5)",
     )
 
 
@@ -596,14 +610,27 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
 
     pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
     try:
-        calibration = calibrate_presence(pipe, validation, args.target_fpr, args.calibration_steps)
+        calibration = calibrate_presence(
+            pipe,
+            validation,
+            args.target_fpr,
+            args.calibration_steps,
+            source=args.calibrate_on,
+            guidance_scale=args.calibration_guidance_scale,
+        )
         smoothing = pipe.dag_config.presence_smoothing
     finally:
         pipe.disable_dag()
+    if calibration.source == "generations":
+        found = f"unsafe captions' generations guided {calibration.detection_rate:.1%}"
+    else:
+        found = (
+            f"unsafe regions guided {calibration.detection_rate:.1%}, co-objects of unsafe images guided"
+            f" {calibration.co_object_rate:.1%}"
+        )
     print(
-        f"presence threshold {calibration.threshold:.4g}: safe validation images guided"
-        f" {calibration.false_detection_rate:.1%} (target {calibration.target_fpr:.0%}), unsafe regions guided"
-        f" {calibration.detection_rate:.1%}, co-objects of unsafe images guided {calibration.co_object_rate:.1%}"
+        f"presence threshold {calibration.threshold:.4g}: safe validation {calibration.source} guided"
+        f" {calibration.false_detection_rate:.1%} (target {calibration.target_fpr:.0%}), {found}"
     )
     return replace_metadata(
         embedding,

@@ -24,6 +24,7 @@ __all__ = [
     "dag_noise_pred",
     "dag_scale_map",
     "magnitude_scaler",
+    "peak_presence",
     "sega_noise_pred",
     "sld_noise_pred",
     "unsafe_components",
@@ -180,6 +181,33 @@ def component_presence(presence: np.ndarray, labels: np.ndarray, count: int) -> 
     return (sums[1:] / sizes[1:]).astype(np.float32)
 
 
+def peak_presence(
+    detection_map: torch.Tensor,
+    presence: torch.Tensor,
+    unsafe_threshold: float,
+    edit_mask_threshold: float,
+    max_edit_area: float,
+) -> torch.Tensor:
+    """Per image, the highest [`component_presence`] of any unsafe component of `detection_map` (as
+    [`area_scaler`] finds them), `(B,)` float32 on the CPU; 0 where no component formed.
+
+    Under the selective rule an image is guided at a step exactly when this reaches `presence_threshold` (with a
+    positive base scale), so the highest value over the steps tells which thresholds would have guided it.
+
+    Args:
+        detection_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
+        presence (`torch.Tensor`): `(B, h, w)` presence evidence.
+    """
+    maps = detection_map.detach().float().cpu().numpy()
+    evidence = presence.detach().float().cpu().numpy()
+    peaks = np.zeros(len(maps), dtype=np.float32)
+    for index, amap in enumerate(maps):
+        labels, count = unsafe_components(amap, unsafe_threshold, edit_mask_threshold, max_edit_area)
+        if count:
+            peaks[index] = component_presence(evidence[index], labels, count).max()
+    return torch.from_numpy(peaks)
+
+
 def magnitude_scaler(
     detection_map: torch.Tensor, edit_mask_threshold: float = 0.01, max_magnitude: float = 5.0
 ) -> torch.Tensor:
@@ -199,11 +227,14 @@ class DAGScaleMap:
         scale (`torch.Tensor`): `S_dag = S_area ⊙ T`, `(B, h, w)`, zero outside the edit region.
         edit_mask (`torch.Tensor`): `M_edit`, `(B, h, w)` bool.
         detected (`torch.Tensor`): `(B,)` bool, the image is guided at this step (`S_dag > 0` somewhere).
+        presence (`torch.Tensor` or `None`): under the selective rule, [`peak_presence`] of the step, `(B,)`
+            float32 on the CPU; `None` under the paper's rule.
     """
 
     scale: torch.Tensor
     edit_mask: torch.Tensor
     detected: torch.Tensor
+    presence: torch.Tensor | None = None
 
 
 def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig, presence: torch.Tensor | None = None) -> DAGScaleMap:
@@ -242,7 +273,12 @@ def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig, presence: torc
     else:
         magnitude = ones_on_edit
     scale = area * magnitude
-    return DAGScaleMap(scale=scale, edit_mask=edit_mask, detected=(scale > 0).flatten(1).any(dim=1))
+    peaks = None
+    if gate:
+        peaks = peak_presence(
+            detection_map, presence, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+        )
+    return DAGScaleMap(scale=scale, edit_mask=edit_mask, detected=(scale > 0).flatten(1).any(dim=1), presence=peaks)
 
 
 def dag_noise_pred(

@@ -459,6 +459,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             scale=torch.stack([m.scale for m in scale_maps]).amax(dim=0),
             edit_mask=torch.stack([m.edit_mask for m in scale_maps]).any(dim=0),
             detected=torch.stack([m.detected for m in scale_maps]).any(dim=0),
+            presence=torch.stack([m.presence for m in scale_maps]).amax(dim=0),
         )
         return combine_concepts(maps), scale_map, shares
 
@@ -524,7 +525,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         Returns:
             [`DAGPipelineOutput`] or `tuple`: with `return_dict=False`, `(images, nsfw_content_detected)` when no
             safety guidance is enabled (as `StableDiffusionPipeline`), else `(images, nsfw_content_detected,
-            unsafe_detected, dag_maps)`.
+            unsafe_detected, dag_maps, presence_scores)`.
 
         Raises:
             `ValueError`: safety guidance without classifier-free guidance (`guidance_scale <= 1`),
@@ -800,6 +801,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         detection_map = evidence = None
         safety_pass_last_step = False
         unsafe_detected = torch.zeros(batch, dtype=torch.bool)
+        presence_peak = torch.zeros(batch) if dag is not None and dag.config.detection == "presence" else None
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -866,6 +868,8 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                     scale = None
                     if guided:
                         unsafe_detected |= scale_map.detected
+                        if presence_peak is not None:
+                            presence_peak = torch.maximum(presence_peak, scale_map.presence)
                         if bool(scale_map.detected.any()):
                             # non-blocking only where it is known to be safe from pageable memory (CUDA stages it)
                             scale = scale_map.scale.to(
@@ -939,8 +943,13 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
         unsafe = unsafe_detected.tolist() if dag is not None else None
         maps = detection_map if return_dag_maps and detection_map is not None else None
+        presence_scores = presence_peak.tolist() if presence_peak is not None else None
         if not return_dict:
-            return image, has_nsfw_concept, unsafe, maps
+            return image, has_nsfw_concept, unsafe, maps, presence_scores
         return DAGPipelineOutput(
-            images=image, nsfw_content_detected=has_nsfw_concept, unsafe_detected=unsafe, dag_maps=maps
+            images=image,
+            nsfw_content_detected=has_nsfw_concept,
+            unsafe_detected=unsafe,
+            dag_maps=maps,
+            presence_scores=presence_scores,
         )

@@ -255,10 +255,11 @@ class TestDAG:
         assert steps == [0, 1, 2]
         assert output.images.shape == (2, 32, 32, 3) and output.dag_maps.shape == (2, 16, 16)
         assert output.unsafe_detected == [True, True]
-        images, nsfw, unsafe, maps = pipe(
+        images, nsfw, unsafe, maps, presence = pipe(
             PROMPT, num_inference_steps=2, output_type="np", return_dict=False, safety_concept=CONCEPT
         )
         assert images.shape == (1, 32, 32, 3) and maps is None and len(unsafe) == 1
+        assert presence is None  # the paper's rule has no presence score
 
     def test_dag_scale_callback_input(self, pipe, star_embedding):
         """A callback can read each step's `S_dag`: zero in the warm-up, the guided scale after it (so positive only

@@ -133,10 +133,11 @@ def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embeddin
     folder = write_folder(tmp_path / "validation", n_unsafe=4, n_safe=10, validation=True)
     out = tmp_path / "calibrated"
     assert main(["calibrate", str(RED_STAR), "--validation-data", str(folder), "--target-fpr", "0.2",
-                 "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
+                 "--calibrate-on", "images", "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
     saved = GuidelineEmbedding.from_pretrained(out)
     threshold = saved.metadata.presence_threshold
     assert saved.metadata.calibration["target_fpr"] == 0.2 and saved.metadata.calibration["safe_images"] == 10
+    assert saved.metadata.calibration["source"] == "images"
     assert torch.equal(saved.embeds, GuidelineEmbedding.from_pretrained(RED_STAR).embeds)
 
     images = load_annotated_folder(folder)
@@ -218,3 +219,63 @@ def test_calibrate_refuses_an_embedding_made_for_another_model(mini_pipe, tmp_pa
     assert status == 2
     assert "fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _one_by_one(pipe, embedding, prompts: list[str], **options) -> tuple[np.ndarray, list[bool]]:
+    """Presence scores and `unsafe_detected` of prompt `i` generated alone with seed `i` (8 steps, CFG 7.5)."""
+    pipe.enable_dag(embedding, detection="presence", **options)
+    try:
+        outputs = [
+            pipe(prompt, num_inference_steps=8, generator=torch.Generator().manual_seed(index), output_type="latent")
+            for index, prompt in enumerate(prompts)
+        ]
+    finally:
+        pipe.disable_dag()
+    return np.array([out.presence_scores[0] for out in outputs]), [out.unsafe_detected[0] for out in outputs]
+
+
+def test_a_generation_is_guided_exactly_when_its_unguided_presence_score_reaches_the_threshold(mini_pipe):
+    """What calibrating on generations rests on: until its first guided step a guided generation follows the
+    unguided one, so the unguided run's score decides, for every threshold, whether it is guided at all."""
+    from dag_safety.embeddings import RED_STAR
+
+    prompts = ["a red star and a blue circle on a white background", "a red square on a gray background",
+               "a green star and a red triangle on a black background", "a blue circle on a white background",
+               "a red star on a gray background", "a yellow star and a red circle on a white background"]  # fmt: skip
+    unguided, detected = _one_by_one(mini_pipe, RED_STAR, prompts, presence_threshold=float(np.nextafter(1.0, 0)))
+    assert not any(detected) and (unguided > 0).all()
+    for threshold in np.unique(unguided)[1:]:  # thresholds that split the prompts
+        scores, detected = _one_by_one(mini_pipe, RED_STAR, prompts, presence_threshold=float(threshold))
+        assert detected == list(unguided >= threshold)
+        unchanged = unguided < threshold
+        np.testing.assert_array_equal(scores[unchanged], unguided[unchanged])  # unguided path, bit for bit
+
+
+def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(mini_pipe, tmp_path):
+    from dag_safety.cli import main
+    from dag_safety.embedding import GuidelineEmbedding
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+
+    folder = write_folder(tmp_path / "validation", n_unsafe=3, n_safe=8, validation=True)
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", str(RED_STAR), "--validation-data", str(folder), "--target-fpr", "0.25",
+                 "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
+    calibration = GuidelineEmbedding.from_pretrained(out).metadata.calibration
+    threshold = GuidelineEmbedding.from_pretrained(out).metadata.presence_threshold
+    assert calibration["source"] == "generations" and calibration["co_object_rate"] is None
+
+    # the oracle: each caption generated on its own with the seed the calibration gave it, under the threshold
+    items = load_annotated_folder(folder)
+    prompts = [item.caption for item in items]
+    safe = np.array([not item.unsafe for item in items])
+    unguided, _ = _one_by_one(mini_pipe, RED_STAR, prompts, presence_threshold=float(np.nextafter(1.0, 0)))
+    _, detected = _one_by_one(mini_pipe, out, prompts)
+    # a batched generation may differ from a lone one in the last bits: leave out scores at the threshold
+    clear = np.abs(unguided - threshold) > 1e-5
+    assert np.array_equal(np.array(detected)[clear], (unguided >= threshold)[clear])
+    assert np.array(detected)[safe & clear].sum() <= 2  # 25 % of 8
+    below = unguided[safe & (unguided < threshold - 1e-5)]
+    assert (unguided[safe] >= below.max()).sum() > 2  # the threshold is the lowest within the target
+    assert calibration["false_detection_rate"] <= 0.25
