@@ -9,13 +9,13 @@ if TYPE_CHECKING:
     from .pipeline import DAGStableDiffusionPipeline
 
 __all__ = [
+    "SLD_PRESETS",
+    "SLD_SAFETY_CONCEPT",
     "DAGConfig",
     "DAGPipelineOutput",
     "DAGStableDiffusionPipeline",
     "SEGAConfig",
     "SLDConfig",
-    "SLD_PRESETS",
-    "SLD_SAFETY_CONCEPT",
 ]
 __version__ = "0.1.0"
 

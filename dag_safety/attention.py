@@ -10,6 +10,8 @@ previous processors on removal.
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
@@ -271,7 +273,7 @@ class CrossAttentionCapture:
         self._previous = None
         self.store.clear()
 
-    def __enter__(self) -> CrossAttentionCapture:
+    def __enter__(self) -> Self:
         self.install()
         return self
 

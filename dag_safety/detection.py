@@ -42,7 +42,7 @@ def validate_embedding(embedding: torch.Tensor, cross_attention_dim: int | None 
         `ValueError`: naming the problem and what is expected.
     """
     if not isinstance(embedding, torch.Tensor):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004  # documented and tested as ValueError (tests/test_detection.py)
             f"A guideline embedding must be a torch.Tensor of shape (1+K, D), got {type(embedding).__name__}."
         )
     if embedding.ndim != 2 or embedding.shape[0] < 2:

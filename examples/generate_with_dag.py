@@ -7,11 +7,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from dag_safety.embeddings import RED_STAR
 from diffusers.utils import make_image_grid
 
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.cli import heat_map
+from dag_safety.embeddings import RED_STAR
 from dag_safety.mini import MODEL_PATH, SAFETY_CONCEPT_TEXT
 
 

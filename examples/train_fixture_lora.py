@@ -176,8 +176,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preserve-weight", type=float, default=0.0,
-                        help="keep predictions for non-circle prompts at the base model's (0: off)")
+    parser.add_argument(
+        "--preserve-weight",
+        type=float,
+        default=0.0,
+        help="keep predictions for non-circle prompts at the base model's (0: off)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -202,7 +206,15 @@ def main() -> None:
     pipe.unet.add_adapter(config)
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     losses = train(
-        pipe, params, LORA_PROMPTS, LORA_TARGET_RGB, args.steps, args.lr, args.batch_size, args.seed, args.preserve_weight
+        pipe,
+        params,
+        LORA_PROMPTS,
+        LORA_TARGET_RGB,
+        args.steps,
+        args.lr,
+        args.batch_size,
+        args.seed,
+        args.preserve_weight,
     )
 
     out = Path(args.output_dir)

@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-WORDS = (
+WORDS = (  # noqa: SIM905  # one readable string of words beats a 31-line list literal
     "a an and on of the red green blue yellow star circle square triangle white gray black background outlined"
     " nudity image showing hate harassment violence sexual blood weapons cat dog photo"
 ).split()

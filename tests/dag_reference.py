@@ -127,7 +127,7 @@ def guideline_map(pipe, captured: dict[str, torch.Tensor], embedding: torch.Tens
     total, layers = 0.0, 0
     for name, hidden in captured.items():
         attn = pipe.unet.get_submodule(name)
-        side = int(round(math.sqrt(hidden.shape[1] * height / width)))
+        side = round(math.sqrt(hidden.shape[1] * height / width))
         size = (side, hidden.shape[1] // side)
         if not any(abs(size[0] - f * height) < 1e-6 for f in fractions):
             continue

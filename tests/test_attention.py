@@ -7,30 +7,44 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from dag_safety.attention import CrossAttentionCapture, DAGAttnProcessor, QueryStore, cross_attention_layers
 
 CASES = {
-    "cross-attention": dict(attn=dict(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4), context=6),
-    "norm_cross": dict(
-        attn=dict(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, cross_attention_norm="layer_norm"),
-        context=6,
-    ),
-    "qk_norm": dict(
-        attn=dict(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, qk_norm="layer_norm"), context=6
-    ),
-    "4-D, group_norm, residual, rescale": dict(
-        attn=dict(
-            query_dim=8,
-            heads=2,
-            dim_head=4,
-            norm_num_groups=2,
-            residual_connection=True,
-            rescale_output_factor=2.0,
-            bias=True,
-        ),
-        four_d=True,
-    ),
-    "spatial_norm": dict(
-        attn=dict(query_dim=32, heads=2, dim_head=4, spatial_norm_dim=5), four_d=True, temb=5, channels=32
-    ),
-    "attention_mask": dict(attn=dict(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4), context=6, mask=True),
+    "cross-attention": {"attn": {"query_dim": 8, "cross_attention_dim": 6, "heads": 2, "dim_head": 4}, "context": 6},
+    "norm_cross": {
+        "attn": {
+            "query_dim": 8,
+            "cross_attention_dim": 6,
+            "heads": 2,
+            "dim_head": 4,
+            "cross_attention_norm": "layer_norm",
+        },
+        "context": 6,
+    },
+    "qk_norm": {
+        "attn": {"query_dim": 8, "cross_attention_dim": 6, "heads": 2, "dim_head": 4, "qk_norm": "layer_norm"},
+        "context": 6,
+    },
+    "4-D, group_norm, residual, rescale": {
+        "attn": {
+            "query_dim": 8,
+            "heads": 2,
+            "dim_head": 4,
+            "norm_num_groups": 2,
+            "residual_connection": True,
+            "rescale_output_factor": 2.0,
+            "bias": True,
+        },
+        "four_d": True,
+    },
+    "spatial_norm": {
+        "attn": {"query_dim": 32, "heads": 2, "dim_head": 4, "spatial_norm_dim": 5},
+        "four_d": True,
+        "temb": 5,
+        "channels": 32,
+    },
+    "attention_mask": {
+        "attn": {"query_dim": 8, "cross_attention_dim": 6, "heads": 2, "dim_head": 4},
+        "context": 6,
+        "mask": True,
+    },
 }
 
 

@@ -16,8 +16,8 @@ def _offline(monkeypatch):
 
 def test_generate_one_image(tmp_path, capsys):
     out = tmp_path / "out.png"
-    assert main(["generate", "a red star and a blue circle on a white background", "--out", str(out),
-                 "--guidance", "off"]) == 0
+    argv = ["generate", "a red star and a blue circle on a white background", "--out", str(out), "--guidance", "off"]
+    assert main(argv) == 0
     img = np.asarray(Image.open(out).convert("RGB"))
     assert img.shape == (64, 64, 3)
     assert img.std() > 10  # not a blank image
@@ -26,8 +26,22 @@ def test_generate_one_image(tmp_path, capsys):
 
 def test_generate_several_images_is_seeded(tmp_path, capsys):
     out = tmp_path / "grid.png"
-    args = ["generate", "a green square on a black background", "--out", str(out), "--num-images", "3",
-            "--steps", "10", "--seed", "5", "--model", MODEL_PATH, "--guidance", "off"]
+    args = [
+        "generate",
+        "a green square on a black background",
+        "--out",
+        str(out),
+        "--num-images",
+        "3",
+        "--steps",
+        "10",
+        "--seed",
+        "5",
+        "--model",
+        MODEL_PATH,
+        "--guidance",
+        "off",
+    ]
     main(args)
     printed = capsys.readouterr().out
     files = [tmp_path / f"grid_{i}.png" for i in range(3)]
@@ -37,8 +51,20 @@ def test_generate_several_images_is_seeded(tmp_path, capsys):
     first = np.asarray(Image.open(files[0]))
     # image i is seeded with seed + i: re-running one image alone reproduces it
     single = tmp_path / "single.png"
-    main(["generate", "a green square on a black background", "--out", str(single), "--steps", "10",
-          "--seed", "5", "--guidance", "off"])
+    main(
+        [
+            "generate",
+            "a green square on a black background",
+            "--out",
+            str(single),
+            "--steps",
+            "10",
+            "--seed",
+            "5",
+            "--guidance",
+            "off",
+        ]
+    )
     np.testing.assert_allclose(np.asarray(Image.open(single)).astype(int), first.astype(int), atol=2)
 
 

@@ -4,6 +4,7 @@ several guided steps with a non-zero momentum, a partial SEGA / SLD base mask an
 boundaries of the thresholds, the branch detection reads, and the state after an exception in a guided call."""
 
 import dataclasses
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -97,7 +98,7 @@ def test_guided_steps_match_the_reference(tiny_pipe, embedding, base, scenario):
     guided = [i for i, step in enumerate(reference.steps) if step.guided]
     assert all(reference.steps[i].ties == 0 for i in guided)
     regions = [reference.steps[i].scale > 0 for i in guided]
-    assert any((a != b).any() for a, b in zip(regions, regions[1:])), "the guided region should move"
+    assert any((a != b).any() for a, b in pairwise(regions)), "the guided region should move"
     previous_momentum = [np.abs(reference.steps[i - 1].momentum).sum(axis=0) for i in guided[1:]]
     assert any((v[~r] > 0).any() for v, r in zip(previous_momentum, regions[1:])), "momentum outside the new region"
     assert all(0 < reference.steps[i].base_mask[:, regions[k]].mean() < 1 for k, i in enumerate(guided))

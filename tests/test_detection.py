@@ -102,9 +102,7 @@ def test_token_maps_batch_same_shape_layers_as_the_per_layer_definition():
     queries, projections, keys = ({name: parts[i] for name, parts in layers.items()} for i in range(3))
     reference = torch.stack(
         [
-            F.interpolate(
-                layer_token_maps(queries[n], projections[n], keys[n], (8, 8)), size=(8, 8), mode="bilinear"
-            )
+            F.interpolate(layer_token_maps(queries[n], projections[n], keys[n], (8, 8)), size=(8, 8), mode="bilinear")
             for n in sorted(layers)
         ]
     ).mean(dim=0)
@@ -187,7 +185,10 @@ def test_layer_sizes_round_up_as_the_unet_downsamples(components):
     """Latent sides not divisible by the down-sampling factors (SD at 512×360 px has a 64×45 latent): each layer's
     size is inferred from its query count as the UNet really produces it."""
     assert [infer_spatial_size(h * w, (64, 45)) for h, w in ((64, 45), (32, 23), (16, 12), (8, 6))] == [
-        (64, 45), (32, 23), (16, 12), (8, 6)
+        (64, 45),
+        (32, 23),
+        (16, 12),
+        (8, 6),
     ]
     with pytest.raises(ValueError, match="Cannot infer the spatial size of a layer with 7 queries"):
         infer_spatial_size(7, (64, 45))

@@ -42,7 +42,7 @@ def test_from_hub_cache_offline(pipe, tmp_path, monkeypatch):
     snapshot = repo / "snapshots" / commit
     shutil.copytree(source, snapshot)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
@@ -132,7 +132,7 @@ def test_fingerprint_ignores_dtype_but_not_weights(components):
     reference = unet_fingerprint(unet)
     assert unet_fingerprint(unet.to(torch.float16)) == reference
     unet.to(torch.float32)
-    name, parameter = next((n, p) for n, p in unet.named_parameters() if ".attn2.to_k." in n)
+    _, parameter = next((n, p) for n, p in unet.named_parameters() if ".attn2.to_k." in n)
     with torch.no_grad():
         parameter.add_(0.1)
     assert unet_fingerprint(unet) != reference

@@ -1,6 +1,8 @@
 """DAGStableDiffusionPipeline against the real peers: StableDiffusionPipeline, StableDiffusionPipelineSafe and
 SemanticStableDiffusionPipeline, on the same tiny seeded components."""
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -102,9 +104,13 @@ class TestSLD:
         assert (ours - plain).abs().max() > 1e-4  # the preset did something the comparison above could miss
 
     def test_custom_parameters_default_concept_and_batch(self, pipe, components):
-        options = dict(
-            sld_guidance_scale=500, sld_warmup_steps=1, sld_threshold=0.02, sld_momentum_scale=0.2, sld_mom_beta=0.5
-        )
+        options = {
+            "sld_guidance_scale": 500,
+            "sld_warmup_steps": 1,
+            "sld_threshold": 0.02,
+            "sld_momentum_scale": 0.2,
+            "sld_mom_beta": 0.5,
+        }
         safe = peer(StableDiffusionPipelineSafe, components)
         reference = run(safe, num_images_per_prompt=2, negative_prompt="a cat", **options)
         pipe.enable_safety_guidance("sld", **options)
@@ -113,9 +119,13 @@ class TestSLD:
 
 
 class TestSEGA:
-    OPTIONS = dict(
-        edit_guidance_scale=7.0, edit_warmup_steps=2, edit_threshold=0.8, edit_momentum_scale=0.3, edit_mom_beta=0.6
-    )
+    OPTIONS: ClassVar[dict] = {
+        "edit_guidance_scale": 7.0,
+        "edit_warmup_steps": 2,
+        "edit_threshold": 0.8,
+        "edit_momentum_scale": 0.3,
+        "edit_mom_beta": 0.6,
+    }
 
     def test_matches_semantic_pipeline(self, pipe, components):
         semantic = peer(SemanticStableDiffusionPipeline, components)
@@ -255,7 +265,7 @@ class TestDAG:
         assert steps == [0, 1, 2]
         assert output.images.shape == (2, 32, 32, 3) and output.dag_maps.shape == (2, 16, 16)
         assert output.unsafe_detected == [True, True]
-        images, nsfw, unsafe, maps, presence = pipe(
+        images, _nsfw, unsafe, maps, presence = pipe(
             PROMPT, num_inference_steps=2, output_type="np", return_dict=False, safety_concept=CONCEPT
         )
         assert images.shape == (1, 32, 32, 3) and maps is None and len(unsafe) == 1
@@ -271,9 +281,14 @@ class TestDAG:
             scales.append(tensors["dag_scale"].clone())
             return {**tensors, "dag_scale": torch.full_like(tensors["dag_scale"], 7.0)}  # read-only: ignored
 
-        kwargs = dict(num_inference_steps=4, output_type="np", safety_concept=CONCEPT, return_dag_maps=True)
-        watched = pipe(PROMPT, generator=torch.manual_seed(0), callback_on_step_end=on_step_end,
-                       callback_on_step_end_tensor_inputs=["latents", "dag_scale"], **kwargs)
+        kwargs = {"num_inference_steps": 4, "output_type": "np", "safety_concept": CONCEPT, "return_dag_maps": True}
+        watched = pipe(
+            PROMPT,
+            generator=torch.manual_seed(0),
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents", "dag_scale"],
+            **kwargs,
+        )
         plain = pipe(PROMPT, generator=torch.manual_seed(0), **kwargs)
         assert np.array_equal(watched.images, plain.images)
         assert [tuple(s.shape) for s in scales] == [(1, 16, 16)] * 4
@@ -283,8 +298,12 @@ class TestDAG:
         assert not scales[3][~edit].any()
         pipe.disable_dag()
         with pytest.raises(ValueError, match="'dag_scale' needs DAG"):
-            pipe(PROMPT, num_inference_steps=2, callback_on_step_end=on_step_end,
-                 callback_on_step_end_tensor_inputs=["dag_scale"])
+            pipe(
+                PROMPT,
+                num_inference_steps=2,
+                callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["dag_scale"],
+            )
 
     def test_prompt_embeds_input(self, pipe, components, silent_embedding):
         embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)

@@ -16,13 +16,13 @@ import torch
 from .world import TRAIN_SEEDS, render_scene
 
 __all__ = [
-    "seed_everything",
-    "render_training_set",
-    "LossLog",
     "EMA",
-    "save_checkpoint",
+    "LossLog",
     "load_checkpoint",
+    "render_training_set",
     "resume_or_start",
+    "save_checkpoint",
+    "seed_everything",
 ]
 
 logger = logging.getLogger(__name__)

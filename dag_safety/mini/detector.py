@@ -23,7 +23,7 @@ import numpy as np
 
 from .world import BACKGROUNDS, COLORS, TARGET_CONCEPT
 
-__all__ = ["Detection", "ShapeDetector", "detect", "match_prompt", "count_targets"]
+__all__ = ["Detection", "ShapeDetector", "count_targets", "detect", "match_prompt"]
 
 _PALETTE_NAMES = list(COLORS) + list(BACKGROUNDS)
 _PALETTE = np.array([COLORS[c] for c in COLORS] + [BACKGROUNDS[b] for b in BACKGROUNDS], dtype=np.float32)
@@ -140,7 +140,7 @@ class ShapeDetector:
         """
         rgb = _as_rgb_uint8(image)
         h, w = rgb.shape[:2]
-        min_area = max(4, int(round(self.min_area * h * w / 64**2)))
+        min_area = max(4, int(round(self.min_area * h * w / 64**2)))  # noqa: RUF046  # int() kept: may be a NumPy scalar
         labels, dist = self.segment(rgb)
         out: list[Detection] = []
         for ci, color in enumerate(COLORS):
@@ -162,8 +162,7 @@ class ShapeDetector:
                 style = "outlined" if hole >= max(self.min_hole, self.hole_fraction * filled_area) else "filled"
                 x, y, bw, bh = cv2.boundingRect(contour)
                 out.append(
-                    Detection(color, self.classify_shape(contour), style, (x, y, x + bw, y + bh), m.astype(bool),
-                              area)
+                    Detection(color, self.classify_shape(contour), style, (x, y, x + bw, y + bh), m.astype(bool), area)
                 )
         out.sort(key=lambda d: ((d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2))
         return out

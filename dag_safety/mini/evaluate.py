@@ -31,10 +31,10 @@ from .world import DETECTOR_SEEDS, HELDOUT_SEEDS, TARGET_CONCEPT, PromptSpec, re
 __all__ = [
     "QUALITY_BARS",
     "QualityReport",
-    "heldout_prompts",
-    "generate_images",
-    "score_images",
     "evaluate",
+    "generate_images",
+    "heldout_prompts",
+    "score_images",
     "vae_round_trip",
 ]
 

@@ -164,7 +164,7 @@ def grounding_loss(recorders: dict[str, RecordingAttnProcessor], targets: Ground
     losses = []
     for recorder in recorders.values():
         probs = recorder.probs  # (B, N, L)
-        layer_side = int(round(probs.shape[1] ** 0.5))
+        layer_side = round(probs.shape[1] ** 0.5)
         masks = F.avg_pool2d(word_masks.to(probs), side // layer_side).flatten(2)  # (B, W, N)
         attention = probs.gather(2, tokens[:, None, :].expand(-1, probs.shape[1], -1)).transpose(1, 2)  # (B, W, N)
         share = (attention * masks).sum(dim=-1) / attention.sum(dim=-1).clamp_min(1e-8)

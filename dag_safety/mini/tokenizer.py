@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from transformers import CLIPTokenizer
 
 from .world import vocabulary
 
-__all__ = ["MAX_LENGTH", "build_vocab_and_merges", "build_tokenizer"]
+__all__ = ["MAX_LENGTH", "build_tokenizer", "build_vocab_and_merges"]
 
 #: `tokenizer.model_max_length` and the text encoder's `max_position_embeddings` (captions need at most 20).
 MAX_LENGTH = 24
@@ -23,7 +25,7 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair merging of `pieces` with merge priorities `ranks` (lowest rank first), as the BPE model does."""
     pieces = list(pieces)
     while len(pieces) > 1:
-        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(pieces[:-1], pieces[1:]))]
+        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(pairwise(pieces))]
         pairs = [(r, i) for r, i in pairs if r is not None]
         if not pairs:
             break

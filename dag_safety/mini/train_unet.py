@@ -47,14 +47,14 @@ from .world import TRAIN_SEEDS, render_scene
 
 logger = logging.getLogger(__name__)
 
-NOISE_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    rescale_betas_zero_snr=True,
-    prediction_type="v_prediction",
-)
+NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "rescale_betas_zero_snr": True,
+    "prediction_type": "v_prediction",
+}
 
 
 def text_encoder_config(tokenizer) -> CLIPTextConfig:
@@ -80,18 +80,18 @@ def unet_config(width: int = 32) -> dict:
         width (`int`, *optional*, defaults to 32): channels of the first block; the others have 2× and 4× as many.
             The bundled model uses 32 (4.3 M parameters); 48 gives 9.5 M.
     """
-    return dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(width, 2 * width, 4 * width),
-        layers_per_block=1,
-        cross_attention_dim=128,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
+    return {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3,
+        "up_block_types": ("CrossAttnUpBlock2D",) * 3,
+        "block_out_channels": (width, 2 * width, 4 * width),
+        "layers_per_block": 1,
+        "cross_attention_dim": 128,
+        "attention_head_dim": 4,
+        "norm_num_groups": 16,
+    }
 
 
 def sampling_scheduler() -> DDIMScheduler:
@@ -136,25 +136,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=32, help="UNet channels of the first block (see `unet_config`)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--lr-decay-start", type=int, default=None,
-                   help="step from which the learning rate decays linearly to 0 at --steps (default: constant)")
+    p.add_argument(
+        "--lr-decay-start",
+        type=int,
+        default=None,
+        help="step from which the learning rate decays linearly to 0 at --steps (default: constant)",
+    )
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--grounding-weight", type=float, default=0.1,
-                   help="weight of the token grounding loss (dag_safety.mini.grounding); 0 turns it off")
+    p.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=0.1,
+        help="weight of the token grounding loss (dag_safety.mini.grounding); 0 turns it off",
+    )
     p.add_argument("--num-scenes", type=int, default=60000, help="size of the pre-rendered training set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2,
-                   help="CPU threads; with --adaptive-threads the most this may use")
-    p.add_argument("--adaptive-threads", action="store_true",
-                   help="every 250 steps, time 1..--threads threads and keep the fastest (for shared CPUs)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads; with --adaptive-threads the most this may use")
+    p.add_argument(
+        "--adaptive-threads",
+        action="store_true",
+        help="every 250 steps, time 1..--threads threads and keep the fastest (for shared CPUs)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--export", default=None, help="write the pipeline from the checkpoint and exit")
-    p.add_argument("--export-weights", choices=("ema", "raw"), default="ema",
-                   help="export the EMA (default) or the raw weights")
+    p.add_argument(
+        "--export-weights", choices=("ema", "raw"), default="ema", help="export the EMA (default) or the raw weights"
+    )
     return p.parse_args(argv)
 
 
@@ -228,10 +239,16 @@ def main(argv=None) -> None:
         images, captions, targets = render_training_data(args.num_scenes)
         vae = AutoencoderKL.from_pretrained(args.vae).to(args.device)
         latents = encode_latents(vae, images).cpu()
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                        return_tensors="pt").input_ids
-        data = {"latents": latents, "input_ids": ids, "tokens": targets.tokens, "objects": targets.objects,
-                "masks": targets.masks}
+        ids = tokenizer(
+            captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        data = {
+            "latents": latents,
+            "input_ids": ids,
+            "tokens": targets.tokens,
+            "objects": targets.objects,
+            "masks": targets.masks,
+        }
         torch.save(data, cache)
     latents, input_ids = data["latents"], data["input_ids"]
     targets = GroundingTargets(data["tokens"], data["objects"], data["masks"])
@@ -241,11 +258,15 @@ def main(argv=None) -> None:
     # 2. Models, optimizer, EMA
     text_encoder, unet = build_models(tokenizer, args.width)
     joint = torch.nn.ModuleDict({"text_encoder": text_encoder, "unet": unet}).to(args.device)
-    logger.info("UNet %.2f M, text encoder %.2f M parameters", sum(p.numel() for p in unet.parameters()) / 1e6,
-                sum(p.numel() for p in text_encoder.parameters()) / 1e6)
+    logger.info(
+        "UNet %.2f M, text encoder %.2f M parameters",
+        sum(p.numel() for p in unet.parameters()) / 1e6,
+        sum(p.numel() for p in text_encoder.parameters()) / 1e6,
+    )
     opt = torch.optim.AdamW(joint.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=args.warmup, steps=args.steps,
-                                                           decay_start=args.lr_decay_start))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, partial(lr_factor, warmup=args.warmup, steps=args.steps, decay_start=args.lr_decay_start)
+    )
     ema = EMA(joint, args.ema_decay)
     recorders = install_recorders(unet) if args.grounding_weight > 0 else {}
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
@@ -307,8 +328,15 @@ def main(argv=None) -> None:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update(1)
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(ckpt, model=joint.state_dict(), optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), ema=ema.state_dict(), step=step, width=args.width)
+            save_checkpoint(
+                ckpt,
+                model=joint.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                ema=ema.state_dict(),
+                step=step,
+                width=args.width,
+            )
             gen = torch.Generator().manual_seed(args.seed + step)  # resume-exact batch order from here
     bar.close()
 

@@ -33,26 +33,28 @@ logger = logging.getLogger(__name__)
 
 def vae_config() -> dict:
     """Architecture of the mini VAE: 3 resolutions (64, 32, 16) → `vae_scale_factor` 4, 4 latent channels."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        mid_block_add_attention=False,
-    )
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "block_out_channels": (16, 32, 64),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "mid_block_add_attention": False,
+    }
 
 
 @torch.no_grad()
 def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> float:
     """`1 / std` of the posterior means of `images` (uint8 `(N, 3, 64, 64)`)."""
     vae.eval()
-    latents = [vae.encode(to_model_range(images[i : i + batch_size])).latent_dist.mode() for i in
-               range(0, len(images), batch_size)]
+    latents = [
+        vae.encode(to_model_range(images[i : i + batch_size])).latent_dist.mode()
+        for i in range(0, len(images), batch_size)
+    ]
     return float(1.0 / torch.cat(latents).std())
 
 
@@ -110,8 +112,9 @@ def main(argv=None) -> None:
         bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
         bar.update(1)
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(ckpt, model=vae.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            step=step)
+            save_checkpoint(
+                ckpt, model=vae.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step
+            )
             gen = torch.Generator().manual_seed(args.seed + step)  # resume-exact batch order from here
     bar.close()
     vae = vae.cpu()

@@ -23,27 +23,27 @@ import cv2
 import numpy as np
 
 __all__ = [
-    "WORLD_VERSION",
+    "BACKGROUNDS",
     "CANVAS_SIZE",
     "COLORS",
-    "BACKGROUNDS",
+    "DETECTOR_SEEDS",
+    "GUIDELINE_INIT_TEXT",
+    "HELDOUT_SEEDS",
+    "SAFETY_CONCEPT_TEXT",
     "SHAPES",
     "STYLES",
     "TARGET_CONCEPT",
-    "SAFETY_CONCEPT_TEXT",
-    "GUIDELINE_INIT_TEXT",
     "TRAIN_SEEDS",
-    "HELDOUT_SEEDS",
-    "DETECTOR_SEEDS",
+    "WORLD_VERSION",
     "ObjectSpec",
-    "SceneObject",
-    "Scene",
     "PromptSpec",
+    "Scene",
+    "SceneObject",
     "caption_for",
+    "render_batch",
+    "render_scene",
     "sample_prompt",
     "sample_scene_layout",
-    "render_scene",
-    "render_batch",
     "vocabulary",
 ]
 
@@ -72,7 +72,7 @@ SAFETY_CONCEPT_TEXT = "a red star"
 GUIDELINE_INIT_TEXT = "red star"
 
 #: Seeds used for every training set (VAE and UNet): scene layouts, captions.
-TRAIN_SEEDS = range(0, 100_000_000)
+TRAIN_SEEDS = range(100_000_000)
 #: Held-out seeds for the model's quality evaluation: prompts and sampling noise. Training never touches them.
 HELDOUT_SEEDS = range(100_000_000, 101_000_000)
 #: Seeds for validating the detector against rendered ground truth.
@@ -286,11 +286,11 @@ def _polygon(obj: SceneObject) -> np.ndarray | None:
 
 def _draw_mask(obj: SceneObject, size: int) -> np.ndarray:
     canvas = np.zeros((size, size), dtype=np.uint8)
-    thickness = -1 if obj.style == "filled" else int(round(OUTLINE_THICKNESS * size / 64))
+    thickness = -1 if obj.style == "filled" else int(round(OUTLINE_THICKNESS * size / 64))  # noqa: RUF046  # int() kept: may be a NumPy scalar
     poly = _polygon(obj)
     if poly is None:
-        c = (int(round(obj.center[0] * (1 << _SHIFT))), int(round(obj.center[1] * (1 << _SHIFT))))
-        cv2.circle(canvas, c, int(round(obj.radius * (1 << _SHIFT))), 1, thickness, cv2.LINE_8, _SHIFT)
+        c = (int(round(obj.center[0] * (1 << _SHIFT))), int(round(obj.center[1] * (1 << _SHIFT))))  # noqa: RUF046  # int() kept: may be a NumPy scalar
+        cv2.circle(canvas, c, int(round(obj.radius * (1 << _SHIFT))), 1, thickness, cv2.LINE_8, _SHIFT)  # noqa: RUF046  # int() kept: may be a NumPy scalar
     elif thickness < 0:
         cv2.fillPoly(canvas, [poly], 1, cv2.LINE_8, _SHIFT)
     else:
