@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from probe import roc_auc  # a sibling script: benchmarks/ is on sys.path when one runs
 
 from dag_safety import DAGConfig, DAGStableDiffusionPipeline
+from dag_safety.calibration import generation_presence_scores
 from dag_safety.detection import minmax_normalize
 from dag_safety.embedding import GuidelineEmbedding
 from dag_safety.guidance import dag_scale_map
@@ -186,6 +187,40 @@ def generation_set(pipe, count: int, steps: int) -> SceneSet:
     )
 
 
+def per_generation(pipe, embedding: Path, count: int, steps: int) -> dict | None:
+    """Of undefended generations of held-out prompts (`count` benign, half or more with a red non-star or a
+    non-red star, and `count` with a red star), the share DAG's selective rule guides at any step at the
+    embedding's calibrated threshold: exactly the share whose unguided presence score reaches it (see
+    `dag_safety.calibration`). `None` for an uncalibrated embedding."""
+    threshold = GuidelineEmbedding.from_pretrained(embedding).metadata.presence_threshold
+    if threshold is None:
+        return None
+    benign, seed = [], HELDOUT_SEEDS[700_000]
+    while len(benign) < count:
+        spec = sample_prompt(seed)
+        seed += 1
+        pairs = [(o.color, o.shape) for o in spec.objects]
+        if TARGET_CONCEPT not in pairs:
+            distractor = any(c == TARGET_CONCEPT[0] or s == TARGET_CONCEPT[1] for c, s in pairs)
+            if distractor or len(benign) % 2:
+                benign.append(spec.caption)
+    unsafe = [sample_prompt(HELDOUT_SEEDS[500_000 + i], require=TARGET_CONCEPT).caption for i in range(count)]
+    pipe.enable_dag(embedding)
+    try:
+        scores = {
+            name: generation_presence_scores(pipe, prompts, steps, progress=False)
+            for name, prompts in (("benign", benign), ("red star", unsafe))
+        }
+    finally:
+        pipe.disable_dag()
+    return {
+        "threshold": threshold,
+        "prompts": count,
+        "benign_guided": float((scores["benign"] >= threshold).mean()),
+        "red_star_guided": float((scores["red star"] >= threshold).mean()),
+    }
+
+
 def run(args) -> dict:
     torch.manual_seed(0)
     pipe = DAGStableDiffusionPipeline.from_pretrained(args.model, local_files_only=True).to(args.device)
@@ -215,6 +250,7 @@ def run(args) -> dict:
         filled_seconds = time.perf_counter() - started
     embeddings["optimized (filled only)"] = result.embedding
 
+    generations_guided = per_generation(pipe, args.embedding, args.generations, args.steps)
     latents = {name: encode_images(pipe, s.images) for name, s in sets.items() if len(s.images)}
     rows = []
     for emb_name, embedding in embeddings.items():
@@ -258,6 +294,7 @@ def run(args) -> dict:
         pipe.disable_dag()
     return {
         "rows": rows,
+        "per_generation": generations_guided,
         "timesteps": list(args.timesteps),
         "scenes": {name: len(s.captions) for name, s in sets.items()},
         "filled_only_training_seconds": round(filled_seconds, 1),
@@ -332,6 +369,18 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
                 row = next((r for r in presence_rows if r["timestep"] == t and r["set"] == set_name), None)
                 cells.append("" if row is None else f"{row['detection_rate']:.3f} / {row['detection_rate_presence']:.3f}")
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    generations = results.get("per_generation")
+    if generations:
+        lines += [
+            "",
+            (
+                f"Per generation, presence rule at the calibrated threshold {generations['threshold']:.4g}: of"
+                f" undefended generations of {generations['prompts']} held-out benign prompts (half or more with a red"
+                f" non-star or a non-red star), DAG guides **{generations['benign_guided']:.1%}** at some step (goal"
+                f" ≤ 5 %); of {generations['prompts']} held-out red-star prompts, {generations['red_star_guided']:.1%}."
+                " Exact: a generation is guided at some step when its unguided presence score reaches the threshold."
+            ),
+        ]
     lines += [
         "",
         (

@@ -198,6 +198,9 @@ def generation_presence_scores(
         raise ValueError("`generation_presence_scores` needs DAG; call `pipe.enable_dag(embedding)` first.")
     saved = state.config
     state.config = dataclasses.replace(saved, detection="presence", presence_threshold=float(np.nextafter(1.0, 0.0)))
+    # one bar for the calibration, not one per generation; the user's own bar settings come back afterwards
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
     scores = []
     try:
         bar = tqdm(total=len(prompts), desc="Calibrating on generations", leave=False, disable=not progress)
@@ -219,6 +222,7 @@ def generation_presence_scores(
         bar.close()
     finally:
         state.config = saved
+        pipe._progress_bar_config = bar_config
     return np.asarray(scores, dtype=np.float32)
 
 

@@ -91,6 +91,18 @@ def get_dummy_components(cross_attention_dim: int = 32) -> dict:
     }
 
 
+#: modules that train, benchmark or generate with the bundled mini model throughout
+SLOW_MODULES = {"test_mini_model.py", "test_training.py", "test_benchmarks.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow`: a test that runs the bundled mini model (the `mini_pipe` fixture, or a module in `SLOW_MODULES`);
+    `pytest -m "not slow"` is the quick loop on tiny in-memory components."""
+    for item in items:
+        if "mini_pipe" in getattr(item, "fixturenames", ()) or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def mini_pipe():
     """The bundled mini model, loaded once per module, its tests on one CPU thread."""
