@@ -49,12 +49,14 @@ def run(args) -> dict:
                 scores[name] = score_set(prompt_set, seeds, images, references[name])
         finally:
             pipe.disable_dag()
-        rows.append({
-            "base_scale": scale,
-            "red_stars_left": sum(s["target_detections"] for s in scores.values()),
-            "co_objects_kept": scores["complex"]["benign_objects_found"],
-            "psnr_outside_complex": scores["complex"]["psnr_outside"],
-        })
+        rows.append(
+            {
+                "base_scale": scale,
+                "red_stars_left": sum(s["target_detections"] for s in scores.values()),
+                "co_objects_kept": scores["complex"]["benign_objects_found"],
+                "psnr_outside_complex": scores["complex"]["psnr_outside"],
+            }
+        )
         print(f"base scale {scale:g}: {rows[-1]}", file=sys.stderr)
     return {
         "undefended": {

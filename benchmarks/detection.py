@@ -245,7 +245,10 @@ def run(args) -> dict:
         data = write_folder(Path(tmp) / "filled", filled_only=True)
         started = time.perf_counter()
         result = optimize_guideline_embedding(
-            pipe, load_annotated_folder(data), OptimizationConfig(init_text=GUIDELINE_INIT_TEXT, layer_fractions=layers), progress=False
+            pipe,
+            load_annotated_folder(data),
+            OptimizationConfig(init_text=GUIDELINE_INIT_TEXT, layer_fractions=layers),
+            progress=False,
         )
         filled_seconds = time.perf_counter() - started
     embeddings["optimized (filled only)"] = result.embedding
@@ -309,7 +312,7 @@ def summarize(results: dict) -> dict:
     for emb in dict.fromkeys(r["embedding"] for r in results["rows"]):
         rows = [r for r in results["rows"] if r["embedding"] == emb]
 
-        def mean(key, sets):
+        def mean(key, sets, rows=rows):
             values = [r[key] for r in rows if r["set"] in sets and key in r]
             return float(np.mean(values)) if values else float("nan")
 
@@ -367,7 +370,9 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
             cells = []
             for set_name in sets:
                 row = next((r for r in presence_rows if r["timestep"] == t and r["set"] == set_name), None)
-                cells.append("" if row is None else f"{row['detection_rate']:.3f} / {row['detection_rate_presence']:.3f}")
+                cells.append(
+                    "" if row is None else f"{row['detection_rate']:.3f} / {row['detection_rate_presence']:.3f}"
+                )
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     generations = results.get("per_generation")
     if generations:

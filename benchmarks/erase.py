@@ -74,9 +74,7 @@ class PromptSet:
         if self.embeds is None:
             return [p.caption for p in self.prompts]
         per_strength = len(self.prompts) // len(ADVERSARIAL_STRENGTHS)
-        return [
-            f"{p.caption} + {ADVERSARIAL_STRENGTHS[i // per_strength]:g}·v" for i, p in enumerate(self.prompts)
-        ]
+        return [f"{p.caption} + {ADVERSARIAL_STRENGTHS[i // per_strength]:g}·v" for i, p in enumerate(self.prompts)]
 
 
 def complex_prompts(count: int, seed: int) -> list:
@@ -124,7 +122,10 @@ def adversarial_set(pipe, benign: PromptSet, per_set: int) -> PromptSet:
         if TARGET_CONCEPT not in [(o.color, o.shape) for o in spec.objects]:
             pairs.append(spec.caption)
     with_concept = [f"{SAFETY_CONCEPT_TEXT} and {caption}" for caption in pairs]
-    encode = lambda texts: pipe.encode_prompt(texts, pipe.device, 1, False)[0]  # noqa: E731
+
+    def encode(texts):
+        return pipe.encode_prompt(texts, pipe.device, 1, False)[0]
+
     vector = (encode(with_concept) - encode(pairs)).mean(dim=0, keepdim=True)
     prompts, embeds = [], []
     for strength in ADVERSARIAL_STRENGTHS:
@@ -234,7 +235,8 @@ def guidance_shares(total: torch.Tensor, first: torch.Tensor, reference: np.ndar
         for detection in detect(image):
             (star if detection.is_target else other)[...] |= detection.mask.astype(bool)
         pooled = [
-            torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(m)[None, None].float(), total.shape[-2:])[0, 0] > 0
+            torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(m)[None, None].float(), total.shape[-2:])[0, 0]
+            > 0
             for m in (star, other)
         ]
         regions.append((pooled[0], pooled[1] & ~pooled[0]))
@@ -347,8 +349,11 @@ def run(args) -> dict:
             call_extra = extra
             if method.startswith("DAG") and name == "complex":
                 recorder = GuidanceRecorder()  # a 16×16 copy per step: no measurable share of a step's time
-                call_extra = {**extra, "callback_on_step_end": recorder,
-                              "callback_on_step_end_tensor_inputs": ["latents", "dag_scale"]}
+                call_extra = {
+                    **extra,
+                    "callback_on_step_end": recorder,
+                    "callback_on_step_end_tensor_inputs": ["latents", "dag_scale"],
+                }
             start = time.perf_counter()
             images = generate(pipe, prompt_set, seeds, args.steps, call_extra, one_per_call=name == "benign")
             elapsed = time.perf_counter() - start
@@ -387,7 +392,12 @@ def survivors(results: dict, method: str, prompts: dict[str, list[str]], seeds: 
         ]
     total = sum(row["method"] for row in rows)
     worst = sorted((row for row in rows if row["method"]), key=lambda row: -row["method"])[:top]
-    return {"method": method, "total": total, "top": worst, "top_share": sum(r["method"] for r in worst) / max(total, 1)}
+    return {
+        "method": method,
+        "total": total,
+        "top": worst,
+        "top_share": sum(r["method"] for r in worst) / max(total, 1),
+    }
 
 
 def summarize(results: dict, seeds: int) -> dict:
@@ -425,18 +435,22 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
     lines = [
         "# Erasure vs. preservation (mini model, red star)",
         "",
-        f"Command: `{meta['command']}`; {meta['sets']} prompts × {meta['seeds']} seeds, {meta['steps']} steps,"
-        " CFG 7.5, DDIM. Erase Rate is relative to *none*, with its 95 % bootstrap interval over prompts; PSNR"
-        " (pooled over the set) / SSIM are to the undefended image of the same seed, outside the dilated mask of"
-        " any red star the undefended image drew (complex and benign alike). Seconds per image: wall time of each"
-        " set's generation after one warm-up call per method, *complex* / *benign* (benign one image per call), and"
-        " all sets' time relative to *none*; a single pass, so differences of 10-20 % can be noise: `speed.py`"
-        " measures speed with interleaved rounds. Red stars: the shapes detector's count over the set's images, as"
-        " the paper's Table 2 counts NudeNet detections.",
+        (
+            f"Command: `{meta['command']}`; {meta['sets']} prompts × {meta['seeds']} seeds, {meta['steps']} steps,"
+            " CFG 7.5, DDIM. Erase Rate is relative to *none*, with its 95 % bootstrap interval over prompts; PSNR"
+            " (pooled over the set) / SSIM are to the undefended image of the same seed, outside the dilated mask of"
+            " any red star the undefended image drew (complex and benign alike). Seconds per image: wall time of each"
+            " set's generation after one warm-up call per method, *complex* / *benign* (benign one image per call), and"
+            " all sets' time relative to *none*; a single pass, so differences of 10-20 % can be noise: `speed.py`"
+            " measures speed with interleaved rounds. Red stars: the shapes detector's count over the set's images, as"
+            " the paper's Table 2 counts NudeNet detections."
+        ),
         "",
-        "| method | red stars target / complex / adversarial | ER target | ER complex | ER adversarial |"
-        " co-object retention | PSNR out (complex) | SSIM out (complex) | benign PSNR | benign bit-identical |"
-        " s / image complex / benign | time × none |",
+        (
+            "| method | red stars target / complex / adversarial | ER target | ER complex | ER adversarial |"
+            " co-object retention | PSNR out (complex) | SSIM out (complex) | benign PSNR | benign bit-identical |"
+            " s / image complex / benign | time × none |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -472,8 +486,10 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
             "| --- | --- | --- |",
         ]
         for method, shares in guided.items():
-            cells = [" / ".join(f"{shares[key][region]:.2f}" for region in ("red_star", "other_objects", "background"))
-                     for key in ("first_step", "all_steps")]
+            cells = [
+                " / ".join(f"{shares[key][region]:.2f}" for region in ("red_star", "other_objects", "background"))
+                for key in ("first_step", "all_steps")
+            ]
             lines.append(f"| {method} | {cells[0]} | {cells[1]} |")
     if "survivors" in meta:
         worst = meta["survivors"]
@@ -501,8 +517,14 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "erase")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-                        help=f"methods to run (default: all; 'none' always runs): {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to run (default: all; 'none' always runs): {', '.join(METHODS)}",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts per set, 1 seed, 8 steps")
     args = parser.parse_args(argv)
     if args.quick:

@@ -339,7 +339,9 @@ def main(argv=None) -> None:
         "memory_ratio_to_plain": {m: memory[m] / memory["plain"] for m in memory} if memory else {},
         "generation_memory_mib": generation_memory,
         "generation_memory_ratio_to_plain": (
-            {m: generation_memory[m] / generation_memory["plain"] for m in generation_memory} if generation_memory else {}
+            {m: generation_memory[m] / generation_memory["plain"] for m in generation_memory}
+            if generation_memory
+            else {}
         ),
         "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -354,8 +356,10 @@ def main(argv=None) -> None:
     lines = [
         f"# Speed: {args.model} on {args.device}",
         "",
-        f"`{results['command']}`; {results['machine']}, torch {results['torch']}, {args.dtype}; {args.steps} steps,"
-        f" {args.repeats} interleaved rounds after a warm-up round; memory: {memory_kind}.",
+        (
+            f"`{results['command']}`; {results['machine']}, torch {results['torch']}, {args.dtype}; {args.steps} steps,"
+            f" {args.repeats} interleaved rounds after a warm-up round; memory: {memory_kind}."
+        ),
         "",
         (
             "| method | s / image (median) | range | × plain | peak MiB | × plain | generation MiB | × plain"

@@ -246,7 +246,31 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--steps", type=POSITIVE_INT, default=None, help="optimization steps (default: 100 x unsafe images)"
     )
-    opt.add_argument("--lr", type=_number(float, low=0, low_open=True), default=200.0, help="learning rate (> 0)")
+    opt.add_argument(
+        "--loss",
+        choices=["ovam", "presence"],
+        default="ovam",
+        help="ovam (default): the paper's loss on jointly normalised maps; presence: a weighted cross-entropy of each"
+        " pixel's presence evidence (1 - start-of-text share), the quantity the selective rule thresholds",
+    )
+    opt.add_argument(
+        "--positive-weight",
+        type=_number(float, low=0, low_open=True),
+        default=1.0,
+        help="weight of a mask pixel against a background pixel in the presence loss (> 0; default 1)",
+    )
+    opt.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default="sgd",
+        help="sgd (default; the paper's, step decay x0.7 every 20 steps) or adam (cosine decay to zero)",
+    )
+    opt.add_argument(
+        "--lr",
+        type=_number(float, low=0, low_open=True),
+        default=None,
+        help="learning rate (> 0; default 200 for sgd, 0.03 for adam)",
+    )
     opt.add_argument("--seed", type=SEED, default=0)
     opt.add_argument(
         "--layer-fractions",
@@ -294,7 +318,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         required=required,
         default=None,
         help="annotated folder (as for optimize; safe and unsafe images) on which to calibrate the selective"
-        " detection threshold; without it an optimized embedding keeps the paper's detection rule",
+        " detection threshold (optimize: also held out to choose the checkpoint); without it an optimized embedding"
+        " keeps the paper's detection rule",
     )
     parser.add_argument(
         "--target-fpr",
@@ -580,6 +605,9 @@ def optimize(args: argparse.Namespace) -> Path:
         safety_concept=args.safety_concept,
         layer_fractions=tuple(args.layer_fractions),
         num_timesteps=args.timesteps,
+        loss=args.loss,
+        positive_weight=args.positive_weight,
+        optimizer=args.optimizer,
         learning_rate=args.lr,
         steps=args.steps,
         seed=args.seed,
@@ -590,7 +618,7 @@ def optimize(args: argparse.Namespace) -> Path:
     validation = None if args.validation_data is None else load_annotated_folder(args.validation_data)
     pipe = load_pipeline(args)
     base_model = args.model or "dag-safety mini model"
-    result = optimize_guideline_embedding(pipe, items, config, base_model=base_model)
+    result = optimize_guideline_embedding(pipe, items, config, base_model=base_model, validation=validation)
     embedding = result.embedding
     if validation is not None:
         embedding = _calibrated(pipe, embedding, validation, args)

@@ -18,12 +18,12 @@ import numpy as np
 from ._validation import is_integer, is_real
 
 __all__ = [
+    "SLD_PRESETS",
+    "SLD_SAFETY_CONCEPT",
     "DAGConfig",
     "GuidanceMethod",
     "SEGAConfig",
     "SLDConfig",
-    "SLD_PRESETS",
-    "SLD_SAFETY_CONCEPT",
     "build_config",
 ]
 
@@ -264,7 +264,8 @@ class DAGConfig:
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
-            raise ValueError(f"`base` must be a SEGAConfig or an SLDConfig, got {type(self.base).__name__}.")
+            # ValueError as for every other bad DAGConfig field (tested)
+            raise ValueError(f"`base` must be a SEGAConfig or an SLDConfig, got {type(self.base).__name__}.")  # noqa: TRY004
         _check_field_types(self)
         _check_unit_interval("unsafe_threshold", self.unsafe_threshold)
         _check_unit_interval("edit_mask_threshold", self.edit_mask_threshold)

@@ -502,7 +502,7 @@ class GuidelineEmbedding(
             )
         try:
             with safe_open(path, framework="pt") as handle:
-                if TENSOR_NAME not in handle.keys():
+                if TENSOR_NAME not in handle.keys():  # noqa: SIM118  # a safe_open handle has keys(), not `in`
                     raise ValueError(
                         f"{path} holds no {TENSOR_NAME!r} tensor; is it a dag-safety guideline embedding?"
                     )
@@ -531,7 +531,7 @@ class GuidelineEmbedding(
         else:
             calibration = ", ".join(f"{key} {value}" for key, value in meta.calibration.items())
             detection += (
-                f"; with `detection=\"presence\"` a region is guided when its presence score reaches"
+                f'; with `detection="presence"` a region is guided when its presence score reaches'
                 f" {meta.presence_threshold:.4g} (smoothing {meta.presence_smoothing}); calibration: {calibration}"
             )
         card_data = ModelCardData(

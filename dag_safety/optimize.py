@@ -34,15 +34,25 @@ from .detection import QueryProjection, attention_probs, infer_spatial_size, pro
 from .embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
 
 __all__ = [
+    "LOSSES",
+    "OPTIMIZERS",
     "AnnotatedImage",
     "OptimizationConfig",
     "OptimizationResult",
     "encode_init_rows",
     "guideline_loss",
-    "pair_cross_entropy",
     "load_annotated_folder",
     "optimize_guideline_embedding",
+    "pair_cross_entropy",
+    "presence_loss",
 ]
+
+#: `OptimizationConfig.loss`: the paper's (OVAM's) jointly normalised two-class loss, or the selective rule's own
+LOSSES = ("ovam", "presence")
+#: `OptimizationConfig.optimizer`: the paper's SGD with step decay, or Adam with cosine decay to zero
+OPTIMIZERS = ("sgd", "adam")
+#: default learning rate per optimizer (SGD: the paper's Table 4)
+DEFAULT_LEARNING_RATES = {"sgd": 200.0, "adam": 0.03}
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +154,16 @@ class OptimizationConfig:
         layer_fractions (`tuple[float, ...]`, defaults to `(0.25, 0.5)`): detection layers.
         num_timesteps (`int`, defaults to 10): timesteps cached per image, evenly spread over `timestep_range`.
         timestep_range (`tuple[int, int]`, defaults to `(50, 950)`): first and last cached timestep.
-        learning_rate (`float`, defaults to 200): SGD learning rate.
-        lr_step (`int`, defaults to 20), lr_gamma (`float`, defaults to 0.7): step decay.
+        loss (`str`, defaults to `"ovam"`): `"ovam"`, the paper's loss ([`guideline_loss`]), or `"presence"`
+            ([`presence_loss`]), which trains the evidence the selective rule thresholds. OVAM's min-max normalised
+            logits lie in `[0, 1]`, so its loss cannot fall below `-log σ(1) ≈ 0.313` per pixel: the paper's run
+            starts within 12 % of that floor and has little left to learn.
+        positive_weight (`float`, defaults to 1): weight of a mask pixel against a background pixel in the
+            `"presence"` loss (a star covers a few % of an image).
+        optimizer (`str`, defaults to `"sgd"`): `"sgd"` with step decay (`lr_step`, `lr_gamma`; the paper's
+            Table 4), or `"adam"` with cosine decay to zero over `steps`.
+        learning_rate (`float`, *optional*): defaults to 200 for SGD (Table 4) and 0.03 for Adam.
+        lr_step (`int`, defaults to 20), lr_gamma (`float`, defaults to 0.7): SGD's step decay.
         steps (`int`, *optional*): optimization steps; defaults to `100 × n_unsafe`.
         eval_every (`int`, defaults to 10): steps between full-data losses (the best embedding is kept).
         seed (`int`, defaults to 0): noise and mini-batch order.
@@ -161,7 +179,10 @@ class OptimizationConfig:
     layer_fractions: tuple[float, ...] = (0.25, 0.5)
     num_timesteps: int = 10
     timestep_range: tuple[int, int] = (50, 950)
-    learning_rate: float = 200.0
+    loss: str = "ovam"
+    positive_weight: float = 1.0
+    optimizer: str = "sgd"
+    learning_rate: float | None = None
     lr_step: int = 20
     lr_gamma: float = 0.7
     steps: int | None = None
@@ -181,9 +202,17 @@ class OptimizationConfig:
             raise ValueError(f"`timestep_range` must be (low, high) with 0 <= low <= high, got {self.timestep_range}.")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"`steps` must be >= 1, got {self.steps}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {LOSSES}, got {self.loss!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATES[self.optimizer])
         # NaN fails every comparison, so `learning_rate <= 0` let it through: require finite and > 0
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate!r}.")
+        if not (math.isfinite(self.positive_weight) and self.positive_weight > 0):
+            raise ValueError(f"`positive_weight` must be a finite number > 0, got {self.positive_weight!r}.")
         if self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
             raise ValueError(f"`lr_step` must be >= 1 and `lr_gamma` in (0, 1], got {self.lr_step}, {self.lr_gamma}.")
         if not (math.isfinite(self.base_scale) and self.base_scale >= 0):
@@ -203,14 +232,18 @@ class OptimizationResult:
     """What [`optimize_guideline_embedding`] returns.
 
     Attributes:
-        embedding (`GuidelineEmbedding`): the best embedding (lowest full-data loss).
+        embedding (`GuidelineEmbedding`): the best embedding (lowest evaluation loss).
         losses (`list[float]`): mini-batch loss per step.
-        eval_losses (`list[tuple[int, float]]`): `(step, full-data loss)`; step 0 is the initial embedding.
+        eval_losses (`list[tuple[int, float]]`): `(step, loss)` on all training images, or on the validation
+            images when given; step 0 is the initial embedding.
+        checkpoints (`list[tuple[int, torch.Tensor]]`): `(step, (1+K, D) rows)` at each step of `eval_losses`, to
+            follow held-out quality along the run (`benchmarks/guideline_optimization.py`).
     """
 
     embedding: GuidelineEmbedding
     losses: list[float]
     eval_losses: list[tuple[int, float]]
+    checkpoints: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
 
 
 def encode_init_rows(pipe: StableDiffusionPipeline, text: str) -> torch.Tensor:
@@ -346,19 +379,56 @@ def guideline_loss(
     return torch.stack(losses).mean()
 
 
+def presence_loss(
+    embeds: torch.Tensor,
+    image: _CachedImage,
+    attention_modules: dict,
+    projections: dict[str, QueryProjection],
+    positive_weight: float = 1.0,
+) -> torch.Tensor:
+    """Weighted binary cross-entropy of each pixel's presence evidence against the mask.
+
+    A pixel's presence is `1 -` its start-of-text share, averaged over the detection layers (each upsampled,
+    bilinear, to the mask size), the evidence DAG's selective rule thresholds ([`concept_presence`]). It is read
+    as the probability that the pixel is the target: unlike OVAM's normalised maps it is absolute, so a safe image
+    teaches every pixel to say "absent". Mask pixels weigh `positive_weight`; the sum is normalised by the total
+    weight and averaged over the cached timesteps.
+
+    Args:
+        embeds (`torch.Tensor`): `(1+K, D)`.
+
+    Returns:
+        `torch.Tensor`: scalar loss.
+    """
+    target = image.target
+    total = 0.0
+    for name, queries in image.queries.items():
+        keys = project_keys(attention_modules[name], embeds)
+        probs = attention_probs(queries, keys, projections[name].scale)  # (T, N, 1+K)
+        start = probs[..., 0].reshape(probs.shape[0], 1, *image.sizes[name])
+        total = total + F.interpolate(start, size=target.shape, mode="bilinear", align_corners=False)[:, 0]
+    start_share = (total / len(image.queries)).clamp(1e-6, 1 - 1e-6)  # (T, H, W)
+    weights = positive_weight * target + (1 - target)
+    log_likelihood = positive_weight * target * torch.log1p(-start_share) + (1 - target) * torch.log(start_share)
+    return -log_likelihood.sum() / (weights.sum() * start_share.shape[0])
+
+
 def optimize_guideline_embedding(
     pipe: StableDiffusionPipeline,
     items: list[AnnotatedImage],
     config: OptimizationConfig,
     base_model: str = "",
     progress: bool = True,
+    validation: list[AnnotatedImage] | None = None,
 ) -> OptimizationResult:
     """Optimizes a guideline embedding for `pipe`'s model from annotated images.
 
     The start-of-text row stays as encoded (it is the "background" every map is measured against); the `K`
-    concept rows are optimized with SGD and step decay on mini-batches of one unsafe and one safe image
-    (one unsafe image when there is no safe one). The full-data loss is measured every `eval_every` steps and
-    at the end, and the embedding with the lowest one is returned.
+    concept rows are optimized (`config.optimizer`, `config.loss`) on mini-batches of one unsafe and one safe
+    image (one unsafe image when there is no safe one). The full-data loss is measured every `eval_every` steps
+    and at the end, and the embedding with the lowest one is returned. With `validation` images, the loss on them
+    decides instead (held out: the embedding that generalises best, not the one that fits the few training
+    images best), measured every `max(eval_every, steps // 10)` steps since each costs a pass over all of them.
 
     Args:
         pipe (`StableDiffusionPipeline`): the base model (any subclass); its UNet and processors are left as found.
@@ -366,6 +436,7 @@ def optimize_guideline_embedding(
         config (`OptimizationConfig`): settings.
         base_model (`str`, *optional*): the model's name for the metadata (Hub id or path).
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
+        validation (`list[AnnotatedImage]`, *optional*): held-out images that choose the checkpoint.
 
     Returns:
         [`OptimizationResult`].
@@ -386,24 +457,53 @@ def optimize_guideline_embedding(
     capture.install()
     try:
         cache = _build_cache(pipe, items, capture, projections, config, side, generator, progress)
+        # a generator of its own, so that validation images leave the training cache's noise as it was
+        held_out = (
+            _build_cache(
+                pipe,
+                validation,
+                capture,
+                projections,
+                config,
+                side,
+                torch.Generator().manual_seed(config.seed + 1),
+                progress,
+            )
+            if validation
+            else None
+        )
     finally:
         capture.remove()
 
     sot = init_rows[:1].to(pipe.device)
     rows = torch.nn.Parameter(init_rows[1:].clone().to(pipe.device))
-    optimizer = torch.optim.SGD([rows], lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD([rows], lr=config.learning_rate)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    else:
+        optimizer = torch.optim.Adam([rows], lr=config.learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        )
     pipe.unet.requires_grad_(False)
+
+    def loss_of(embeds: torch.Tensor, image: _CachedImage) -> torch.Tensor:
+        if config.loss == "presence":
+            return presence_loss(embeds, image, modules, projections, config.positive_weight)
+        return guideline_loss(embeds, image, modules, projections)
+
+    eval_every = config.eval_every if held_out is None else max(config.eval_every, steps // 10)
 
     def full_loss() -> float:
         with torch.no_grad():
             embeds = torch.cat([sot, rows])
-            return float(torch.stack([guideline_loss(embeds, image, modules, projections) for image in cache]).mean())
+            return float(torch.stack([loss_of(embeds, image) for image in held_out or cache]).mean())
 
     losses: list[float] = []
     best_loss = full_loss()
     eval_losses = [(0, best_loss)]
     best_rows = rows.detach().clone()
+    checkpoints = [(0, torch.cat([sot, best_rows]).cpu())]
     order = torch.randperm(len(unsafe), generator=generator).tolist()
     try:
         bar = tqdm(range(1, steps + 1), desc="Optimizing guideline tokens", disable=not progress)
@@ -412,15 +512,16 @@ def optimize_guideline_embedding(
             if safe:
                 batch.append(cache[safe[int(torch.randint(len(safe), (1,), generator=generator))]])
             embeds = torch.cat([sot, rows])
-            loss = torch.stack([guideline_loss(embeds, image, modules, projections) for image in batch]).mean()
+            loss = torch.stack([loss_of(embeds, image) for image in batch]).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-            if step % config.eval_every == 0 or step == steps:
+            if step % eval_every == 0 or step == steps:
                 current = full_loss()
                 eval_losses.append((step, current))
+                checkpoints.append((step, torch.cat([sot, rows.detach()]).cpu()))
                 if current < best_loss:
                     best_loss, best_rows = current, rows.detach().clone()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", best=f"{best_loss:.4f}")
@@ -441,6 +542,9 @@ def optimize_guideline_embedding(
             "unsafe_images": len(unsafe),
             "safe_images": len(safe),
             "steps": steps,
+            "loss": config.loss,
+            "positive_weight": config.positive_weight,
+            "optimizer": config.optimizer,
             "learning_rate": config.learning_rate,
             "lr_step": config.lr_step,
             "lr_gamma": config.lr_gamma,
@@ -448,11 +552,14 @@ def optimize_guideline_embedding(
             "timestep_range": list(config.timestep_range),
             "seed": config.seed,
             "initial_loss": round(eval_losses[0][1], 6),
+            "selected_on": "validation" if held_out else "training",
+            "eval_losses": [[step, round(value, 6)] for step, value in eval_losses],
+            **({"validation_images": len(held_out)} if held_out else {}),
         },
         final_loss=round(best_loss, 6),
     )
     embedding = GuidelineEmbedding(torch.cat([sot, best_rows]).cpu(), metadata)
-    return OptimizationResult(embedding=embedding, losses=losses, eval_losses=eval_losses)
+    return OptimizationResult(embedding=embedding, losses=losses, eval_losses=eval_losses, checkpoints=checkpoints)
 
 
 def replace_metadata(embedding: GuidelineEmbedding, **changes) -> GuidelineEmbedding:

@@ -287,3 +287,17 @@ def test_base_scale_quick(tmp_path):
         assert 0 <= row["co_objects_kept"] <= data["undefended"]["co_objects_prompted"]
         assert row["red_stars_left"] >= 0
     assert "| 800 |" in (tmp_path / "base_scale.md").read_text()
+
+
+def test_guideline_optimization_quick(tmp_path):
+    import guideline_optimization
+
+    guideline_optimization.main(["--quick", "--out", str(tmp_path / "study")])
+    data = json.loads((tmp_path / "study.json").read_text())
+    assert set(data["recipes"]) == set(guideline_optimization.RECIPES)
+    presence = data["recipes"]["presence loss, Adam"]
+    assert presence["selected_on"] == "validation" and data["recipes"]["paper"]["selected_on"] == "training"
+    for recipe in data["recipes"].values():
+        assert recipe["checkpoints"][0]["step"] == 0 and recipe["checkpoints"][-1]["step"] == 8
+        for row in [*recipe["checkpoints"], recipe["selected"]]:
+            assert 0.0 <= row["iou"] <= 1.0 and all(0.0 <= row[d] <= 1.0 for d in ("red non-star", "no object"))

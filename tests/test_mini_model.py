@@ -63,7 +63,7 @@ def test_default_size_and_seeded(pipe):
     plain.set_progress_bar_config(disable=True)
 
     def generate(pipeline, seed):
-        kwargs = dict(num_inference_steps=5, output_type="np")
+        kwargs = {"num_inference_steps": 5, "output_type": "np"}
         return pipeline("a red star on a white background", generator=torch.Generator().manual_seed(seed), **kwargs)
 
     image = generate(pipe, 0).images

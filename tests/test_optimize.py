@@ -11,6 +11,7 @@ from dag_safety.optimize import (
     load_annotated_folder,
     optimize_guideline_embedding,
     pair_cross_entropy,
+    presence_loss,
 )
 
 
@@ -81,7 +82,10 @@ def test_pair_cross_entropy_normalises_the_pair_together_as_ovam():
     faint = torch.full((1, 8, 8), 0.01) + 0.001 * torch.rand(1, 8, 8, generator=generator)
     speck = faint.clone()
     speck[0, 2:5, 2:5] = 0.6
-    loss = lambda concept: float(pair_cross_entropy(torch.stack([1 - concept, concept], dim=1), safe))  # noqa: E731
+
+    def loss(concept):
+        return float(pair_cross_entropy(torch.stack([1 - concept, concept], dim=1), safe))
+
     floor = -float(torch.nn.functional.logsigmoid(torch.tensor(1.0)))  # logits in [0, 1]: the best a pixel can get
     assert loss(faint) == pytest.approx(floor, abs=0.01)  # per-map min-max would stretch the faint noise to [0, 1]
     assert loss(speck) > floor + 0.03
@@ -141,3 +145,80 @@ def test_optimization_noises_with_the_training_process_whatever_the_sampler(pipe
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler.set_timesteps(2)
     assert torch.equal(optimize_guideline_embedding(pipe, items, config, progress=False).embedding.embeds, reference)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"loss": "dice"}, "`loss` must be one of"),
+        ({"optimizer": "lbfgs"}, "`optimizer` must be one of"),
+        ({"positive_weight": 0.0}, "`positive_weight` must be a finite number > 0"),
+        ({"optimizer": "adam", "learning_rate": float("nan")}, "`learning_rate` must be a finite number > 0"),
+    ],
+)
+def test_config_refuses_bad_loss_and_optimizer_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizationConfig(init_text="red star", **options)
+
+
+def test_learning_rate_defaults_follow_the_optimizer():
+    assert OptimizationConfig(init_text="red star").learning_rate == 200.0  # the paper's Table 4, SGD
+    assert OptimizationConfig(init_text="red star", optimizer="adam").learning_rate == 0.03
+    assert OptimizationConfig(init_text="red star", optimizer="adam", learning_rate=0.1).learning_rate == 0.1
+
+
+def test_presence_loss_is_a_weighted_cross_entropy_of_one_minus_the_start_of_text_share(pipe):
+    """Against attention recomputed by hand from each layer's `to_k` and `F.binary_cross_entropy`."""
+    from dag_safety.attention import CrossAttentionCapture
+    from dag_safety.detection import QueryProjection
+    from dag_safety.optimize import _CachedImage
+
+    modules = CrossAttentionCapture(pipe.unet, (0.25, 0.5)).attention_modules()
+    projections = {name: QueryProjection.snapshot(attn) for name, attn in modules.items()}
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(3, 32, generator=generator)
+    target = torch.zeros(16, 16)
+    target[3:9, 5:12] = 1.0
+    queries, sizes = {}, {}
+    for name, attn in modules.items():
+        side = 4  # the loss reads the grid from `sizes`, whatever the layer's resolution in the UNet
+        head_dim = attn.to_q.out_features // attn.heads
+        queries[name] = torch.randn(2, attn.heads, side * side, head_dim, generator=generator)
+        sizes[name] = (side, side)
+    image = _CachedImage(queries, sizes, target, unsafe=True)
+
+    with torch.no_grad():
+        start = 0.0
+        for name, attn in modules.items():
+            keys = attn.to_k(embeds).view(3, attn.heads, -1).transpose(0, 1)  # (heads, 3, head_dim)
+            probs = torch.softmax(queries[name] @ keys.transpose(-1, -2) * attn.scale, dim=-1).mean(dim=1)  # (T, N, 3)
+            grid = probs[..., 0].reshape(2, 1, *sizes[name])
+            start = start + torch.nn.functional.interpolate(grid, size=(16, 16), mode="bilinear", align_corners=False)
+        presence = 1 - start[:, 0] / len(modules)
+        weight = (5.0 * target + (1 - target)).expand(2, -1, -1)
+        expected = (
+            torch.nn.functional.binary_cross_entropy(
+                presence, target.expand(2, -1, -1), weight=weight, reduction="sum"
+            )
+            / weight.sum()
+        )
+        got = presence_loss(embeds, image, modules, projections, positive_weight=5.0)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_adam_and_the_presence_loss_descend_and_validation_chooses_the_checkpoint(pipe, tmp_path):
+    items = load_annotated_folder(write_folder(tmp_path / "data"))
+    validation = load_annotated_folder(write_folder(tmp_path / "validation", n_unsafe=1, n_safe=1))
+    config = OptimizationConfig(
+        init_text="red star", num_timesteps=2, steps=40, eval_every=2, loss="presence", positive_weight=4.0,
+        optimizer="adam",
+    )  # fmt: skip
+    result = optimize_guideline_embedding(pipe, items, config, progress=False, validation=validation)
+    steps = [step for step, _ in result.eval_losses]
+    assert steps == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]  # every max(eval_every, steps // 10) steps
+    first, best = result.eval_losses[0][1], min(loss for _, loss in result.eval_losses)
+    assert best < first
+    assert result.embedding.metadata.final_loss == pytest.approx(best, abs=1e-6)
+    training = result.embedding.metadata.training
+    assert training["loss"] == "presence" and training["optimizer"] == "adam" and training["learning_rate"] == 0.03
+    assert training["selected_on"] == "validation" and training["validation_images"] == 2
