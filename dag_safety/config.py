@@ -303,10 +303,6 @@ class DAGConfig:
             raise ValueError(f"`presence_smoothing` must be in [0, 1), got {self.presence_smoothing!r}.")
 
     @property
-    def method(self) -> GuidanceMethod:
-        return GuidanceMethod.SEGA if isinstance(self.base, SEGAConfig) else GuidanceMethod.SLD
-
-    @property
     def momentum_scale(self) -> float:
         return self.base.edit_momentum_scale if isinstance(self.base, SEGAConfig) else self.base.sld_momentum_scale
 

@@ -225,14 +225,12 @@ class DAGScaleMap:
 
     Attributes:
         scale (`torch.Tensor`): `S_dag = S_area ⊙ T`, `(B, h, w)`, zero outside the edit region.
-        edit_mask (`torch.Tensor`): `M_edit`, `(B, h, w)` bool.
         detected (`torch.Tensor`): `(B,)` bool, the image is guided at this step (`S_dag > 0` somewhere).
         presence (`torch.Tensor` or `None`): under the selective rule, [`peak_presence`] of the step, `(B,)`
             float32 on the CPU; `None` under the paper's rule.
     """
 
     scale: torch.Tensor
-    edit_mask: torch.Tensor
     detected: torch.Tensor
     presence: torch.Tensor | None = None
 
@@ -278,7 +276,7 @@ def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig, presence: torc
         peaks = peak_presence(
             detection_map, presence, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
         )
-    return DAGScaleMap(scale=scale, edit_mask=edit_mask, detected=(scale > 0).flatten(1).any(dim=1), presence=peaks)
+    return DAGScaleMap(scale=scale, detected=(scale > 0).flatten(1).any(dim=1), presence=peaks)
 
 
 def dag_noise_pred(

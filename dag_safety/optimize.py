@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,6 @@ OPTIMIZERS = ("sgd", "adam")
 #: default learning rate per optimizer (SGD: the paper's Table 4)
 DEFAULT_LEARNING_RATES = {"sgd": 200.0, "adam": 0.03}
 
-logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
-from diffusers.utils import deprecate, logging, replace_example_docstring
+from diffusers.utils import deprecate, replace_example_docstring
 
 from ._validation import check_finite_number, check_positive_int
 from .attention import CrossAttentionCapture
@@ -43,7 +43,6 @@ from .weights import SafetyWeightsMixin
 
 __all__ = ["DAGStableDiffusionPipeline"]
 
-logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -61,11 +60,10 @@ EXAMPLE_DOC_STRING = """
 
 @dataclass
 class _DAGState:
-    """What `enable_dag` prepared: config, embeddings, the installed capture, and the detection layers' query
+    """What `enable_dag` prepared: config, the installed capture, and the detection layers' query
     projections and each concept's keys, frozen at `enable_dag`."""
 
     config: DAGConfig
-    embeddings: list[torch.Tensor]
     capture: CrossAttentionCapture
     projections: dict[str, QueryProjection]
     keys: list[dict[str, torch.Tensor]]
@@ -240,7 +238,6 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         # replaced only now that everything succeeded: a failed call leaves an enabled DAG as it was
         self._dag = _DAGState(
             config=config,
-            embeddings=embeddings,
             capture=capture,
             projections=projections,
             keys=keys,
@@ -458,7 +455,6 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             return maps[0], scale_maps[0], shares
         scale_map = DAGScaleMap(
             scale=torch.stack([m.scale for m in scale_maps]).amax(dim=0),
-            edit_mask=torch.stack([m.edit_mask for m in scale_maps]).any(dim=0),
             detected=torch.stack([m.detected for m in scale_maps]).any(dim=0),
             presence=torch.stack([m.presence for m in scale_maps]).amax(dim=0),
         )
