@@ -185,8 +185,9 @@ def generation_presence_scores(
     """Per prompt, the presence score of one unguided generation (`DAGPipelineOutput.presence_scores`), `(N,)`.
 
     Prompt `i` is generated with `torch.Generator().manual_seed(seed + i)`, `num_inference_steps` steps and
-    `guidance_scale`, under DAG's selective rule with a threshold no component reaches (just below 1), so that
-    nothing is guided and every score is read along the generation's unguided path.
+    `guidance_scale`, under DAG's selective rule with a threshold just below 1, so that a generation is guided only
+    once its score has passed every threshold a calibration could choose: each score is read along the
+    generation's unguided path up to the step that decides it.
 
     Args:
         pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled (its embedding, layers, thresholds, warm-up and
@@ -214,9 +215,6 @@ def generation_presence_scores(
                 generator=generators,
                 output_type="latent",
             )
-            if any(output.unsafe_detected):
-                # a component at the threshold just below 1: its score is still exact, the path after it is not
-                raise FloatingPointError("A calibration generation reached a presence score of 1; it cannot be read.")
             scores.extend(output.presence_scores)
             bar.update(len(chunk))
         bar.close()
