@@ -63,12 +63,15 @@ RECIPES = {
     "hour": Recipe(vae_steps=1000, plain_steps=2000, grounded_steps=9000, decay_start=7000),
     # A wider UNet on more scenes and samples, for cross-attention inputs that tell a red star from its
     # look-alikes (issue: a stronger mini model). Modelled on the H100 run "B" of benchmarks/RESULTS.md (width 48,
-    # 0.9 M samples, 30 % plain steps, cool-down over the last 25 %) at a CPU-sized batch: 14,000 steps × 64.
+    # 0.9 M samples, 30 % plain steps, cool-down over the last 25 %) at a CPU-sized batch. Planned at 14,000 steps
+    # × 64 with the cool-down from 10,500; shortened at step 3,300 (2026-11-30), inside the constant-rate stretch of
+    # the warmup-stable-decay schedule, so the run resumed unchanged, to 12,000 steps (768 k samples) cooling down
+    # from 9,000, to keep the whole run within the 15 h CPU budget (model card, "In training").
     "strong": Recipe(
         vae_steps=2000,
         plain_steps=4200,
-        grounded_steps=14000,
-        decay_start=10500,
+        grounded_steps=12000,
+        decay_start=9000,
         width=48,
         batch_size=64,
         lr=7e-4,
