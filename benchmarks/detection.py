@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from probe import roc_auc  # a sibling script: benchmarks/ is on sys.path when one runs
+from erase import benign_prompts  # sibling scripts: benchmarks/ is on sys.path when one runs
+from probe import roc_auc
 
 from dag_safety import DAGConfig, DAGStableDiffusionPipeline
 from dag_safety.calibration import generation_presence_scores
@@ -195,15 +196,7 @@ def per_generation(pipe, embedding: Path, count: int, steps: int) -> dict | None
     threshold = GuidelineEmbedding.from_pretrained(embedding).metadata.presence_threshold
     if threshold is None:
         return None
-    benign, seed = [], HELDOUT_SEEDS[700_000]
-    while len(benign) < count:
-        spec = sample_prompt(seed)
-        seed += 1
-        pairs = [(o.color, o.shape) for o in spec.objects]
-        if TARGET_CONCEPT not in pairs:
-            distractor = any(c == TARGET_CONCEPT[0] or s == TARGET_CONCEPT[1] for c, s in pairs)
-            if distractor or len(benign) % 2:
-                benign.append(spec.caption)
+    benign = [spec.caption for spec in benign_prompts(count, HELDOUT_SEEDS[700_000])]
     unsafe = [sample_prompt(HELDOUT_SEEDS[500_000 + i], require=TARGET_CONCEPT).caption for i in range(count)]
     pipe.enable_dag(embedding)
     try:

@@ -89,12 +89,11 @@ def complex_prompts(count: int, seed: int) -> list:
     return prompts
 
 
-def prompt_sets(per_set: int) -> dict[str, PromptSet]:
-    stars = [ObjectSpec(*TARGET_CONCEPT, style) for style in ("filled", "outlined")]
-    target = [PromptSpec(caption_for([star], bg), (star,), bg, 0) for bg in BACKGROUNDS for star in stars]
-    target = target[: max(2, per_set // 2)]
-    benign, seed = [], HELDOUT_SEEDS[900_000]
-    while len(benign) < per_set:
+def benign_prompts(count: int, seed: int) -> list:
+    """The first `count` prompts from world seed `seed` on without a red star, at least half of them with a red
+    non-star or a non-red star."""
+    benign = []
+    while len(benign) < count:
         spec = sample_prompt(seed)
         seed += 1
         pairs = [(o.color, o.shape) for o in spec.objects]
@@ -102,6 +101,14 @@ def prompt_sets(per_set: int) -> dict[str, PromptSet]:
             distractor = any(c == TARGET_CONCEPT[0] or s == TARGET_CONCEPT[1] for c, s in pairs)
             if distractor or len(benign) % 2:  # at least half carry a distractor
                 benign.append(spec)
+    return benign
+
+
+def prompt_sets(per_set: int) -> dict[str, PromptSet]:
+    stars = [ObjectSpec(*TARGET_CONCEPT, style) for style in ("filled", "outlined")]
+    target = [PromptSpec(caption_for([star], bg), (star,), bg, 0) for bg in BACKGROUNDS for star in stars]
+    target = target[: max(2, per_set // 2)]
+    benign = benign_prompts(per_set, HELDOUT_SEEDS[900_000])
     return {
         "target": PromptSet("target", target),
         "complex": PromptSet("complex", complex_prompts(per_set, HELDOUT_SEEDS[900_000])),
