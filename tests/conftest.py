@@ -92,7 +92,7 @@ def get_dummy_components(cross_attention_dim: int = 32) -> dict:
 
 
 #: modules that train, benchmark or generate with the bundled mini model throughout
-SLOW_MODULES = {"test_mini_model.py", "test_training.py", "test_benchmarks.py"}
+SLOW_MODULES = {"test_mini_model.py", "test_training.py", "test_benchmarks.py", "test_weights_mini.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
