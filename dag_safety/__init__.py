@@ -6,16 +6,20 @@ from .config import SLD_PRESETS, SLD_SAFETY_CONCEPT, DAGConfig, SEGAConfig, SLDC
 from .outputs import DAGPipelineOutput
 
 if TYPE_CHECKING:
+    from .attach import DAGGuidance, DAGGuidanceOutput, SafetyGuidance
     from .pipeline import DAGStableDiffusionPipeline
 
 __all__ = [
     "SLD_PRESETS",
     "SLD_SAFETY_CONCEPT",
     "DAGConfig",
+    "DAGGuidance",
+    "DAGGuidanceOutput",
     "DAGPipelineOutput",
     "DAGStableDiffusionPipeline",
     "SEGAConfig",
     "SLDConfig",
+    "SafetyGuidance",
 ]
 __version__ = "0.1.0"
 
@@ -27,4 +31,8 @@ def __getattr__(name: str):
         from .pipeline import DAGStableDiffusionPipeline
 
         return DAGStableDiffusionPipeline
+    if name in ("DAGGuidance", "DAGGuidanceOutput", "SafetyGuidance"):
+        from . import attach
+
+        return getattr(attach, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

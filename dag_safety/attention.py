@@ -1,11 +1,10 @@
-"""Cross-attention processors that capture the UNet's query inputs for guideline-token detection.
+"""Forward pre-hooks that capture the UNet's cross-attention query inputs for guideline-token detection.
 
-[`DAGAttnProcessor`] computes cross-attention exactly as diffusers' `AttnProcessor2_0` (SDPA) and, while its
-[`QueryStore`] is armed, also keeps the states its `to_q` projects (after `spatial_norm` / `group_norm`) for the
-conditional batch entries. Detection projects them with the `to_q` snapshot taken at `enable_dag`, so a guideline
-embedding keeps scoring queries with the projections it was fitted to, even after weights are loaded.
-[`CrossAttentionCapture`] installs the processor on the selected `attn2` layers of a UNet and restores the
-previous processors on removal.
+While its [`QueryStore`] is armed, each hook keeps the states the layer's `to_q` projects, for the conditional batch
+entries. Detection projects them with the `to_q` snapshot taken at `enable_dag`, so a guideline embedding keeps
+scoring queries with the projections it was fitted to, even after weights are loaded. [`CrossAttentionCapture`]
+registers the hooks on the selected `attn2` layers of a UNet and removes them again; the layers' attention
+processors are never replaced, so any processor the user set keeps working.
 """
 
 from __future__ import annotations
@@ -13,11 +12,10 @@ from __future__ import annotations
 from typing import Self
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-__all__ = ["CapturedQuery", "CrossAttentionCapture", "DAGAttnProcessor", "QueryStore", "cross_attention_layers"]
+__all__ = ["CapturedQuery", "CrossAttentionCapture", "QueryStore", "cross_attention_layers"]
 
 
 class CapturedQuery:
@@ -66,97 +64,28 @@ class QueryStore:
         self.queries[name] = CapturedQuery(hidden_states[self.cond_slice], spatial_size)
 
 
-class DAGAttnProcessor:
-    """`AttnProcessor2_0` that also stores the conditional query inputs in a [`QueryStore`].
+class _QueryHook:
+    """Forward pre-hook of one `attn2` module: hands its query input to a [`QueryStore`] while the store is armed.
 
-    Args:
-        store (`QueryStore`): where queries go while it is armed.
-        name (`str`): the processor key of the layer,
-            e.g. `"up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"`.
+    A hook, not an attention processor, so whatever processor the layer runs (SDPA, xformers, IP-Adapter, a
+    user's own) keeps running unchanged: the module's output is never touched.
     """
 
     def __init__(self, store: QueryStore, name: str):
         self.store = store
         self.name = name
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
+    def __call__(self, module: Attention, args: tuple, kwargs: dict) -> None:
+        if not self.store.armed:
+            return
+        hidden_states = args[0] if args else kwargs["hidden_states"]
         spatial_size = None
-        if input_ndim == 4:
+        if hidden_states.ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             spatial_size = (height, width)
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            # scaled_dot_product_attention expects the mask as (batch, heads, source_length, target_length)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        if self.store.armed:
-            # a view, not a copy: capturing adds no work to the attention itself
-            self.store.add(self.name, hidden_states, spatial_size)
-
-        query = attn.to_q(hidden_states)
-
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-
-        hidden_states = hidden_states / attn.rescale_output_factor
-
-        return hidden_states
+        # a view, not a copy: capturing adds no work to the attention itself
+        self.store.add(self.name, hidden_states, spatial_size)
 
 
 def _block_downsampling(unet: UNet2DConditionModel) -> dict[str, int]:
@@ -194,17 +123,19 @@ def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, int]:
 
 
 class CrossAttentionCapture:
-    """Installs [`DAGAttnProcessor`] on the cross-attention layers at the selected resolutions of a UNet.
+    """Registers query-capturing forward pre-hooks on the cross-attention layers at the selected resolutions of a
+    UNet.
 
-    Use it as a context manager (`with capture: ...`) around the UNet calls to hook: the UNet carries the capture
-    processors only inside the block, so pipelines that share the UNet (`from_pipe`) never see them.
+    Use it as a context manager (`with capture: ...`) around the UNet calls to hook, or [`install`] / [`remove`]
+    for longer. The hooks only read the layers' inputs; while the store is disarmed they do nothing at all.
 
     Args:
         unet (`UNet2DConditionModel`): the UNet to hook.
         layer_fractions (`tuple[float, ...]`): query side as a fraction of the latent side, e.g. `(0.25, 0.5)`.
 
     Raises:
-        `ValueError`: the UNet has no cross-attention layer at any of the fractions.
+        `ValueError`: the UNet has no cross-attention layer at any of the fractions, or a selected layer normalises
+            its queries before `to_q` (`group_norm` / `spatial_norm`, which SD and SDXL cross-attention do not have).
     """
 
     def __init__(self, unet: UNet2DConditionModel, layer_fractions: tuple[float, ...]):
@@ -223,54 +154,44 @@ class CrossAttentionCapture:
                 f"The UNet has no cross-attention layer at {list(layer_fractions)} of the latent side; its"
                 f" cross-attention layers are at {available or 'none'}. Pass `layer_fractions` with some of those."
             )
+        for name, attn in self.attention_modules().items():
+            if attn.group_norm is not None or attn.spatial_norm is not None:
+                # the hook sees the layer's input, and `to_q` would see it normalised: the captured queries would
+                # not be the layer's
+                raise ValueError(
+                    f"Layer {name!r} normalises its input before `to_q` (group_norm / spatial_norm), which DAG's"
+                    " query capture does not follow. Choose other `layer_fractions`."
+                )
         self.store = QueryStore()
-        self._previous: dict | None = None
+        self._handles: list | None = None
 
     @property
     def installed(self) -> bool:
-        return self._previous is not None
+        return self._handles is not None
 
     def attention_modules(self) -> dict[str, Attention]:
         """The `Attention` module of every selected layer, keyed by processor name."""
         modules = dict(self.unet.named_modules())
         return {name: modules[name.removesuffix(".processor")] for name in self.layers}
 
-    def check_installable(self) -> None:
-        """Raises `ValueError` if a selected layer carries a processor other than diffusers' default
-        (`AttnProcessor2_0` / `AttnProcessor`), which the capture processor would replace."""
-        processors = self.unet.attn_processors
-        for name in self.layers:
-            if type(processors[name]) not in (AttnProcessor2_0, AttnProcessor):
-                raise ValueError(
-                    f"Layer {name!r} uses {type(processors[name]).__name__}; DAG detection replaces the default"
-                    " attention processor at its detection layers and would drop that one. Restore the default"
-                    " processor there (`pipe.unet.set_default_attn_processor()`), or choose other"
-                    " `layer_fractions`."
-                )
-
     def install(self) -> None:
-        """Swaps the capture processors in, keeping every other layer's processor as it is.
+        """Registers the hooks.
 
         Raises:
-            `ValueError`: already installed, or see [`check_installable`].
+            `ValueError`: already installed.
         """
         if self.installed:
-            raise ValueError("The capture processors are already installed on this UNet.")
-        self.check_installable()
-        previous = dict(self.unet.attn_processors)
-        processors = dict(previous)
-        for name in self.layers:
-            processors[name] = DAGAttnProcessor(self.store, name)
-        self.unet.set_attn_processor(processors)
-        self._previous = previous
+            raise ValueError("The query-capture hooks are already installed on this UNet.")
+        self._handles = [
+            attn.register_forward_pre_hook(_QueryHook(self.store, name), with_kwargs=True)
+            for name, attn in self.attention_modules().items()
+        ]
 
     def remove(self) -> None:
-        """Restores exactly the processors that were set before [`install`]."""
-        if self._previous is None:
-            return
-        # set_attn_processor consumes the dict it gets: hand it a copy
-        self.unet.set_attn_processor(dict(self._previous))
-        self._previous = None
+        """Removes the hooks and forgets any captured queries."""
+        for handle in self._handles or []:
+            handle.remove()
+        self._handles = None
         self.store.clear()
 
     def __enter__(self) -> Self:

@@ -148,7 +148,7 @@ def presence_scores(
                     pipe.unet(noisy, t, encoder_hidden_states=text)
                 finally:
                     state.capture.store.disarm()
-                shares = pipe._shares(latent_size, concept_presence)
+                shares = state.shares(latent_size, concept_presence)
                 state.capture.store.clear()
                 if evidence is not None:
                     shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares

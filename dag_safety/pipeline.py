@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,28 +15,10 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils import deprecate, replace_example_docstring
 
 from ._validation import check_finite_number, check_positive_int
-from .attention import CrossAttentionCapture
-from .config import (
-    SLD_SAFETY_CONCEPT,
-    DAGConfig,
-    SEGAConfig,
-    SLDConfig,
-    build_config,
-    split_dag_options,
-)
-from .detection import (
-    QueryProjection,
-    combine_concepts,
-    concept_presence,
-    concept_share,
-    minmax_normalize,
-    project_keys,
-    token_maps,
-    validate_embedding,
-)
-from .embedding import GuidelineEmbedding, unet_fingerprint
-from .guidance import DAGScaleMap, dag_noise_pred, dag_scale_map, sega_noise_pred, sld_noise_pred
+from .config import SLD_SAFETY_CONCEPT, DAGConfig, SEGAConfig, SLDConfig, build_config
+from .guiders import DAGGuider, PlainSafetyGuider
 from .outputs import DAGPipelineOutput
+from .state import DAGState, EmbeddingLike, prepare_dag
 from .weights import SafetyWeightsMixin
 
 __all__ = ["DAGStableDiffusionPipeline"]
@@ -56,67 +36,6 @@ EXAMPLE_DOC_STRING = """
         >>> out.images[0], out.unsafe_detected
         ```
 """
-
-
-@dataclass
-class _DAGState:
-    """What `enable_dag` prepared: config, the installed capture, and the detection layers' query
-    projections and each concept's keys, frozen at `enable_dag`."""
-
-    config: DAGConfig
-    capture: CrossAttentionCapture
-    projections: dict[str, QueryProjection]
-    keys: list[dict[str, torch.Tensor]]
-    safety_concepts: list[str]
-
-    def follow(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Moves the frozen projections and keys to the UNet's device and dtype once, after `pipe.to(...)`
-        following `enable_dag`, instead of copying them at every detection step."""
-        weight = next(iter(self.projections.values())).weight
-        if weight.device == torch.device(device) and weight.dtype == dtype:
-            return
-        options = {"device": device, "dtype": dtype}
-        self.projections = {
-            name: replace(
-                projection,
-                weight=projection.weight.to(**options),
-                bias=None if projection.bias is None else projection.bias.to(**options),
-            )
-            for name, projection in self.projections.items()
-        }
-        self.keys = [{name: key.to(**options) for name, key in keys.items()} for keys in self.keys]
-
-
-EmbeddingLike = str | os.PathLike | GuidelineEmbedding | torch.Tensor
-
-
-def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
-    """The DAG options saved embeddings were tuned for; several embeddings must agree."""
-    defaults = [
-        {
-            "layer_fractions": tuple(item.metadata.layer_fractions),
-            "unsafe_threshold": item.metadata.unsafe_threshold,
-            "edit_mask_threshold": item.metadata.edit_mask_threshold,
-            "base_scale": item.metadata.base_scale,
-            "detection": item.metadata.detection,
-            # a calibrated embedding brings its threshold, for its default rule or an explicit "presence"
-            **(
-                {}
-                if item.metadata.presence_threshold is None
-                else {
-                    "presence_threshold": item.metadata.presence_threshold,
-                    "presence_smoothing": item.metadata.presence_smoothing,
-                }
-            ),
-        }
-        for item in saved
-    ]
-    if any(d != defaults[0] for d in defaults[1:]):
-        raise ValueError(
-            f"The guideline embeddings were tuned for different detection settings: {defaults}. Pass"
-            f" {', '.join(f'`{key}`' for key in defaults[0])} explicitly."
-        )
-    return defaults[0] if defaults else {}
 
 
 def _concept_list(safety_concept: str | list[str]) -> list[str]:
@@ -145,7 +64,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
     # Per-instance state, set by the enable/disable methods; `__init__` stays StableDiffusionPipeline's so that
     # diffusers' loaders read the same component signature.
-    _dag: _DAGState | None = None
+    _dag: DAGState | None = None
     _safety_guidance: SLDConfig | SEGAConfig | None = None
     _in_call: bool = False
     # `dag_scale`: DAG's per-pixel scale `S_dag` of the step, `(B, h, w)`, zero where and when nothing is guided
@@ -202,83 +121,18 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             guidance already enabled.
         """
         self._refuse_during_call("enable_dag")
-        if embedding is None:
-            raise ValueError(
-                "`enable_dag` needs a guideline embedding: a (1+K, D) tensor, or a list of them for several concepts."
-            )
         if self._safety_guidance is not None:
             raise ValueError("Plain safety guidance is enabled; call `disable_safety_guidance()` before `enable_dag`.")
-        items = list(embedding) if isinstance(embedding, (list, tuple)) else [embedding]
-        if not items:
-            raise ValueError("`enable_dag` got an empty list of guideline embeddings.")
-        saved = [self._load_embedding(item, check_fingerprint) for item in items]
-        embeddings = [item.embeds if isinstance(item, GuidelineEmbedding) else item for item in saved]
-        for item in embeddings:
-            validate_embedding(item, self.unet.config.cross_attention_dim)
-        options = {**_saved_defaults([item for item in saved if isinstance(item, GuidelineEmbedding)]), **options}
-        dag_options, base_options = split_dag_options(options)
-        config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)
-
-        capture = CrossAttentionCapture(self.unet, config.layer_fractions)
-        capture.check_installable()
-        modules = capture.attention_modules()
-        if any(p.device.type == "meta" for attn in modules.values() for p in attn.parameters()):
-            raise ValueError(
-                "The UNet's weights are on the meta device (sequential CPU offload): DAG needs the to_q / to_k weights"
-                " to project its embedding. Use `enable_model_cpu_offload()` instead, or no offloading."
-            )
-        embeddings = [item.detach().to(device="cpu", dtype=torch.float32) for item in embeddings]
-        # Projections are frozen here: the embedding stays tied to the to_q / to_k it was fitted to, even when
-        # weights loaded later change them.
-        with torch.no_grad():
-            projections = {name: QueryProjection.snapshot(attn) for name, attn in modules.items()}
-            keys = [{name: project_keys(attn, item) for name, attn in modules.items()} for item in embeddings]
-        # Saved embeddings name the safety concept they were made for (`e_s`): the default of `__call__`.
-        concepts = [item.metadata.safety_concept for item in saved if isinstance(item, GuidelineEmbedding)]
         # replaced only now that everything succeeded: a failed call leaves an enabled DAG as it was
-        self._dag = _DAGState(
-            config=config,
-            capture=capture,
-            projections=projections,
-            keys=keys,
-            safety_concepts=list(dict.fromkeys(c for c in concepts if c)),
+        self._dag = prepare_dag(
+            self.unet,
+            embedding,
+            guidance,
+            preset,
+            check_fingerprint=check_fingerprint,
+            safety_weights=list(self.safety_weights),
+            **options,
         )
-
-    def _load_embedding(self, item: EmbeddingLike, check_fingerprint: bool) -> GuidelineEmbedding | torch.Tensor:
-        if isinstance(item, (str, os.PathLike)):
-            item = GuidelineEmbedding.from_pretrained(os.fspath(item))
-        if isinstance(item, GuidelineEmbedding):
-            validate_embedding(item.embeds, self.unet.config.cross_attention_dim)
-            expected = item.metadata.base_model_fingerprint
-            if check_fingerprint and expected != (actual := unet_fingerprint(self.unet)):
-                if self.unet.dtype == torch.bfloat16:
-                    # bfloat16 keeps 8 mantissa bits: the weights hashed at float16 precision are not the original
-                    # model's, so a bfloat16 copy of the right model cannot be told from another model.
-                    raise ValueError(
-                        f"The guideline embedding for {item.metadata.concept!r} was optimized on"
-                        f" {item.metadata.base_model!r} (UNet fingerprint {expected}), and this pipeline's UNet is in"
-                        " bfloat16, which rounds the to_q / to_k weights the fingerprint hashes. Call `enable_dag`"
-                        " before converting to bfloat16 (load in float32 or float16, `enable_dag`, then"
-                        " `pipe.to(dtype=torch.bfloat16)`), or pass `check_fingerprint=False` if you know the"
-                        " models match."
-                    )
-                if self.safety_weights:
-                    # the loaded weights, not another base model, are the likely cause: say so
-                    raise ValueError(
-                        f"The guideline embedding for {item.metadata.concept!r} was optimized on"
-                        f" {item.metadata.base_model!r} (UNet fingerprint {expected}); this UNet's fingerprint is"
-                        f" {actual} because safety weights are loaded ({sorted(self.safety_weights)}), which change or"
-                        " wrap the to_q / to_k projections the embedding is tied to. Call `enable_dag` before"
-                        " `load_safety_weights` (DAG then keeps scoring with the base projections), or pass"
-                        " `check_fingerprint=False` to score with the loaded projections."
-                    )
-                raise ValueError(
-                    f"The guideline embedding for {item.metadata.concept!r} was optimized on"
-                    f" {item.metadata.base_model!r} (UNet fingerprint {expected}), but this pipeline's UNet has"
-                    f" fingerprint {actual}: an embedding is tied to the to_q / to_k projections it was fitted to."
-                    " Use an embedding made for this model, or pass `check_fingerprint=False` if you know they match."
-                )
-        return item
 
     def disable_dag(self) -> None:
         """Turns DAG off. (The capture processors are only on the UNet during a call, so nothing is left there.)"""
@@ -386,7 +240,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             capture.store.arm(slice(None))
             self.unet(latents, timestep, encoder_hidden_states=prompt_embeds)
             capture.store.disarm()
-            return self._detect(tuple(latents.shape[-2:]), normalize).to(latents.device)
+            return self._dag.detect(tuple(latents.shape[-2:]), normalize).to(latents.device)
 
     # ------------------------------------------------------------------ step helpers
 
@@ -402,63 +256,6 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         # another batch size, which the exactness tests against it would see).
         encoded, _ = self.encode_prompt(concepts, device, 1, False, lora_scale=lora_scale, clip_skip=self.clip_skip)
         return [row[None].expand(batch, -1, -1) for row in encoded]
-
-    def _shares(self, latent_size: tuple[int, int], reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Each concept's raw map from the queries captured in the last UNet call, `reduce` ([`concept_share`] or
-        [`concept_presence`]) applied to its layer-averaged token maps: `(concepts, B, h, w)`, float32, **on the
-        CPU**.
-
-        The attention maps are computed where the queries are; the maps then come to the host in one copy, where the
-        min-max normalisation, DAG's scale map and its connected components (scipy) run. On a GPU that copy is the
-        step's only synchronisation: the small per-pixel operations after it cost no kernel launches, and whether
-        anything was detected is known on the host without another one.
-        """
-        state = self._dag
-        queries = state.capture.store.queries
-        shares = torch.stack(
-            [reduce(token_maps(queries, state.projections, keys, latent_size)) for keys in state.keys]
-        ).cpu()
-        if not torch.isfinite(shares).all():
-            # a map of NaN would read as "nothing detected": an image DAG cannot inspect must not pass as safe
-            raise FloatingPointError(
-                "DAG cannot inspect the image: the UNet's inputs are not finite (NaN or Inf latents, e.g. from a"
-                " callback, or a scheduler setting that diverges such as `eta=1` with very few DDIM steps)."
-            )
-        return shares
-
-    def _detect(self, latent_size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
-        """`Â` (or, with `normalize=False`, the raw concept share) from the queries captured in the last UNet call:
-        `(B, h, w)`, float32, on the CPU (see [`_shares`])."""
-        maps = [minmax_normalize(share) if normalize else share for share in self._shares(latent_size, concept_share)]
-        return maps[0] if len(maps) == 1 else combine_concepts(maps)
-
-    def _detect_step(
-        self, latent_size: tuple[int, int], evidence: torch.Tensor | None
-    ) -> tuple[torch.Tensor, DAGScaleMap, torch.Tensor | None]:
-        """One denoising step's detection from the captured queries: `(Â, S_dag's DAGScaleMap, evidence)`.
-
-        Under `detection="presence"` the evidence `(concepts, B, h, w)` is the running mean of [`concept_presence`]
-        over the guided steps (pass the previous step's, `None` at the first); each concept's `Â` is its min-max
-        normalisation, and each concept keeps only its own present components, so the scale is the element-wise
-        max of the concepts' scales. Under `"paper"` the evidence stays `None`.
-        """
-        config = self._dag.config
-        if config.detection == "paper":
-            detection_map = self._detect(latent_size)
-            return detection_map, dag_scale_map(detection_map, config), None
-        shares = self._shares(latent_size, concept_presence)
-        if evidence is not None:
-            shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares
-        maps = [minmax_normalize(share) for share in shares]
-        scale_maps = [dag_scale_map(amap, config, presence=share) for amap, share in zip(maps, shares)]
-        if len(maps) == 1:
-            return maps[0], scale_maps[0], shares
-        scale_map = DAGScaleMap(
-            scale=torch.stack([m.scale for m in scale_maps]).amax(dim=0),
-            detected=torch.stack([m.detected for m in scale_maps]).any(dim=0),
-            presence=torch.stack([m.presence for m in scale_maps]).amax(dim=0),
-        )
-        return combine_concepts(maps), scale_map, shares
 
     @staticmethod
     def _repeat_added_cond(added_cond_kwargs: dict | None, parts: int) -> dict | None:
@@ -794,11 +591,11 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             )[0]
 
         # 7. Denoising loop
-        momentum = None
-        detection_map = evidence = None
-        safety_pass_last_step = False
-        unsafe_detected = torch.zeros(batch, dtype=torch.bool)
-        presence_peak = torch.zeros(batch) if dag is not None and dag.config.detection == "presence" else None
+        if dag is None:
+            guider = PlainSafetyGuider(self._safety_guidance, self.guidance_scale, len(safety_embeds))
+        else:
+            map_step = len(timesteps) - 1 if return_dag_maps else None
+            guider = DAGGuider(dag, self.guidance_scale, len(safety_embeds), map_step=map_step)
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -806,96 +603,27 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                 if self.interrupt:
                     continue
 
-                if dag is None:
-                    # SLD / SEGA need e_s at every step (their momentum builds up during warm-up): one batch
-                    parts = 2 + len(safety_embeds)
+                rows = guider.safety_rows(i)
+                with guider.capturing(i, batch):
                     noise_pred = unet(
-                        torch.cat([latents] * parts),
+                        torch.cat([latents] * (2 + rows)),
                         t,
-                        torch.cat([prompt_embeds, *safety_embeds]),
-                        self._repeat_added_cond(added_cond_kwargs, parts),
+                        torch.cat([prompt_embeds, *safety_embeds[:rows]]),
+                        self._repeat_added_cond(added_cond_kwargs, 2 + rows) if rows else added_cond_kwargs,
                     )
-                    noise_pred_uncond, noise_pred_text, *noise_preds_safety = noise_pred.chunk(parts)
-                    if isinstance(self._safety_guidance, SLDConfig):
-                        noise_pred, momentum = sld_noise_pred(
-                            noise_pred_uncond,
-                            noise_pred_text,
-                            noise_preds_safety[0],
-                            self.guidance_scale,
-                            momentum,
-                            i,
-                            self._safety_guidance,
-                        )
-                    else:
-                        noise_pred, momentum = sega_noise_pred(
-                            noise_pred_uncond,
-                            noise_pred_text,
-                            noise_preds_safety,
-                            self.guidance_scale,
-                            momentum,
-                            i,
-                            self._safety_guidance,
-                        )
-                else:
-                    # DAG: the CFG pass as StableDiffusionPipeline runs it, capturing the prompt's queries when the
-                    # map is needed (guided steps, and the last step for `return_dag_maps`). The safety pass is
-                    # needed only once the map shows something; while the last step needed it, it is run in the
-                    # same UNet batch as the CFG pass (as SLD / SEGA do: one call instead of two), and its output
-                    # is dropped should this step's map show nothing. Until something is detected, every step is
-                    # the CFG pass alone, bit for bit.
-                    guided = i >= dag.config.warmup_steps
-                    detect = guided or (return_dag_maps and i == len(timesteps) - 1)
-                    parts = 2 + len(safety_embeds) if guided and safety_pass_last_step else 2
-                    if detect:
-                        dag.capture.store.arm(slice(batch, 2 * batch))
-                    try:
-                        noise_pred = unet(
-                            torch.cat([latents] * parts),
-                            t,
-                            torch.cat([prompt_embeds, *safety_embeds[: parts - 2]]),
-                            self._repeat_added_cond(added_cond_kwargs, parts) if parts > 2 else added_cond_kwargs,
-                        )
-                    finally:
-                        dag.capture.store.disarm()
-                    noise_pred_uncond, noise_pred_text, *noise_preds_safety = noise_pred.chunk(parts)
-                    if detect:
-                        # on the host, from the maps `_shares` copied there: no further synchronisation
-                        detection_map, scale_map, evidence = self._detect_step(latent_size, evidence)
-                        dag.capture.store.clear()
-                    scale = None
-                    if guided:
-                        unsafe_detected |= scale_map.detected
-                        if presence_peak is not None:
-                            presence_peak = torch.maximum(presence_peak, scale_map.presence)
-                        if bool(scale_map.detected.any()):
-                            # non-blocking only where it is known to be safe from pageable memory (CUDA stages it)
-                            scale = scale_map.scale.to(
-                                latents.device, noise_pred_uncond.dtype, non_blocking=latents.device.type == "cuda"
-                            )
-                    safety_pass_last_step = scale is not None
-                    if callback_on_step_end is not None and "dag_scale" in callback_on_step_end_tensor_inputs:
-                        dag_scale = scale if scale is not None else latents.new_zeros(batch, *latent_size)
-                    if scale is None:
-                        # Nothing to guide: S_dag = 0 makes the safety term exactly zero, so the safety pass is
-                        # skipped and the step is the classifier-free one; the momentum only decays.
-                        noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
-                        if momentum is not None:
-                            momentum = dag.config.mom_beta * momentum
-                    else:
-                        if not noise_preds_safety:
-                            noise_preds_safety = [
-                                unet(latents, t, embeds, self._repeat_added_cond(added_cond_kwargs, 1))
-                                for embeds in safety_embeds
-                            ]
-                        noise_pred, momentum = dag_noise_pred(
-                            noise_pred_uncond,
-                            noise_pred_text,
-                            noise_preds_safety,
-                            self.guidance_scale,
-                            scale,
-                            momentum,
-                            dag.config,
-                        )
+                noise_pred_uncond, noise_pred_text, *noise_preds_safety = noise_pred.chunk(2 + rows)
+                noise_pred = guider.guide(
+                    i,
+                    noise_pred_uncond,
+                    noise_pred_text,
+                    noise_preds_safety,
+                    run_safety=lambda latents=latents, t=t: [
+                        unet(latents, t, embeds, self._repeat_added_cond(added_cond_kwargs, 1))
+                        for embeds in safety_embeds
+                    ],
+                )
+                if callback_on_step_end is not None and "dag_scale" in callback_on_step_end_tensor_inputs:
+                    dag_scale = guider.scale if guider.scale is not None else latents.new_zeros(batch, *latent_size)
 
                 if self.guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
@@ -938,9 +666,12 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
         self.maybe_free_model_hooks()
 
-        unsafe = unsafe_detected.tolist() if dag is not None else None
-        maps = detection_map if return_dag_maps and detection_map is not None else None
-        presence_scores = presence_peak.tolist() if presence_peak is not None else None
+        unsafe = maps = presence_scores = None
+        if dag is not None:
+            # no step ran (an interrupted call): nothing was detected
+            unsafe = guider.unsafe_detected.tolist() if guider.unsafe_detected is not None else [False] * batch
+            maps = guider.detection_map if return_dag_maps else None
+            presence_scores = guider.presence_peak.tolist() if guider.presence_peak is not None else None
         if not return_dict:
             return image, has_nsfw_concept, unsafe, maps, presence_scores
         return DAGPipelineOutput(

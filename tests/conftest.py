@@ -95,6 +95,17 @@ def get_dummy_components(cross_attention_dim: int = 32) -> dict:
 SLOW_MODULES = {"test_mini_model.py", "test_training.py", "test_benchmarks.py", "test_weights_mini.py"}
 
 
+def hooked_layers(unet) -> set[str]:
+    """Names of the UNet modules that carry a DAG query-capture hook."""
+    from dag_safety.attention import _QueryHook
+
+    return {
+        name
+        for name, module in unet.named_modules()
+        if any(isinstance(hook, _QueryHook) for hook in module._forward_pre_hooks.values())
+    }
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`slow`: a test that runs the bundled mini model (the `mini_pipe` fixture, or a module in `SLOW_MODULES`);
     `pytest -m "not slow"` is the quick loop on tiny in-memory components."""

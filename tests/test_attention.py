@@ -1,10 +1,12 @@
-"""The capture processor against diffusers' AttnProcessor2_0, and processor installation / restoration."""
+"""The query-capture hooks: what `to_q` sees is what they keep, the attention output is untouched, and they come
+off again."""
 
 import pytest
 import torch
+from conftest import hooked_layers
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from dag_safety.attention import CrossAttentionCapture, DAGAttnProcessor, QueryStore, cross_attention_layers
+from dag_safety.attention import CrossAttentionCapture, QueryStore, _QueryHook, cross_attention_layers
 
 CASES = {
     "cross-attention": {"attn": {"query_dim": 8, "cross_attention_dim": 6, "heads": 2, "dim_head": 4}, "context": 6},
@@ -22,23 +24,16 @@ CASES = {
         "attn": {"query_dim": 8, "cross_attention_dim": 6, "heads": 2, "dim_head": 4, "qk_norm": "layer_norm"},
         "context": 6,
     },
-    "4-D, group_norm, residual, rescale": {
+    "4-D, residual, rescale": {
         "attn": {
             "query_dim": 8,
             "heads": 2,
             "dim_head": 4,
-            "norm_num_groups": 2,
             "residual_connection": True,
             "rescale_output_factor": 2.0,
             "bias": True,
         },
         "four_d": True,
-    },
-    "spatial_norm": {
-        "attn": {"query_dim": 32, "heads": 2, "dim_head": 4, "spatial_norm_dim": 5},
-        "four_d": True,
-        "temb": 5,
-        "channels": 32,
     },
     "attention_mask": {
         "attn": {"query_dim": 8, "cross_attention_dim": 6, "heads": 2, "dim_head": 4},
@@ -48,45 +43,43 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("processor", [AttnProcessor2_0, AttnProcessor])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_attn_processor_2_0(case):
+def test_the_hook_keeps_what_to_q_sees_and_changes_nothing(case, processor):
+    """Oracle: a forward hook on `to_q` records its input; the capture hook must keep exactly the conditional
+    rows of it, whatever processor runs, and the layer's output must not change."""
     spec = CASES[case]
     torch.manual_seed(0)
     attn = Attention(**spec["attn"]).eval()
+    attn.set_processor(processor())
     batch = 4
-    if spec.get("four_d"):
-        hidden = torch.randn(batch, spec.get("channels", 8), 3, 5)
-    else:
-        hidden = torch.randn(batch, 15, 8)
+    hidden = torch.randn(batch, 8, 3, 5) if spec.get("four_d") else torch.randn(batch, 15, 8)
     kwargs = {}
     if "context" in spec:
         kwargs["encoder_hidden_states"] = torch.randn(batch, 7, spec["context"])
-    if "temb" in spec:
-        kwargs["temb"] = torch.randn(batch, spec["temb"], 3, 5)
     if spec.get("mask"):
         mask = torch.zeros(batch, 1, 7)
         mask[:, :, 5:] = -10000.0
         kwargs["attention_mask"] = mask
+    seen = []
+    attn.to_q.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     with torch.no_grad():
-        attn.set_processor(AttnProcessor2_0())
         reference = attn(hidden, **kwargs)
         store = QueryStore()
         store.arm(slice(2, 4))
-        attn.set_processor(DAGAttnProcessor(store, "layer"))
+        handle = attn.register_forward_pre_hook(_QueryHook(store, "layer"), with_kwargs=True)
         ours = attn(hidden, **kwargs)
+        handle.remove()
     assert torch.equal(ours, reference)
     captured = store.queries["layer"]
-    channels = hidden.shape[1] if spec.get("four_d") else hidden.shape[-1]
-    assert captured.hidden_states.shape == (2, 15, channels)
+    assert torch.equal(captured.hidden_states, seen[-1][2:])
     assert captured.spatial_size == ((3, 5) if spec.get("four_d") else None)
-    if not spec.get("four_d"):
-        assert torch.equal(captured.hidden_states, hidden[2:])
 
 
 def test_unarmed_store_captures_nothing():
     attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
     store = QueryStore()
-    attn.set_processor(DAGAttnProcessor(store, "layer"))
+    attn.register_forward_pre_hook(_QueryHook(store, "layer"), with_kwargs=True)
     attn(torch.randn(2, 4, 8), encoder_hidden_states=torch.randn(2, 3, 6))
     assert store.queries == {}
 
@@ -103,7 +96,7 @@ def test_layer_selection_by_fraction(components):
         CrossAttentionCapture(unet, (0.125,))
 
 
-def test_install_and_remove_restore_user_processors(components):
+def test_install_and_remove_keep_user_processors(components):
     unet = components["unet"]
     custom = AttnProcessor()
     names = list(unet.attn_processors)
@@ -111,28 +104,43 @@ def test_install_and_remove_restore_user_processors(components):
     before = dict(unet.attn_processors)
     capture = CrossAttentionCapture(unet, (0.5,))
     capture.install()
-    after_install = unet.attn_processors
-    for name in names:
-        if name in capture.layers:
-            assert isinstance(after_install[name], DAGAttnProcessor)
-        else:
-            assert after_install[name] is before[name]
+    assert hooked_layers(unet) == {name.removesuffix(".processor") for name in capture.layers}
+    assert all(unet.attn_processors[name] is before[name] for name in names)
     with pytest.raises(ValueError, match="already installed"):
         capture.install()
     capture.remove()
-    restored = unet.attn_processors
-    assert all(restored[name] is before[name] for name in names)
+    assert hooked_layers(unet) == set()
+    assert all(unet.attn_processors[name] is before[name] for name in names)
 
 
-def test_refuses_to_replace_a_custom_processor(components):
+def test_a_custom_processor_keeps_running_and_is_captured(components):
+    """Any processor at a detection layer (here one that doubles the output) keeps running under the hooks."""
     unet = components["unet"]
 
-    class Custom(AttnProcessor2_0):
-        pass
+    class Doubling(AttnProcessor2_0):
+        def __call__(self, *args, **kwargs):
+            return 2 * super().__call__(*args, **kwargs)
 
-    name = next(iter(CrossAttentionCapture(unet, (0.5,)).layers))
+    capture = CrossAttentionCapture(unet, (0.5,))
+    name = next(iter(capture.layers))
     processors = dict(unet.attn_processors)
-    processors[name] = Custom()
+    processors[name] = Doubling()
     unet.set_attn_processor(processors)
-    with pytest.raises(ValueError, match="uses Custom"):
-        CrossAttentionCapture(unet, (0.5,)).install()
+    sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 24, 32)
+    with torch.no_grad():
+        reference = unet(sample, 10, encoder_hidden_states=context).sample
+        with capture:
+            capture.store.arm(slice(None))
+            ours = unet(sample, 10, encoder_hidden_states=context).sample
+            assert set(capture.store.queries) == set(capture.layers)
+    assert torch.equal(ours, reference)
+    assert isinstance(unet.attn_processors[name], Doubling)
+
+
+def test_refuses_a_layer_that_normalises_its_queries(components):
+    unet = components["unet"]
+    capture = CrossAttentionCapture(unet, (0.5,))
+    attn = next(iter(capture.attention_modules().values()))
+    attn.group_norm = torch.nn.GroupNorm(2, attn.to_q.in_features)
+    with pytest.raises(ValueError, match="normalises its input before `to_q`"):
+        CrossAttentionCapture(unet, (0.5,))

@@ -9,10 +9,10 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
+from conftest import hooked_layers
 from dag_reference import encode, reference_dag
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.attention import DAGAttnProcessor
 from dag_safety.config import DAGConfig
 from dag_safety.guidance import area_scaler, dag_scale_map
 
@@ -197,7 +197,7 @@ def test_an_exception_in_a_guided_call_restores_the_unet(tiny_pipe, embedding, w
 
     def fail_in_unet(module, args):
         calls.append(1)
-        if len(calls) == 4 and any(isinstance(p, DAGAttnProcessor) for p in module.attn_processors.values()):
+        if len(calls) == 4 and hooked_layers(module):
             raise Boom
 
     hook = tiny_pipe.unet.register_forward_pre_hook(fail_in_unet) if where == "unet" else None
@@ -209,6 +209,7 @@ def test_an_exception_in_a_guided_call_restores_the_unet(tiny_pipe, embedding, w
         if hook is not None:
             hook.remove()
     assert all(tiny_pipe.unet.attn_processors[name] is processor for name, processor in before.items())
+    assert hooked_layers(tiny_pipe.unet) == set()
     kwargs = {"num_inference_steps": 4, "safety_concept": CONCEPT, "output_type": "np", "return_dag_maps": True}
     after = tiny_pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
     tiny_pipe.disable_dag()

@@ -6,6 +6,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from conftest import hooked_layers
 from diffusers import (
     DDIMScheduler,
     SemanticStableDiffusionPipeline,
@@ -15,7 +16,6 @@ from diffusers import (
 from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.attention import DAGAttnProcessor
 from dag_safety.detection import minmax_normalize
 
 PROMPT = "a red star and a blue circle on a white background"
@@ -339,19 +339,20 @@ class TestDAG:
         assert all(p.weight.dtype == torch.float16 for p in pipe._dag.projections.values())
         assert all(k.dtype == torch.float16 for keys in pipe._dag.keys for k in keys.values())
 
-    def test_processors_on_the_unet_only_during_a_call(self, pipe, star_embedding, components):
+    def test_capture_hooks_on_the_unet_only_during_a_call(self, pipe, star_embedding, components):
         before = dict(pipe.unet.attn_processors)
         pipe.enable_dag(star_embedding)
         assert all(pipe.unet.attn_processors[n] is p for n, p in before.items())
         seen = []
 
         def on_step_end(pipeline, i, t, tensors):
-            seen.append([n for n, p in pipeline.unet.attn_processors.items() if isinstance(p, DAGAttnProcessor)])
+            seen.append(sorted(hooked_layers(pipeline.unet)))
             return tensors
 
         pipe(PROMPT, num_inference_steps=2, output_type="np", safety_concept=CONCEPT, callback_on_step_end=on_step_end)
         assert seen[0] and all("attn2" in n for n in seen[0])
         assert all(pipe.unet.attn_processors[n] is p for n, p in before.items())
+        assert hooked_layers(pipe.unet) == set()
         # a second pipeline on the same UNet (from_pipe) with its own DAG works alongside
         other = DAGStableDiffusionPipeline.from_pipe(pipe)
         other.set_progress_bar_config(disable=True)
@@ -397,7 +398,7 @@ class TestErrors:
         with pytest.raises(ValueError, match="Unknown option"):
             pipe.enable_dag(star_embedding, unsafe_treshold=0.4)
         assert pipe.dag_config is None  # nothing half-enabled
-        assert not any(isinstance(p, DAGAttnProcessor) for p in pipe.unet.attn_processors.values())
+        assert hooked_layers(pipe.unet) == set()
 
     def test_call_errors(self, pipe, star_embedding):
         with pytest.raises(ValueError, match="return_dag_maps=True` needs DAG"):

@@ -514,19 +514,21 @@ class TestWithDAG:
         pipe.enable_dag(star_embedding)
         captured = {}
 
-        def detect(latent_size, normalize=True):  # keeps the hidden states the detection layers saw
-            captured.update(pipe._dag.capture.store.queries)
-            return type(pipe)._detect(pipe, latent_size, normalize)
+        state = pipe._dag
 
-        pipe._detect = detect
+        def detect(latent_size, normalize=True):  # keeps the hidden states the detection layers saw
+            captured.update(state.capture.store.queries)
+            return type(state).detect(state, latent_size, normalize)
+
+        state.detect = detect
         noisy = torch.randn((1, 4, 16, 16), generator=torch.manual_seed(0))
         before = pipe.detection_map(noisy, 500, prompt="a red star and a blue circle")
-        del pipe._detect
+        del state.detect
         assert captured and before.shape == (1, 16, 16)
 
         def detect_again():
             pipe._dag.capture.store.queries = dict(captured)
-            return pipe._detect((16, 16))
+            return pipe._dag.detect((16, 16))
 
         assert torch.equal(detect_again(), before)
         pipe.load_safety_weights(SPF_FILE)

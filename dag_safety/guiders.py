@@ -1,0 +1,199 @@
+"""Safety guiders: the per-call state of SLD, SEGA and DAG guidance, stepped by a denoising loop.
+
+Every guider has one interface, so a loop (the pipeline's, or the UNet wrapper of [`~dag_safety.DAGGuidance`])
+runs any of them the same way, one at a time by construction. At step `i` of a call:
+
+1. `rows = guider.safety_rows(i)`: how many safety-concept rows to run in the same UNet batch as the CFG pass;
+2. under `with guider.capturing(i, batch):` the UNet runs on `[uncond, cond, safety_1 .. safety_rows]`;
+3. `guider.guide(i, e_u, e_p, e_s, run_safety)` returns the guided noise prediction, calling `run_safety()` for the
+   safety predictions only if it needs them and they were not in the batch.
+
+A guider is made for one call and thrown away after it: nothing of one call reaches the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .config import SEGAConfig, SLDConfig
+from .guidance import dag_noise_pred, sega_noise_pred, sld_noise_pred
+from .state import DAGState
+
+__all__ = ["DAGGuider", "PlainSafetyGuider", "SafetyGuider"]
+
+SafetyPredictions = Callable[[], list[torch.Tensor]]
+
+
+class SafetyGuider:
+    """The interface of a per-call safety guider (see the module docstring)."""
+
+    def __init__(self, guidance_scale: float, num_concepts: int):
+        self.guidance_scale = guidance_scale
+        self.num_concepts = num_concepts
+        self.momentum: torch.Tensor | None = None
+
+    def safety_rows(self, step: int) -> int:
+        """How many safety-concept rows step `step` runs in the CFG pass's UNet batch (`0` to `num_concepts`)."""
+        return self.num_concepts
+
+    def capturing(self, step: int, batch: int) -> contextlib.AbstractContextManager:
+        """A context around step `step`'s UNet call; DAG captures the conditional rows' queries there."""
+        return contextlib.nullcontext()
+
+    def guide(
+        self,
+        step: int,
+        noise_pred_uncond: torch.Tensor,
+        noise_pred_text: torch.Tensor,
+        noise_preds_safety: list[torch.Tensor],
+        run_safety: SafetyPredictions,
+    ) -> torch.Tensor:
+        """The guided noise prediction of step `step`, `(B, C, h, w)`.
+
+        Args:
+            noise_pred_uncond, noise_pred_text (`torch.Tensor`): `e_u`, `e_p`, `(B, C, h, w)`.
+            noise_preds_safety (`list[torch.Tensor]`): `e_s` per concept, as many as `safety_rows(step)` asked for.
+            run_safety (`Callable`): returns every concept's `e_s` when the batch did not hold them.
+        """
+        raise NotImplementedError
+
+
+class PlainSafetyGuider(SafetyGuider):
+    """SLD or SEGA as diffusers' pipelines apply them: the safety pass at every step (their momentum builds up
+    during warm-up), no detection.
+
+    Args:
+        config ([`SLDConfig`] or [`SEGAConfig`]): the method and its settings.
+        guidance_scale (`float`): the classifier-free guidance scale `s_g`.
+        num_concepts (`int`): safety concepts (SLD: one).
+    """
+
+    def __init__(self, config: SLDConfig | SEGAConfig, guidance_scale: float, num_concepts: int):
+        super().__init__(guidance_scale, num_concepts)
+        self.config = config
+
+    def guide(self, step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety):
+        if len(noise_preds_safety) < self.num_concepts:
+            noise_preds_safety = run_safety()
+        if isinstance(self.config, SLDConfig):
+            noise_pred, self.momentum = sld_noise_pred(
+                noise_pred_uncond,
+                noise_pred_text,
+                noise_preds_safety[0],
+                self.guidance_scale,
+                self.momentum,
+                step,
+                self.config,
+            )
+        else:
+            noise_pred, self.momentum = sega_noise_pred(
+                noise_pred_uncond,
+                noise_pred_text,
+                noise_preds_safety,
+                self.guidance_scale,
+                self.momentum,
+                step,
+                self.config,
+            )
+        return noise_pred
+
+
+class DAGGuider(SafetyGuider):
+    """Detect-and-Guide for one call.
+
+    From warm-up on, each step's conditional queries give the detection map and `S_dag`. The safety pass is needed
+    only once the map shows something; while the last step needed it, it runs in the same UNet batch as the CFG
+    pass (as SLD / SEGA do: one call instead of two), and its output is dropped should this step's map show
+    nothing. Until something is detected, every step is the CFG pass alone, bit for bit.
+
+    Args:
+        state ([`DAGState`]): the prepared embedding, projections and config.
+        guidance_scale (`float`): `s_g`.
+        num_concepts (`int`): safety concepts (`e_s` rows).
+        map_step (`int`, *optional*): a step whose detection map to keep even before warm-up ends (the last step,
+            for `return_dag_maps`).
+
+    Attributes, read after (or during) the call:
+        detection_map (`torch.Tensor | None`): the last detection map, `(B, h, w)` on the CPU.
+        scale (`torch.Tensor | None`): the last step's `S_dag` on the latents' device, `None` where it guided nothing.
+        unsafe_detected (`torch.Tensor | None`): `(B,)` bool, whether any guided step detected something.
+        presence_peak (`torch.Tensor | None`): under `detection="presence"`, `(B,)` the highest component presence
+            of any guided step.
+    """
+
+    def __init__(self, state: DAGState, guidance_scale: float, num_concepts: int, map_step: int | None = None):
+        super().__init__(guidance_scale, num_concepts)
+        self.state = state
+        self.config = state.config
+        self.map_step = map_step
+        self.detection_map: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.unsafe_detected: torch.Tensor | None = None
+        self.presence_peak: torch.Tensor | None = None
+        self._evidence: torch.Tensor | None = None
+        self._safety_last_step = False
+
+    def _guided(self, step: int) -> bool:
+        return step >= self.config.warmup_steps
+
+    def _detects(self, step: int) -> bool:
+        return self._guided(step) or step == self.map_step
+
+    def safety_rows(self, step: int) -> int:
+        return self.num_concepts if self._guided(step) and self._safety_last_step else 0
+
+    @contextlib.contextmanager
+    def capturing(self, step: int, batch: int) -> Iterator[None]:
+        store = self.state.capture.store
+        if self._detects(step):
+            # the prompt's rows of `[uncond, cond, safety...]`
+            store.arm(slice(batch, 2 * batch))
+        try:
+            yield
+        finally:
+            store.disarm()
+
+    def guide(self, step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety):
+        batch = noise_pred_uncond.shape[0]
+        if self.unsafe_detected is None:
+            self.unsafe_detected = torch.zeros(batch, dtype=torch.bool)
+            if self.config.detection == "presence":
+                self.presence_peak = torch.zeros(batch)
+        if self._detects(step):
+            # on the host, from the maps `DAGState.shares` copied there: no further synchronisation
+            self.detection_map, scale_map, self._evidence = self.state.detect_step(
+                tuple(noise_pred_uncond.shape[-2:]), self._evidence
+            )
+            self.state.capture.store.clear()
+        scale = None
+        if self._guided(step):
+            self.unsafe_detected |= scale_map.detected
+            if self.presence_peak is not None:
+                self.presence_peak = torch.maximum(self.presence_peak, scale_map.presence)
+            if bool(scale_map.detected.any()):
+                # non-blocking only where it is known to be safe from pageable memory (CUDA stages it)
+                device = noise_pred_uncond.device
+                scale = scale_map.scale.to(device, noise_pred_uncond.dtype, non_blocking=device.type == "cuda")
+        self.scale = scale
+        self._safety_last_step = scale is not None
+        if scale is None:
+            # Nothing to guide: S_dag = 0 makes the safety term exactly zero, so the safety pass is skipped and the
+            # step is the classifier-free one; the momentum only decays.
+            if self.momentum is not None:
+                self.momentum = self.config.mom_beta * self.momentum
+            return noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if not noise_preds_safety:
+            noise_preds_safety = run_safety()
+        noise_pred, self.momentum = dag_noise_pred(
+            noise_pred_uncond,
+            noise_pred_text,
+            noise_preds_safety,
+            self.guidance_scale,
+            scale,
+            self.momentum,
+            self.config,
+        )
+        return noise_pred

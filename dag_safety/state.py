@@ -1,0 +1,258 @@
+"""`DAGState`: what enabling DAG prepares for a UNet, and detection from the queries it captures.
+
+[`prepare_dag`] loads and checks the guideline embedding(s), builds the [`DAGConfig`] (a saved embedding's tuned
+options are the defaults), and freezes the detection layers' `to_q` / `to_k` projections. Both
+`DAGStableDiffusionPipeline.enable_dag` and [`~dag_safety.DAGGuidance`] use it, so an embedding behaves the same
+whichever way DAG is attached.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+from .attention import CrossAttentionCapture
+from .config import DAGConfig, build_config, split_dag_options
+from .detection import (
+    QueryProjection,
+    combine_concepts,
+    concept_presence,
+    concept_share,
+    minmax_normalize,
+    project_keys,
+    token_maps,
+    validate_embedding,
+)
+from .embedding import GuidelineEmbedding, unet_fingerprint
+from .guidance import DAGScaleMap, dag_scale_map
+
+__all__ = ["DAGState", "EmbeddingLike", "prepare_dag"]
+
+EmbeddingLike = str | os.PathLike | GuidelineEmbedding | torch.Tensor
+
+
+@dataclass
+class DAGState:
+    """What [`prepare_dag`] prepared: config, the query capture, and the detection layers' query projections and
+    each concept's keys, frozen when DAG was enabled."""
+
+    config: DAGConfig
+    capture: CrossAttentionCapture
+    projections: dict[str, QueryProjection]
+    keys: list[dict[str, torch.Tensor]]
+    safety_concepts: list[str]
+
+    def follow(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Moves the frozen projections and keys to the UNet's device and dtype once, after `pipe.to(...)`
+        following `enable_dag`, instead of copying them at every detection step."""
+        weight = next(iter(self.projections.values())).weight
+        if weight.device == torch.device(device) and weight.dtype == dtype:
+            return
+        options = {"device": device, "dtype": dtype}
+        self.projections = {
+            name: replace(
+                projection,
+                weight=projection.weight.to(**options),
+                bias=None if projection.bias is None else projection.bias.to(**options),
+            )
+            for name, projection in self.projections.items()
+        }
+        self.keys = [{name: key.to(**options) for name, key in keys.items()} for keys in self.keys]
+
+    def shares(self, latent_size: tuple[int, int], reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Each concept's raw map from the queries captured in the last UNet call, `reduce` ([`concept_share`] or
+        [`concept_presence`]) applied to its layer-averaged token maps: `(concepts, B, h, w)`, float32, **on the
+        CPU**.
+
+        The attention maps are computed where the queries are; the maps then come to the host in one copy, where the
+        min-max normalisation, DAG's scale map and its connected components (scipy) run. On a GPU that copy is the
+        step's only synchronisation: the small per-pixel operations after it cost no kernel launches, and whether
+        anything was detected is known on the host without another one.
+
+        Raises:
+            `FloatingPointError`: the maps are not finite (an image DAG cannot inspect must not pass as safe).
+        """
+        queries = self.capture.store.queries
+        shares = torch.stack(
+            [reduce(token_maps(queries, self.projections, keys, latent_size)) for keys in self.keys]
+        ).cpu()
+        if not torch.isfinite(shares).all():
+            # a map of NaN would read as "nothing detected"
+            raise FloatingPointError(
+                "DAG cannot inspect the image: the UNet's inputs are not finite (NaN or Inf latents, e.g. from a"
+                " callback, or a scheduler setting that diverges such as `eta=1` with very few DDIM steps)."
+            )
+        return shares
+
+    def detect(self, latent_size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
+        """`Â` (or, with `normalize=False`, the raw concept share) from the queries captured in the last UNet call:
+        `(B, h, w)`, float32, on the CPU (see [`shares`])."""
+        maps = [minmax_normalize(share) if normalize else share for share in self.shares(latent_size, concept_share)]
+        return maps[0] if len(maps) == 1 else combine_concepts(maps)
+
+    def detect_step(
+        self, latent_size: tuple[int, int], evidence: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DAGScaleMap, torch.Tensor | None]:
+        """One denoising step's detection from the captured queries: `(Â, S_dag's DAGScaleMap, evidence)`.
+
+        Under `detection="presence"` the evidence `(concepts, B, h, w)` is the running mean of [`concept_presence`]
+        over the guided steps (pass the previous step's, `None` at the first); each concept's `Â` is its min-max
+        normalisation, and each concept keeps only its own present components, so the scale is the element-wise
+        max of the concepts' scales. Under `"paper"` the evidence stays `None`.
+        """
+        config = self.config
+        if config.detection == "paper":
+            detection_map = self.detect(latent_size)
+            return detection_map, dag_scale_map(detection_map, config), None
+        shares = self.shares(latent_size, concept_presence)
+        if evidence is not None:
+            shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares
+        maps = [minmax_normalize(share) for share in shares]
+        scale_maps = [dag_scale_map(amap, config, presence=share) for amap, share in zip(maps, shares)]
+        if len(maps) == 1:
+            return maps[0], scale_maps[0], shares
+        scale_map = DAGScaleMap(
+            scale=torch.stack([m.scale for m in scale_maps]).amax(dim=0),
+            detected=torch.stack([m.detected for m in scale_maps]).any(dim=0),
+            presence=torch.stack([m.presence for m in scale_maps]).amax(dim=0),
+        )
+        return combine_concepts(maps), scale_map, shares
+
+
+def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
+    """The DAG options saved embeddings were tuned for; several embeddings must agree."""
+    defaults = [
+        {
+            "layer_fractions": tuple(item.metadata.layer_fractions),
+            "unsafe_threshold": item.metadata.unsafe_threshold,
+            "edit_mask_threshold": item.metadata.edit_mask_threshold,
+            "base_scale": item.metadata.base_scale,
+            "detection": item.metadata.detection,
+            # a calibrated embedding brings its threshold, for its default rule or an explicit "presence"
+            **(
+                {}
+                if item.metadata.presence_threshold is None
+                else {
+                    "presence_threshold": item.metadata.presence_threshold,
+                    "presence_smoothing": item.metadata.presence_smoothing,
+                }
+            ),
+        }
+        for item in saved
+    ]
+    if any(d != defaults[0] for d in defaults[1:]):
+        raise ValueError(
+            f"The guideline embeddings were tuned for different detection settings: {defaults}. Pass"
+            f" {', '.join(f'`{key}`' for key in defaults[0])} explicitly."
+        )
+    return defaults[0] if defaults else {}
+
+
+def _load_embedding(
+    item: EmbeddingLike, unet: UNet2DConditionModel, check_fingerprint: bool, safety_weights: list[str]
+) -> GuidelineEmbedding | torch.Tensor:
+    if isinstance(item, (str, os.PathLike)):
+        item = GuidelineEmbedding.from_pretrained(os.fspath(item))
+    if isinstance(item, GuidelineEmbedding):
+        validate_embedding(item.embeds, unet.config.cross_attention_dim)
+        expected = item.metadata.base_model_fingerprint
+        if check_fingerprint and expected != (actual := unet_fingerprint(unet)):
+            if unet.dtype == torch.bfloat16:
+                # bfloat16 keeps 8 mantissa bits: the weights hashed at float16 precision are not the original
+                # model's, so a bfloat16 copy of the right model cannot be told from another model.
+                raise ValueError(
+                    f"The guideline embedding for {item.metadata.concept!r} was optimized on"
+                    f" {item.metadata.base_model!r} (UNet fingerprint {expected}), and this pipeline's UNet is in"
+                    " bfloat16, which rounds the to_q / to_k weights the fingerprint hashes. Call `enable_dag`"
+                    " before converting to bfloat16 (load in float32 or float16, `enable_dag`, then"
+                    " `pipe.to(dtype=torch.bfloat16)`), or pass `check_fingerprint=False` if you know the"
+                    " models match."
+                )
+            if safety_weights:
+                # the loaded weights, not another base model, are the likely cause: say so
+                raise ValueError(
+                    f"The guideline embedding for {item.metadata.concept!r} was optimized on"
+                    f" {item.metadata.base_model!r} (UNet fingerprint {expected}); this UNet's fingerprint is"
+                    f" {actual} because safety weights are loaded ({sorted(safety_weights)}), which change or"
+                    " wrap the to_q / to_k projections the embedding is tied to. Call `enable_dag` before"
+                    " `load_safety_weights` (DAG then keeps scoring with the base projections), or pass"
+                    " `check_fingerprint=False` to score with the loaded projections."
+                )
+            raise ValueError(
+                f"The guideline embedding for {item.metadata.concept!r} was optimized on"
+                f" {item.metadata.base_model!r} (UNet fingerprint {expected}), but this pipeline's UNet has"
+                f" fingerprint {actual}: an embedding is tied to the to_q / to_k projections it was fitted to."
+                " Use an embedding made for this model, or pass `check_fingerprint=False` if you know they match."
+            )
+    return item
+
+
+def prepare_dag(
+    unet: UNet2DConditionModel,
+    embedding: EmbeddingLike | list[EmbeddingLike] | None,
+    guidance: str = "sega",
+    preset: str | None = None,
+    check_fingerprint: bool = True,
+    safety_weights: list[str] | None = None,
+    **options: Any,
+) -> DAGState:
+    """Loads and checks guideline embedding(s) for `unet` and freezes what detection needs.
+
+    Args:
+        unet (`UNet2DConditionModel`): the UNet DAG will guide.
+        embedding: see `DAGStableDiffusionPipeline.enable_dag`.
+        guidance (`str`): the base method, `"sega"` or `"sld"`.
+        preset (`str`, *optional*): with `guidance="sld"`, the SLD preset.
+        check_fingerprint (`bool`): refuse a saved embedding made for another UNet.
+        safety_weights (`list[str]`, *optional*): names of loaded safety weights, for the fingerprint error.
+        options: fields of [`DAGConfig`] and of the base method's config.
+
+    Returns:
+        [`DAGState`], with the capture hooks not yet installed.
+
+    Raises:
+        `ValueError`: see `DAGStableDiffusionPipeline.enable_dag`.
+    """
+    if embedding is None:
+        raise ValueError(
+            "DAG needs a guideline embedding: a Hub id or directory saved by `GuidelineEmbedding.save_pretrained`,"
+            " a `GuidelineEmbedding`, or a (1+K, D) tensor (a list of them for several concepts)."
+        )
+    items = list(embedding) if isinstance(embedding, (list, tuple)) else [embedding]
+    if not items:
+        raise ValueError("DAG got an empty list of guideline embeddings.")
+    saved = [_load_embedding(item, unet, check_fingerprint, safety_weights or []) for item in items]
+    embeddings = [item.embeds if isinstance(item, GuidelineEmbedding) else item for item in saved]
+    for item in embeddings:
+        validate_embedding(item, unet.config.cross_attention_dim)
+    options = {**_saved_defaults([item for item in saved if isinstance(item, GuidelineEmbedding)]), **options}
+    dag_options, base_options = split_dag_options(options)
+    config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)
+
+    capture = CrossAttentionCapture(unet, config.layer_fractions)
+    modules = capture.attention_modules()
+    if any(p.device.type == "meta" for attn in modules.values() for p in attn.parameters()):
+        raise ValueError(
+            "The UNet's weights are on the meta device (sequential CPU offload): DAG needs the to_q / to_k weights"
+            " to project its embedding. Use `enable_model_cpu_offload()` instead, or no offloading."
+        )
+    embeddings = [item.detach().to(device="cpu", dtype=torch.float32) for item in embeddings]
+    # Projections are frozen here: the embedding stays tied to the to_q / to_k it was fitted to, even when
+    # weights loaded later change them.
+    with torch.no_grad():
+        projections = {name: QueryProjection.snapshot(attn) for name, attn in modules.items()}
+        keys = [{name: project_keys(attn, item) for name, attn in modules.items()} for item in embeddings]
+    # Saved embeddings name the safety concept they were made for (`e_s`): the default safety concept.
+    concepts = [item.metadata.safety_concept for item in saved if isinstance(item, GuidelineEmbedding)]
+    return DAGState(
+        config=config,
+        capture=capture,
+        projections=projections,
+        keys=keys,
+        safety_concepts=list(dict.fromkeys(c for c in concepts if c)),
+    )
