@@ -91,6 +91,65 @@ def get_dummy_components(cross_attention_dim: int = 32) -> dict:
     }
 
 
+def get_dummy_sdxl_components() -> dict:
+    """SDXL-shaped: two tiny CLIP encoders (32 + 32 = 64-wide context, 16-wide pooled projection), a UNet with
+    `text_time` added conditioning and cross-attention at 1/2 and 1/4 of a 16² latent, the 2× VAE of
+    [`get_dummy_components`]."""
+    from transformers import CLIPTextModelWithProjection
+
+    base = get_dummy_components()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 16,  # six time ids + the pooled projection
+        cross_attention_dim=64,
+        norm_num_groups=4,
+    )
+    tokenizer = make_tokenizer()
+
+    def config(**changes) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            **changes,
+        )
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(config())
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(config(projection_dim=16))
+    return {
+        "unet": unet,
+        "scheduler": base["scheduler"],
+        "vae": base["vae"],
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": make_tokenizer(),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 #: modules that train, benchmark or generate with the bundled mini model throughout
 SLOW_MODULES = {"test_mini_model.py", "test_training.py", "test_benchmarks.py", "test_weights_mini.py"}
 

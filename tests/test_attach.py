@@ -7,7 +7,7 @@ Oracles: the stock pipeline itself (nothing detected, detached), diffusers' own 
 import numpy as np
 import pytest
 import torch
-from conftest import hooked_layers
+from conftest import get_dummy_sdxl_components, hooked_layers
 from diffusers import (
     ControlNetModel,
     SemanticStableDiffusionPipeline,
@@ -16,6 +16,7 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionPipelineSafe,
+    StableDiffusionXLPipeline,
 )
 from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 from test_pipeline import CONCEPT, PROMPT, concept_rows, peer, run
@@ -276,7 +277,67 @@ class TestOtherPipelines:
         assert np.array_equal(run(pipe, num_inference_steps=5, **inputs), reference)
 
 
+class TestSDXL:
+    @pytest.fixture
+    def sdxl(self):
+        pipe = StableDiffusionXLPipeline(**get_dummy_sdxl_components())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def rows(self, pipe, text, count):
+        """The first `count` rows of `text`'s SDXL context (both encoders, 64 wide)."""
+        encoded = pipe.encode_prompt(
+            prompt=text, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return encoded[0][0, :count]
+
+    def test_silent_is_stock_and_star_guides_with_latent_sized_maps(self, sdxl):
+        def generate():
+            return sdxl(PROMPT, height=32, width=32, num_inference_steps=5, generator=torch.manual_seed(0),
+                        output_type="np").images  # fmt: skip
+
+        reference = generate()
+        silent = self.rows(sdxl, CONCEPT, 1).repeat(3, 1)
+        with DAGGuidance(silent, safety_concept=CONCEPT, warmup_steps=1).attach(sdxl):
+            assert np.array_equal(generate(), reference)
+        dag = DAGGuidance(self.rows(sdxl, "red star", 3), safety_concept=CONCEPT, **GUIDED)
+        with dag.attach(sdxl):
+            guided = generate()
+        assert dag.last_output.unsafe_detected == [True]
+        assert dag.last_output.dag_maps.shape == (1, 16, 16)  # the latent's
+        assert not np.array_equal(guided, reference)
+        assert_stock_again(sdxl)
+        assert np.array_equal(generate(), reference)
+
+    def test_an_embedding_of_the_wrong_width(self, sdxl, star):
+        with pytest.raises(ValueError, match="64"):
+            DAGGuidance(star).attach(sdxl)  # SD's 32-wide rows against SDXL's 64-wide context
+        assert_stock_again(sdxl)
+
+
 def test_exported_from_the_package():
     import dag_safety
 
     assert dag_safety.DAGGuidance is DAGGuidance and dag_safety.SafetyGuidance is SafetyGuidance
+
+
+def test_the_readme_snippet_on_the_mini_model(mini_pipe):
+    """The README's `DAGGuidance` example, on the bundled model: text-to-image, then img2img through `from_pipe`."""
+    from diffusers import StableDiffusionPipeline
+
+    from dag_safety.embeddings import RED_STAR
+
+    pipe = StableDiffusionPipeline.from_pipe(mini_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, num_inference_steps=8, generator=torch.manual_seed(0), output_type="np").images
+    dag = DAGGuidance(RED_STAR)
+    with dag.attach(pipe):
+        image = pipe(PROMPT, num_inference_steps=8, generator=torch.manual_seed(0), output_type="pil").images[0]
+    assert len(dag.last_output.unsafe_detected) == 1 and dag.last_output.dag_maps.shape[0] == 1
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    with dag.attach(img2img):
+        img2img("a red star on a gray background", image=image, strength=0.7, num_inference_steps=8)
+    assert_stock_again(pipe)
+    again = pipe(PROMPT, num_inference_steps=8, generator=torch.manual_seed(0), output_type="np").images
+    assert np.array_equal(again, reference)
