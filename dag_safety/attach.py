@@ -322,7 +322,8 @@ class DAGGuidance(_AttachedGuidance):
     Args:
         embedding: a guideline embedding, as for `DAGStableDiffusionPipeline.enable_dag` (Hub id, directory,
             [`GuidelineEmbedding`], `(1+K, D)` tensor, or a list). It is loaded and checked against the UNet at
-            `attach`.
+            `attach`. `None`: the embeddings shipped with dag-safety that were made for the UNet (matched by
+            fingerprint; today the bundled mini model's red star), else an error saying how to get one.
         guidance (`str`, *optional*, defaults to `"sega"`): the base method, `"sega"` or `"sld"`.
         safety_concept (`str` or `list[str]`, *optional*): the text(s) to steer away from (`e_s`); defaults to what
             the saved embeddings name, else SLD's concept text.
@@ -343,7 +344,7 @@ class DAGGuidance(_AttachedGuidance):
 
     def __init__(
         self,
-        embedding: EmbeddingLike | list[EmbeddingLike],
+        embedding: EmbeddingLike | list[EmbeddingLike] | None = None,
         guidance: str = "sega",
         *,
         safety_concept: str | list[str] | None = None,
@@ -352,11 +353,6 @@ class DAGGuidance(_AttachedGuidance):
         **options: Any,
     ):
         super().__init__(safety_concept)
-        if embedding is None:
-            raise ValueError(
-                "`DAGGuidance` needs a guideline embedding: a Hub id or directory saved by"
-                " `GuidelineEmbedding.save_pretrained`, a `GuidelineEmbedding`, or a (1+K, D) tensor."
-            )
         self._embedding = embedding
         self._options = {"guidance": guidance, "preset": preset, "check_fingerprint": check_fingerprint, **options}
         # the base method and its options are checked now; the embedding and DAG's options against the UNet at

@@ -101,7 +101,9 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                 yourself for `revision=`, `token=`, ...), a loaded [`GuidelineEmbedding`], or a raw `(1+K, D)`
                 tensor (a start-of-text row, then `K` concept rows, in the text encoder's output space,
                 `D = unet.config.cross_attention_dim`). A list gives several concepts. A saved embedding's
-                `layer_fractions` and thresholds are the defaults for the options below.
+                `layer_fractions` and thresholds are the defaults for the options below. Without one, the
+                embeddings shipped with dag-safety that were made for this UNet (matched by fingerprint; today the
+                bundled mini model's red star), else a `ValueError` saying how to get one.
             check_fingerprint (`bool`, *optional*, defaults to `True`):
                 Refuse a saved embedding whose base-model fingerprint differs from this UNet's (an embedding is tied
                 to the `to_q` / `to_k` projections it was optimized against). `False` skips the check.

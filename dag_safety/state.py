@@ -31,7 +31,7 @@ from .detection import (
 from .embedding import GuidelineEmbedding, unet_fingerprint
 from .guidance import DAGScaleMap, dag_scale_map
 
-__all__ = ["DAGState", "EmbeddingLike", "prepare_dag"]
+__all__ = ["DAGState", "EmbeddingLike", "bundled_embeddings", "prepare_dag"]
 
 EmbeddingLike = str | os.PathLike | GuidelineEmbedding | torch.Tensor
 
@@ -192,6 +192,34 @@ def _load_embedding(
     return item
 
 
+def bundled_embeddings(unet: UNet2DConditionModel) -> list[GuidelineEmbedding]:
+    """The guideline embeddings shipped with dag-safety (`dag_safety.embeddings`) that were made for `unet`: those
+    whose base-model fingerprint is the UNet's (today: the bundled mini model's red star).
+
+    Raises:
+        `ValueError`: none was made for this UNet; the message says how to get one.
+    """
+    from . import embeddings
+
+    folder = os.path.dirname(embeddings.__file__)
+    fingerprint = unet_fingerprint(unet)
+    bundled = [
+        GuidelineEmbedding.from_pretrained(os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, name, "guideline_embeds.safetensors"))
+    ]
+    matching = [item for item in bundled if item.metadata.base_model_fingerprint == fingerprint]
+    if not matching:
+        shipped = ", ".join(f"{item.metadata.concept!r} for {item.metadata.base_model!r}" for item in bundled)
+        raise ValueError(
+            f"DAG needs a guideline embedding, and none shipped with dag-safety ({shipped or 'none'}) was made for"
+            f" this UNet (fingerprint {fingerprint}). Pass one: a Hub repo id or a directory saved by"
+            " `GuidelineEmbedding.save_pretrained`, a `GuidelineEmbedding`, or a (1+K, D) tensor; or make one for"
+            " this model with `dag-safety optimize --model <model> --data <annotated folder>`."
+        )
+    return matching
+
+
 def prepare_dag(
     unet: UNet2DConditionModel,
     embedding: EmbeddingLike | list[EmbeddingLike] | None,
@@ -205,7 +233,8 @@ def prepare_dag(
 
     Args:
         unet (`UNet2DConditionModel`): the UNet DAG will guide.
-        embedding: see `DAGStableDiffusionPipeline.enable_dag`.
+        embedding: see `DAGStableDiffusionPipeline.enable_dag`; `None` for the bundled embeddings made for this
+            UNet ([`bundled_embeddings`]).
         guidance (`str`): the base method, `"sega"` or `"sld"`.
         preset (`str`, *optional*): with `guidance="sld"`, the SLD preset.
         check_fingerprint (`bool`): refuse a saved embedding made for another UNet.
@@ -219,10 +248,7 @@ def prepare_dag(
         `ValueError`: see `DAGStableDiffusionPipeline.enable_dag`.
     """
     if embedding is None:
-        raise ValueError(
-            "DAG needs a guideline embedding: a Hub id or directory saved by `GuidelineEmbedding.save_pretrained`,"
-            " a `GuidelineEmbedding`, or a (1+K, D) tensor (a list of them for several concepts)."
-        )
+        embedding = bundled_embeddings(unet)
     items = list(embedding) if isinstance(embedding, (list, tuple)) else [embedding]
     if not items:
         raise ValueError("DAG got an empty list of guideline embeddings.")

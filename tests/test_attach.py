@@ -197,6 +197,10 @@ class TestErrors:
         dag = DAGGuidance(star, safety_concept=CONCEPT)
         with pytest.raises(TypeError, match="UNet2DConditionModel"):
             dag.attach(object())
+        with pytest.raises(
+            ValueError, match="none shipped with dag-safety .* was made for this UNet.*dag-safety optimize"
+        ):
+            DAGGuidance().attach(stock)
         with pytest.raises(ValueError, match="no cross-attention layer"):
             DAGGuidance(star, layer_fractions=(1.0,)).attach(stock)
         assert_stock_again(stock)
@@ -215,8 +219,6 @@ class TestErrors:
         assert_stock_again(pipe)
 
     def test_options_are_checked_at_construction(self, star):
-        with pytest.raises(ValueError, match="needs a guideline embedding"):
-            DAGGuidance(None)
         with pytest.raises(ValueError, match="Unknown guidance method 'esd'"):
             DAGGuidance(star, guidance="esd")
         with pytest.raises(ValueError, match="Unknown SLD preset"):
@@ -341,3 +343,19 @@ def test_the_readme_snippet_on_the_mini_model(mini_pipe):
     assert_stock_again(pipe)
     again = pipe(PROMPT, num_inference_steps=8, generator=torch.manual_seed(0), output_type="np").images
     assert np.array_equal(again, reference)
+
+
+def test_without_an_embedding_the_bundled_one_for_the_model(mini_pipe):
+    """`enable_dag()` and `DAGGuidance()` pick the shipped embedding whose fingerprint is the UNet's: on the mini
+    model, the red star, with its saved settings."""
+    from dag_safety.embeddings import RED_STAR
+
+    mini_pipe.enable_dag()
+    chosen = mini_pipe._dag
+    mini_pipe.enable_dag(RED_STAR)
+    explicit = mini_pipe._dag
+    mini_pipe.disable_dag()
+    assert chosen.config == explicit.config and chosen.safety_concepts == explicit.safety_concepts == ["a red star"]
+    assert all(torch.equal(chosen.keys[0][name], explicit.keys[0][name]) for name in explicit.keys[0])
+    with DAGGuidance().attach(mini_pipe) as dag:
+        assert dag.config == explicit.config

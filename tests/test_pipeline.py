@@ -377,7 +377,7 @@ class TestLoading:
 
 class TestErrors:
     def test_enable_dag_errors(self, pipe, star_embedding):
-        with pytest.raises(ValueError, match="needs a guideline embedding"):
+        with pytest.raises(ValueError, match="none shipped with dag-safety .*'red star'.* was made for this UNet"):
             pipe.enable_dag()
         with pytest.raises(ValueError, match="width 8.*cross_attention_dim.*32"):
             pipe.enable_dag(torch.zeros(3, 8))
