@@ -8,6 +8,7 @@ from .outputs import DAGPipelineOutput
 if TYPE_CHECKING:
     from .attach import DAGGuidance, DAGGuidanceOutput, SafetyGuidance
     from .pipeline import DAGStableDiffusionPipeline
+    from .pipeline_xl import DAGStableDiffusionXLPipeline
 
 __all__ = [
     "SLD_PRESETS",
@@ -17,22 +18,27 @@ __all__ = [
     "DAGGuidanceOutput",
     "DAGPipelineOutput",
     "DAGStableDiffusionPipeline",
+    "DAGStableDiffusionXLPipeline",
     "SEGAConfig",
     "SLDConfig",
     "SafetyGuidance",
 ]
 __version__ = "0.1.0"
 
+# The pipelines import transformers, whose import-time notices (and cost) the CLI's argument checks and `--help`
+# should not pay for: they are loaded on first use, as diffusers loads its pipelines.
+_LAZY = {
+    "DAGStableDiffusionPipeline": "pipeline",
+    "DAGStableDiffusionXLPipeline": "pipeline_xl",
+    "DAGGuidance": "attach",
+    "DAGGuidanceOutput": "attach",
+    "SafetyGuidance": "attach",
+}
+
 
 def __getattr__(name: str):
-    # The pipeline imports transformers, whose import-time notices (and cost) the CLI's argument checks and
-    # `--help` should not pay for: it is loaded on first use, as diffusers loads its pipelines.
-    if name == "DAGStableDiffusionPipeline":
-        from .pipeline import DAGStableDiffusionPipeline
+    if name in _LAZY:
+        import importlib
 
-        return DAGStableDiffusionPipeline
-    if name in ("DAGGuidance", "DAGGuidanceOutput", "SafetyGuidance"):
-        from . import attach
-
-        return getattr(attach, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

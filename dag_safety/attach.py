@@ -75,8 +75,8 @@ def _rows(value: Any, batch: int, select: Callable[[torch.Tensor], torch.Tensor]
 class _AttachedGuidance:
     """Attach / detach and the UNet wrapper shared by [`DAGGuidance`] and [`SafetyGuidance`]."""
 
-    def __init__(self, safety_concept: str | list[str] | None):
-        self.safety_concept = None if safety_concept is None else _concept_list(safety_concept)
+    def __init__(self):
+        self.safety_concept: list[str] | None = None
         self._pipe = None
         self._unet: UNet2DConditionModel | None = None
         self._forward = None
@@ -86,6 +86,10 @@ class _AttachedGuidance:
         self._safety_embeds: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ attach / detach
+
+    def set_safety_concept(self, safety_concept: str | list[str] | None) -> None:
+        """The text(s) to steer away from from the next call on (`None`: the default, see the class)."""
+        self.safety_concept = None if safety_concept is None else _concept_list(safety_concept)
 
     @property
     def attached(self) -> bool:
@@ -124,7 +128,10 @@ class _AttachedGuidance:
                 f"The pipeline's UNet already has {type(other).__name__} attached; detach it first (one safety"
                 " guidance at a time)."
             )
-        if getattr(pipe, "dag_config", None) is not None or getattr(pipe, "safety_guidance_config", None) is not None:
+        enabled = (
+            getattr(pipe, "dag_config", None) is not None or getattr(pipe, "safety_guidance_config", None) is not None
+        )
+        if enabled and getattr(pipe, "_guidance", None) is not self:  # a DAG pipeline attaches its own per call
             raise ValueError(
                 "The pipeline has safety guidance enabled (`enable_dag` / `enable_safety_guidance`); call"
                 " `disable_dag()` / `disable_safety_guidance()` before attaching another."
@@ -298,7 +305,8 @@ class SafetyGuidance(_AttachedGuidance):
         safety_concept: str | list[str] | None = None,
         **overrides: Any,
     ):
-        super().__init__(safety_concept)
+        super().__init__()
+        self.set_safety_concept(safety_concept)
         self.config = build_config(method, preset, **overrides)
         if isinstance(self.config, SLDConfig) and self.config.sld_guidance_scale <= 1:
             raise ValueError(
@@ -322,7 +330,8 @@ class DAGGuidance(_AttachedGuidance):
     Args:
         embedding: a guideline embedding, as for `DAGStableDiffusionPipeline.enable_dag` (Hub id, directory,
             [`GuidelineEmbedding`], `(1+K, D)` tensor, or a list). It is loaded and checked against the UNet at
-            `attach`. `None`: the embeddings shipped with dag-safety that were made for the UNet (matched by
+            the first `attach` to it, which also freezes the detection layers' projections (weights loaded later do
+            not change what the embedding scores, as with `enable_dag`). `None`: the embeddings shipped with dag-safety that were made for the UNet (matched by
             fingerprint; today the bundled mini model's red star), else an error saying how to get one.
         guidance (`str`, *optional*, defaults to `"sega"`): the base method, `"sega"` or `"sld"`.
         safety_concept (`str` or `list[str]`, *optional*): the text(s) to steer away from (`e_s`); defaults to what
@@ -352,7 +361,8 @@ class DAGGuidance(_AttachedGuidance):
         check_fingerprint: bool = True,
         **options: Any,
     ):
-        super().__init__(safety_concept)
+        super().__init__()
+        self.set_safety_concept(safety_concept)
         self._embedding = embedding
         self._options = {"guidance": guidance, "preset": preset, "check_fingerprint": check_fingerprint, **options}
         # the base method and its options are checked now; the embedding and DAG's options against the UNet at
@@ -361,7 +371,10 @@ class DAGGuidance(_AttachedGuidance):
         self.state: DAGState | None = None
 
     def _prepare(self, unet: UNet2DConditionModel) -> None:
-        self.state = prepare_dag(unet, self._embedding, **self._options)
+        # once per UNet: the embedding stays tied to the projections it was first attached with, as `enable_dag`
+        # freezes them, and attaching per call costs nothing
+        if self.state is None or self.state.capture.unet is not getattr(unet, "_orig_mod", unet):
+            self.state = prepare_dag(unet, self._embedding, **self._options)
 
     def _install(self, unet: UNet2DConditionModel) -> None:
         self.state.capture.install()

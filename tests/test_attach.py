@@ -311,6 +311,50 @@ class TestSDXL:
         assert_stock_again(sdxl)
         assert np.array_equal(generate(), reference)
 
+    def test_the_dag_sdxl_pipeline(self, sdxl):
+        """`DAGStableDiffusionXLPipeline.from_pipe` + `enable_dag`: off is the stock pipeline bit for bit, DAG
+        equals `DAGGuidance` attached to the stock one, and between calls the shared UNet is stock."""
+        from dag_safety import DAGStableDiffusionXLPipeline
+
+        def generate(pipe, **kwargs):
+            return pipe(PROMPT, height=32, width=32, num_inference_steps=5, generator=torch.manual_seed(0),
+                        output_type="np", **kwargs)  # fmt: skip
+
+        pipe = DAGStableDiffusionXLPipeline.from_pipe(sdxl)
+        pipe.set_progress_bar_config(disable=True)
+        reference = generate(sdxl).images
+        assert np.array_equal(generate(pipe).images, reference)
+        star = self.rows(sdxl, "red star", 3)
+        with pytest.raises(ValueError, match="need safety guidance"):
+            generate(pipe, safety_concept=CONCEPT)
+        pipe.enable_dag(star, **GUIDED)
+        assert pipe.dag_config.warmup_steps == 1
+        output = generate(pipe, safety_concept=CONCEPT, return_dag_maps=True)
+        assert_stock_again(pipe)
+        with DAGGuidance(star, safety_concept=CONCEPT, **GUIDED).attach(sdxl) as dag:
+            attached = generate(sdxl).images
+        assert np.array_equal(output.images, attached) and not np.array_equal(attached, reference)
+        assert output.unsafe_detected == dag.last_output.unsafe_detected == [True]
+        assert output.dag_maps.shape == (1, 16, 16)
+        with pytest.raises(ValueError, match="DAG is enabled"):
+            pipe.enable_safety_guidance("sega")
+        pipe.disable_dag()
+        pipe.enable_safety_guidance("sega", edit_warmup_steps=1)
+        assert not np.array_equal(generate(pipe, safety_concept=CONCEPT).images, reference)
+        pipe.disable_safety_guidance()
+        assert np.array_equal(generate(pipe).images, reference)
+
+    def test_a_failed_enable_dag_keeps_the_enabled_one(self, sdxl, star):
+        from dag_safety import DAGStableDiffusionXLPipeline
+
+        pipe = DAGStableDiffusionXLPipeline.from_pipe(sdxl)
+        good = self.rows(sdxl, "red star", 3)
+        pipe.enable_dag(good, **GUIDED)
+        before = pipe.dag_config
+        with pytest.raises(ValueError, match="64"):
+            pipe.enable_dag(star)
+        assert pipe.dag_config is before
+
     def test_an_embedding_of_the_wrong_width(self, sdxl, star):
         with pytest.raises(ValueError, match="64"):
             DAGGuidance(star).attach(sdxl)  # SD's 32-wide rows against SDXL's 64-wide context
