@@ -3,7 +3,7 @@
 Peers: plain `StableDiffusionPipeline`, diffusers' deprecated `StableDiffusionPipelineSafe` (SLD medium) and
 `SemanticStableDiffusionPipeline` (SEGA, reversed safety concept), and ours: SLD (medium), SEGA, DAG + SEGA on a
 prompt with the target and on a benign prompt, and DAG + SEGA attached to a stock pipeline (`DAGGuidance`) on the
-benign prompt (the UNet wrapper counts as one UNet call with the host's batch). Every method shares the same components; runs are interleaved
+benign prompt. Every method shares the same components; runs are interleaved
 (round-robin over methods, `--repeats` rounds after one warm-up round) and the median seconds per image is
 reported with its ratio to plain generation. The ratios the issue sets targets for are also given as the median of
 per-round ratios (each round's two runs are neighbours in time, so a slow stretch of a shared host cancels out).
@@ -217,17 +217,17 @@ PAIRED_RATIOS = {
 
 
 class UNetWork:
-    """Counts the calls and batch rows of a UNet's forward passes (a pre-hook; every method shares the UNet)."""
+    """Counts the evaluations and batch rows of a UNet (a pre-hook on its first layer, `conv_in`, which sees every
+    evaluation's real batch, also inside DAG's UNet wrapper; every method shares the UNet)."""
 
     def __init__(self, unet: torch.nn.Module):
         self.calls = 0
         self.rows = 0
-        self._handle = unet.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._handle = unet.conv_in.register_forward_pre_hook(self._count)
 
-    def _count(self, module, args, kwargs) -> None:
-        sample = args[0] if args else kwargs["sample"]
+    def _count(self, module, args) -> None:
         self.calls += 1
-        self.rows += sample.shape[0]
+        self.rows += args[0].shape[0]
 
     def take(self) -> tuple[int, int]:
         """`(calls, rows)` since the last `take`."""

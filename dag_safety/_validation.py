@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_finite_number", "check_positive_int", "is_integer", "is_real"]
+__all__ = ["check_finite_number", "check_positive_int", "concept_list", "is_integer", "is_real"]
 
 
 def is_real(value: Any) -> bool:
@@ -32,3 +32,11 @@ def check_positive_int(name: str, value: Any) -> None:
     """Raises `ValueError` naming `name` unless `value` is an integer >= 1."""
     if not is_integer(value) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def concept_list(safety_concept: str | list[str]) -> list[str]:
+    """`safety_concept` as a list of texts; a clear error for anything but a non-empty string or list of them."""
+    concepts = [safety_concept] if isinstance(safety_concept, str) else safety_concept
+    if not isinstance(concepts, (list, tuple)) or not concepts or not all(isinstance(c, str) and c for c in concepts):
+        raise ValueError(f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}.")
+    return list(concepts)

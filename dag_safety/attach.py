@@ -27,6 +27,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from ._validation import concept_list
 from .config import SLD_SAFETY_CONCEPT, DAGConfig, SLDConfig, build_config, split_dag_options
 from .guiders import DAGGuider, PlainSafetyGuider, SafetyGuider
 from .state import DAGState, EmbeddingLike, prepare_dag
@@ -50,14 +51,6 @@ class DAGGuidanceOutput:
     unsafe_detected: list[bool]
     dag_maps: torch.Tensor | None = None
     presence_scores: list[float] | None = None
-
-
-def _concept_list(safety_concept: str | list[str]) -> list[str]:
-    """`safety_concept` as a list of texts; a clear error for anything but a non-empty string or list of them."""
-    concepts = [safety_concept] if isinstance(safety_concept, str) else safety_concept
-    if not isinstance(concepts, (list, tuple)) or not concepts or not all(isinstance(c, str) and c for c in concepts):
-        raise ValueError(f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}.")
-    return list(concepts)
 
 
 def _rows(value: Any, batch: int, select: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -89,7 +82,7 @@ class _AttachedGuidance:
 
     def set_safety_concept(self, safety_concept: str | list[str] | None) -> None:
         """The text(s) to steer away from from the next call on (`None`: the default, see the class)."""
-        self.safety_concept = None if safety_concept is None else _concept_list(safety_concept)
+        self.safety_concept = None if safety_concept is None else concept_list(safety_concept)
 
     @property
     def attached(self) -> bool:
@@ -104,16 +97,13 @@ class _AttachedGuidance:
                 that runs classifier-free guidance.
 
         Raises:
-            `TypeError`: no `UNet2DConditionModel` as `pipe.unet`, or a `torch.compile`d one.
+            `TypeError`: no `UNet2DConditionModel` as `pipe.unet`.
             `ValueError`: this guidance attached elsewhere, or other safety guidance already on the pipeline; for
                 DAG, see `DAGStableDiffusionPipeline.enable_dag`.
         """
+        # a torch.compile'd UNet: wrap the model it compiles, whose forward the compiled module calls
         unet = getattr(pipe, "unet", None)
-        if isinstance(getattr(unet, "_orig_mod", None), UNet2DConditionModel):
-            raise TypeError(
-                "The pipeline's UNet is `torch.compile`d; attach the safety guidance first, then compile"
-                " (`pipe.unet = torch.compile(pipe.unet)`)."
-            )
+        unet = getattr(unet, "_orig_mod", unet)
         if not isinstance(unet, UNet2DConditionModel):
             raise TypeError(
                 f"{type(self).__name__} attaches to pipelines whose denoiser is a `UNet2DConditionModel` (Stable"
@@ -136,7 +126,7 @@ class _AttachedGuidance:
                 "The pipeline has safety guidance enabled (`enable_dag` / `enable_safety_guidance`); call"
                 " `disable_dag()` / `disable_safety_guidance()` before attaching another."
             )
-        self._prepare(unet)  # may raise: nothing is attached yet
+        self.prepare(unet, safety_weights=getattr(pipe, "safety_weights", None))  # may raise: nothing attached yet
         self._install(unet)
         original = unet.__dict__.get("forward")
         unet.forward = self._guided_forward
@@ -168,8 +158,15 @@ class _AttachedGuidance:
 
     # ------------------------------------------------------------------ per method
 
-    def _prepare(self, unet: UNet2DConditionModel) -> None:
-        """Whatever the method needs from the UNet, before anything on it changes."""
+    def prepare(self, unet: UNet2DConditionModel, safety_weights: list[str] | None = None) -> None:
+        """Checks what the method needs from `unet` ([`attach`] calls it; call it first to get the errors at
+        setup). For DAG: loads and checks the embedding and freezes the detection layers' projections.
+
+        Args:
+            unet (`UNet2DConditionModel`): the UNet to be guided.
+            safety_weights (`list[str]`, *optional*): the names of safety weights loaded on it, for a clearer
+                fingerprint error.
+        """
 
     def _install(self, unet: UNet2DConditionModel) -> None:
         """Hooks the method needs on the UNet."""
@@ -180,7 +177,7 @@ class _AttachedGuidance:
     def _default_concepts(self) -> list[str]:
         return [SLD_SAFETY_CONCEPT]
 
-    def _new_guider(self, guidance_scale: float, num_concepts: int) -> SafetyGuider:
+    def _new_guider(self, guidance_scale: float, num_concepts: int, device: torch.device) -> SafetyGuider:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the UNet wrapper
@@ -214,7 +211,7 @@ class _AttachedGuidance:
             clip_skip=getattr(pipe, "clip_skip", None),
         )[0]
         self._safety_embeds = list(encoded[:, None])
-        self._guider = self._new_guider(pipe.guidance_scale, len(concepts))
+        self._guider = self._new_guider(pipe.guidance_scale, len(concepts), device)
         self._step = 0
 
     def _is_sld(self) -> bool:
@@ -309,15 +306,18 @@ class SafetyGuidance(_AttachedGuidance):
         self.set_safety_concept(safety_concept)
         self.config = build_config(method, preset, **overrides)
         if isinstance(self.config, SLDConfig) and self.config.sld_guidance_scale <= 1:
+            # StableDiffusionPipelineSafe turns SLD off at this scale; guiding anyway would not be SLD, and generating
+            # unguided would be a silent fallback
             raise ValueError(
                 f"sld_guidance_scale={self.config.sld_guidance_scale} turns SLD off (diffusers applies it only above"
-                " 1). Use a scale above 1, or no safety guidance."
+                " 1). Use a scale above 1, or no safety guidance for unguided generation (`disable_safety_guidance()`"
+                " on a DAG pipeline)."
             )
 
     def _is_sld(self) -> bool:
         return isinstance(self.config, SLDConfig)
 
-    def _new_guider(self, guidance_scale: float, num_concepts: int) -> SafetyGuider:
+    def _new_guider(self, guidance_scale: float, num_concepts: int, device: torch.device) -> SafetyGuider:
         return PlainSafetyGuider(self.config, guidance_scale, num_concepts)
 
 
@@ -363,6 +363,8 @@ class DAGGuidance(_AttachedGuidance):
     ):
         super().__init__()
         self.set_safety_concept(safety_concept)
+        #: also detect at the scheduler's last timestep when it falls in the warm-up (for `return_dag_maps`)
+        self.map_last_timestep = False
         self._embedding = embedding
         self._options = {"guidance": guidance, "preset": preset, "check_fingerprint": check_fingerprint, **options}
         # the base method and its options are checked now; the embedding and DAG's options against the UNet at
@@ -370,11 +372,11 @@ class DAGGuidance(_AttachedGuidance):
         build_config(guidance, preset, **split_dag_options(options)[1])
         self.state: DAGState | None = None
 
-    def _prepare(self, unet: UNet2DConditionModel) -> None:
+    def prepare(self, unet: UNet2DConditionModel, safety_weights: list[str] | None = None) -> None:
         # once per UNet: the embedding stays tied to the projections it was first attached with, as `enable_dag`
         # freezes them, and attaching per call costs nothing
         if self.state is None or self.state.capture.unet is not getattr(unet, "_orig_mod", unet):
-            self.state = prepare_dag(unet, self._embedding, **self._options)
+            self.state = prepare_dag(unet, self._embedding, safety_weights=safety_weights, **self._options)
 
     def _install(self, unet: UNet2DConditionModel) -> None:
         self.state.capture.install()
@@ -388,14 +390,21 @@ class DAGGuidance(_AttachedGuidance):
     def _default_concepts(self) -> list[str]:
         return self.state.safety_concepts or [SLD_SAFETY_CONCEPT]
 
-    def _new_guider(self, guidance_scale: float, num_concepts: int) -> SafetyGuider:
-        self.state.follow(self._unet.device, self._unet.dtype)
-        return DAGGuider(self.state, guidance_scale, num_concepts)
+    def _new_guider(self, guidance_scale: float, num_concepts: int, device: torch.device) -> SafetyGuider:
+        # where the UNet runs this call (with model offload, not where its weights rest between calls)
+        self.state.follow(device, self._unet.dtype)
+        map_step = len(self._pipe.scheduler.timesteps) - 1 if self.map_last_timestep else None
+        return DAGGuider(self.state, guidance_scale, num_concepts, map_step=map_step)
 
     @property
     def config(self) -> DAGConfig | None:
         """The active [`DAGConfig`] (available once attached)."""
         return None if self.state is None else self.state.config
+
+    @property
+    def step_scale(self) -> torch.Tensor | None:
+        """`S_dag` of the last UNet call, `(B, h, w)` on the latents' device; `None` where it guided nothing."""
+        return self._guider.scale if isinstance(self._guider, DAGGuider) else None
 
     @property
     def last_output(self) -> DAGGuidanceOutput | None:

@@ -35,7 +35,7 @@ class CapturedQuery:
 
 
 class QueryStore:
-    """Shared by the capture processors of one pipeline; holds the queries of the current UNet call.
+    """Shared by the capture hooks of one UNet; holds the queries of the current UNet call.
 
     The pipeline arms it with the batch slice of the conditional entries before the UNet call that computes the
     prompt's noise prediction and disarms it afterwards; unarmed, the processors only compute attention.

@@ -1,7 +1,8 @@
-"""Safety guiders: the per-call state of SLD, SEGA and DAG guidance, stepped by a denoising loop.
+"""Safety guiders: the per-call state of SLD, SEGA and DAG guidance, stepped at every UNet call.
 
-Every guider has one interface, so a loop (the pipeline's, or the UNet wrapper of [`~dag_safety.DAGGuidance`])
-runs any of them the same way, one at a time by construction. At step `i` of a call:
+Every guider has one interface, so the UNet wrapper of [`~dag_safety.DAGGuidance`] / [`~dag_safety.SafetyGuidance`]
+(which every pipeline of this package attaches for its calls) runs any of them the same way, one at a time by
+construction. At step `i` of a call:
 
 1. `rows = guider.safety_rows(i)`: how many safety-concept rows to run in the same UNet batch as the CFG pass;
 2. under `with guider.capturing(i, batch):` the UNet runs on `[uncond, cond, safety_1 .. safety_rows]`;

@@ -11,14 +11,13 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
-from diffusers.utils import deprecate, replace_example_docstring
+from diffusers.utils import replace_example_docstring
 
-from ._validation import check_finite_number, check_positive_int
-from .config import SLD_SAFETY_CONCEPT, DAGConfig, SEGAConfig, SLDConfig, build_config
-from .guiders import DAGGuider, PlainSafetyGuider
+from ._validation import check_finite_number, check_positive_int, concept_list
+from .attach import DAGGuidance, SafetyGuidance
+from .config import DAGConfig, SEGAConfig, SLDConfig
 from .outputs import DAGPipelineOutput
-from .state import DAGState, EmbeddingLike, prepare_dag
+from .state import DAGState, EmbeddingLike
 from .weights import SafetyWeightsMixin
 
 __all__ = ["DAGStableDiffusionPipeline"]
@@ -38,14 +37,6 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-def _concept_list(safety_concept: str | list[str]) -> list[str]:
-    """`safety_concept` as a list of texts; a clear error for anything but a non-empty string or list of them."""
-    concepts = [safety_concept] if isinstance(safety_concept, str) else safety_concept
-    if not isinstance(concepts, (list, tuple)) or not concepts or not all(isinstance(c, str) and c for c in concepts):
-        raise ValueError(f"`safety_concept` must be a non-empty string or list of strings, got {safety_concept!r}.")
-    return list(concepts)
-
-
 class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     r"""
     [`StableDiffusionPipeline`] with inference-time safety guidance: Detect-and-Guide (DAG, Li et al., CVPR 2025)
@@ -56,6 +47,10 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     paper's AreaScaler and MagnitudeScaler. With neither DAG nor safety guidance enabled the pipeline is
     `StableDiffusionPipeline`, output for output.
 
+    The enabled guidance is a [`~dag_safety.DAGGuidance`] or [`~dag_safety.SafetyGuidance`], attached to this
+    pipeline for the length of each call: the denoising loop is `StableDiffusionPipeline`'s own, and between calls
+    the UNet is the stock one (pipelines sharing it through `from_pipe` never see DAG).
+
     Fine-tuned safety weights (Focus-N-Fix LoRA, SPF-Portrait cross-attention) load with
     [`~SafetyWeightsMixin.load_safety_weights`], alone or together with DAG.
 
@@ -64,8 +59,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
     # Per-instance state, set by the enable/disable methods; `__init__` stays StableDiffusionPipeline's so that
     # diffusers' loaders read the same component signature.
-    _dag: DAGState | None = None
-    _safety_guidance: SLDConfig | SEGAConfig | None = None
+    _guidance: DAGGuidance | SafetyGuidance | None = None
     _in_call: bool = False
     # `dag_scale`: DAG's per-pixel scale `S_dag` of the step, `(B, h, w)`, zero where and when nothing is guided
     _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, "dag_scale"]  # noqa: RUF012  # diffusers' attribute
@@ -80,7 +74,12 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     @property
     def safety_guidance_config(self) -> SLDConfig | SEGAConfig | None:
         """The active plain safety guidance (no detection), or `None`."""
-        return self._safety_guidance
+        return self._guidance.config if isinstance(self._guidance, SafetyGuidance) else None
+
+    @property
+    def _dag(self) -> DAGState | None:
+        """What `enable_dag` prepared (embedding, frozen projections, config), or `None`."""
+        return self._guidance.state if isinstance(self._guidance, DAGGuidance) else None
 
     def enable_dag(
         self,
@@ -123,27 +122,22 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             guidance already enabled.
         """
         self._refuse_during_call("enable_dag")
-        if self._safety_guidance is not None:
+        if self.safety_guidance_config is not None:
             raise ValueError("Plain safety guidance is enabled; call `disable_safety_guidance()` before `enable_dag`.")
+        dag = DAGGuidance(embedding, guidance, preset=preset, check_fingerprint=check_fingerprint, **options)
+        dag.prepare(self.unet, safety_weights=list(self.safety_weights))
         # replaced only now that everything succeeded: a failed call leaves an enabled DAG as it was
-        self._dag = prepare_dag(
-            self.unet,
-            embedding,
-            guidance,
-            preset,
-            check_fingerprint=check_fingerprint,
-            safety_weights=list(self.safety_weights),
-            **options,
-        )
+        self._guidance = dag
 
     def disable_dag(self) -> None:
-        """Turns DAG off. (The capture processors are only on the UNet during a call, so nothing is left there.)"""
+        """Turns DAG off. (DAG is only on the UNet during a call, so nothing is left there.)"""
         self._refuse_during_call("disable_dag")
-        self._dag = None
+        if isinstance(self._guidance, DAGGuidance):
+            self._guidance = None
 
     def _refuse_during_call(self, action: str) -> None:
         """Guidance is fixed for the length of a call: a callback that changes it would leave the denoising loop
-        half with one setting and half with another (and the capture processors installed for the old one)."""
+        half with one setting and half with another (and DAG attached for the old one)."""
         if self._in_call:
             raise RuntimeError(
                 f"`{action}()` was called while the pipeline is generating (from a callback?). Guidance settings"
@@ -180,20 +174,13 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         self._refuse_during_call("enable_safety_guidance")
         if self._dag is not None:
             raise ValueError("DAG is enabled; call `disable_dag()` before `enable_safety_guidance`.")
-        config = build_config(method, preset, **overrides)
-        if isinstance(config, SLDConfig) and config.sld_guidance_scale <= 1:
-            # StableDiffusionPipelineSafe turns SLD off at this scale; guiding anyway would not be SLD, and generating
-            # unguided would be a silent fallback
-            raise ValueError(
-                f"sld_guidance_scale={config.sld_guidance_scale} turns SLD off (diffusers applies it only above 1)."
-                " Use a scale above 1, or `disable_safety_guidance()` for unguided generation."
-            )
-        self._safety_guidance = config
+        self._guidance = SafetyGuidance(method, preset, **overrides)
 
     def disable_safety_guidance(self) -> None:
         """Turns plain safety guidance off."""
         self._refuse_during_call("disable_safety_guidance")
-        self._safety_guidance = None
+        if isinstance(self._guidance, SafetyGuidance):
+            self._guidance = None
 
     @torch.no_grad()
     def detection_map(
@@ -243,32 +230,6 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             self.unet(latents, timestep, encoder_hidden_states=prompt_embeds)
             capture.store.disarm()
             return self._dag.detect(tuple(latents.shape[-2:]), normalize).to(latents.device)
-
-    # ------------------------------------------------------------------ step helpers
-
-    def _encode_safety_concepts(
-        self, safety_concept: str | list[str], batch: int, device: torch.device, lora_scale: float | None
-    ) -> list[torch.Tensor]:
-        """Text-encoder states of each safety concept, repeated to the batch: a list of `(batch, L, D)`."""
-        concepts = _concept_list(safety_concept)
-        base = self._dag.config.base if self._dag is not None else self._safety_guidance
-        if len(concepts) > 1 and isinstance(base, SLDConfig):
-            raise ValueError(f"SLD guides away from one safety concept; got {len(concepts)}. Use SEGA for several.")
-        # One text-encoder call for all concepts, as diffusers' SEGA does (CPU GEMMs may round differently with
-        # another batch size, which the exactness tests against it would see).
-        encoded, _ = self.encode_prompt(concepts, device, 1, False, lora_scale=lora_scale, clip_skip=self.clip_skip)
-        return [row[None].expand(batch, -1, -1) for row in encoded]
-
-    @staticmethod
-    def _repeat_added_cond(added_cond_kwargs: dict | None, parts: int) -> dict | None:
-        """IP-Adapter image embeds for a batch of `[uncond, cond] + [cond] * (parts - 2)` or of `[cond] * parts`."""
-        if added_cond_kwargs is None:
-            return None
-        embeds = []
-        for image_embeds in added_cond_kwargs["image_embeds"]:
-            negative, positive = image_embeds.chunk(2)
-            embeds.append(torch.cat([negative, positive] + [positive] * (parts - 2)) if parts >= 2 else positive)
-        return {"image_embeds": embeds}
 
     # ------------------------------------------------------------------ call
 
@@ -363,21 +324,79 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
         )
         self._check_call_arguments(sd_arguments, safety_concept, return_dag_maps)
         with self._calling():
-            if self._dag is None and self._safety_guidance is None:
+            guidance = self._guidance
+            if guidance is None:
                 output = super().__call__(**sd_arguments)
                 if not return_dict:
                     return output
                 return DAGPipelineOutput(images=output.images, nsfw_content_detected=output.nsfw_content_detected)
-            if safety_concept is None:
-                saved = self._dag.safety_concepts if self._dag is not None else []
-                safety_concept = (saved[0] if len(saved) == 1 else saved) if saved else SLD_SAFETY_CONCEPT
-            if self._dag is None:
-                return self._guided_call(safety_concept=safety_concept, return_dag_maps=False, **sd_arguments)
-            # The capture processors sit on the UNet for this call only
-            with self._dag.capture:
-                return self._guided_call(
-                    safety_concept=safety_concept, return_dag_maps=return_dag_maps, **sd_arguments
+            dag = guidance if isinstance(guidance, DAGGuidance) else None
+            sd_arguments.update(self._step_end_callback(dag, callback_on_step_end, callback_on_step_end_tensor_inputs))
+            configured = guidance.safety_concept
+            guidance.set_safety_concept(safety_concept)  # `None`: the saved embeddings' concepts, else SLD's text
+            if dag is not None:
+                dag.map_last_timestep = return_dag_maps
+            try:
+                # DAG's hooks and UNet wrapper sit on the UNet for this call only
+                with guidance.attach(self):
+                    output = super().__call__(**sd_arguments)
+            finally:
+                guidance.set_safety_concept(configured)
+        images, nsfw = (output.images, output.nsfw_content_detected) if return_dict else output
+        unsafe = maps = presence_scores = None
+        if dag is not None:
+            seen = dag.last_output
+            # no step ran (an interrupted call): nothing was detected
+            unsafe = seen.unsafe_detected if seen is not None else [False] * len(images)
+            maps = seen.dag_maps if seen is not None and return_dag_maps else None
+            presence_scores = seen.presence_scores if seen is not None else None
+        if not return_dict:
+            return images, nsfw, unsafe, maps, presence_scores
+        return DAGPipelineOutput(
+            images=images,
+            nsfw_content_detected=nsfw,
+            unsafe_detected=unsafe,
+            dag_maps=maps,
+            presence_scores=presence_scores,
+        )
+
+    def _step_end_callback(
+        self,
+        dag: DAGGuidance | None,
+        callback: Callable | PipelineCallback | MultiPipelineCallbacks | None,
+        requested: list[str],
+    ) -> dict[str, Any]:
+        """`StableDiffusionPipeline`'s callback arguments for a guided call: the user's callback, given `"dag_scale"`
+        (the step's `S_dag`, which `StableDiffusionPipeline`'s loop does not hold) when it asks for it, and, with DAG,
+        a check that the final latents are finite (an image DAG could not inspect is never reported safe)."""
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            requested = callback.tensor_inputs
+        if dag is None:
+            return {}
+        inputs = list(dict.fromkeys([*(k for k in requested if k != "dag_scale"), "latents"]))
+
+        def on_step_end(pipe, step: int, timestep, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            outputs = tensors
+            if callback is not None:
+                given = {key: tensors[key] for key in requested if key != "dag_scale"}
+                if "dag_scale" in requested:
+                    latents = tensors["latents"]
+                    scale = dag.step_scale
+                    # read-only: a callback that returns it changes nothing
+                    given["dag_scale"] = (
+                        scale if scale is not None else latents.new_zeros(len(latents), *latents.shape[-2:])
+                    )
+                outputs = {**tensors, **callback(pipe, step, timestep, given)}
+                outputs.pop("dag_scale", None)
+            if step == pipe.num_timesteps - 1 and not torch.isfinite(outputs["latents"]).all():
+                raise FloatingPointError(
+                    "The latents are not finite (NaN or Inf) after denoising, so DAG could not inspect the images:"
+                    " a callback returned non-finite latents, or the scheduler diverged (e.g. `eta=1` with very few"
+                    " DDIM steps). Nothing is returned as safe."
                 )
+            return outputs
+
+        return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": inputs}
 
     def _check_call_arguments(
         self, arguments: dict[str, Any], safety_concept: str | list[str] | None, return_dag_maps: bool
@@ -436,250 +455,19 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
                 raise ValueError(
                     "The callback tensor input 'dag_scale' needs DAG; call `pipe.enable_dag(embedding)` first."
                 )
-            if safety_concept is not None and self._safety_guidance is None:
+            if safety_concept is not None and self._guidance is None:
                 # ignoring it would generate unprotected images while the caller believes them guided
                 raise ValueError(
                     f"`safety_concept={safety_concept!r}` needs safety guidance, and none is enabled: call"
                     " `pipe.enable_dag(embedding)` or `pipe.enable_safety_guidance('sega' | 'sld')` first."
                 )
-        if safety_concept is not None:
-            _concept_list(safety_concept)
-
-    def _guided_call(
-        self,
-        prompt,
-        height,
-        width,
-        num_inference_steps,
-        timesteps,
-        sigmas,
-        guidance_scale,
-        negative_prompt,
-        num_images_per_prompt,
-        eta,
-        generator,
-        latents,
-        prompt_embeds,
-        negative_prompt_embeds,
-        ip_adapter_image,
-        ip_adapter_image_embeds,
-        output_type,
-        return_dict,
-        cross_attention_kwargs,
-        guidance_rescale,
-        clip_skip,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        safety_concept,
-        return_dag_maps,
-        **kwargs,
-    ):
-        """The denoising loop of `StableDiffusionPipeline.__call__` with a safety step after the CFG pass."""
-        callback = kwargs.pop("callback", None)
-        callback_steps = kwargs.pop("callback_steps", None)
-        if callback is not None:
-            deprecate("callback", "1.0.0", "Passing `callback` is deprecated, use `callback_on_step_end`")
-        if callback_steps is not None:
-            deprecate("callback_steps", "1.0.0", "Passing `callback_steps` is deprecated, use `callback_on_step_end`")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-
-        # 0. Default height and width to unet
-        if not height or not width:
-            sample_size = self.unet.config.sample_size
-            height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
-
-        # 1. Check inputs
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            callback_steps,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            ip_adapter_image,
-            ip_adapter_image_embeds,
-            callback_on_step_end_tensor_inputs,
-        )
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-        if not self.do_classifier_free_guidance:
+        if self._guidance is not None and not (
+            arguments["guidance_scale"] > 1 and self.unet.config.time_cond_proj_dim is None
+        ):
             raise ValueError(
                 f"Safety guidance works on top of classifier-free guidance, which is off (guidance_scale="
-                f"{guidance_scale}, unet time_cond_proj_dim={self.unet.config.time_cond_proj_dim}). Use"
+                f"{arguments['guidance_scale']}, unet time_cond_proj_dim={self.unet.config.time_cond_proj_dim}). Use"
                 " `guidance_scale > 1` or disable safety guidance."
             )
-        dag = self._dag
-        if dag is not None:
-            dag.follow(self._execution_device, self.unet.dtype)
-
-        # 2. Define call parameters
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        device = self._execution_device
-        batch = batch_size * num_images_per_prompt
-
-        # 3. Encode input prompt and the safety concept(s)
-        lora_scale = self.cross_attention_kwargs.get("scale", None) if self.cross_attention_kwargs else None
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=lora_scale,
-            clip_skip=self.clip_skip,
-        )
-        prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-        safety_embeds = self._encode_safety_concepts(safety_concept, batch, device, lora_scale)
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, batch, self.do_classifier_free_guidance
-            )
-            added_cond_kwargs = {"image_embeds": image_embeds}
-        else:
-            added_cond_kwargs = None
-
-        # 4. Prepare timesteps
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
-        )
-
-        # 5. Prepare latent variables
-        latents = self.prepare_latents(
-            batch,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
-        latent_size = tuple(latents.shape[-2:])
-
-        # 6. Prepare extra step kwargs and the guidance scale embedding
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(batch)
-            timestep_cond = self.get_guidance_scale_embedding(
-                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
-
-        def unet(sample: torch.Tensor, t, encoder_hidden_states: torch.Tensor, cond_kwargs) -> torch.Tensor:
-            sample = (
-                self.scheduler.scale_model_input(sample, t) if hasattr(self.scheduler, "scale_model_input") else sample
-            )
-            return self.unet(
-                sample,
-                t,
-                encoder_hidden_states=encoder_hidden_states,
-                timestep_cond=timestep_cond,
-                cross_attention_kwargs=self.cross_attention_kwargs,
-                added_cond_kwargs=cond_kwargs,
-                return_dict=False,
-            )[0]
-
-        # 7. Denoising loop
-        if dag is None:
-            guider = PlainSafetyGuider(self._safety_guidance, self.guidance_scale, len(safety_embeds))
-        else:
-            map_step = len(timesteps) - 1 if return_dag_maps else None
-            guider = DAGGuider(dag, self.guidance_scale, len(safety_embeds), map_step=map_step)
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-
-                rows = guider.safety_rows(i)
-                with guider.capturing(i, batch):
-                    noise_pred = unet(
-                        torch.cat([latents] * (2 + rows)),
-                        t,
-                        torch.cat([prompt_embeds, *safety_embeds[:rows]]),
-                        self._repeat_added_cond(added_cond_kwargs, 2 + rows) if rows else added_cond_kwargs,
-                    )
-                noise_pred_uncond, noise_pred_text, *noise_preds_safety = noise_pred.chunk(2 + rows)
-                noise_pred = guider.guide(
-                    i,
-                    noise_pred_uncond,
-                    noise_pred_text,
-                    noise_preds_safety,
-                    run_safety=lambda latents=latents, t=t: [
-                        unet(latents, t, embeds, self._repeat_added_cond(added_cond_kwargs, 1))
-                        for embeds in safety_embeds
-                    ],
-                )
-                if callback_on_step_end is not None and "dag_scale" in callback_on_step_end_tensor_inputs:
-                    dag_scale = guider.scale if guider.scale is not None else latents.new_zeros(batch, *latent_size)
-
-                if self.guidance_rescale > 0.0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
-
-                # compute the previous noisy sample x_t -> x_t-1
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-                    if callback is not None and i % callback_steps == 0:
-                        step_idx = i // getattr(self.scheduler, "order", 1)
-                        callback(step_idx, t, latents)
-
-        if dag is not None and not torch.isfinite(latents).all():
-            raise FloatingPointError(
-                "The latents are not finite (NaN or Inf) after denoising, so DAG could not inspect the images:"
-                " a callback returned non-finite latents, or the scheduler diverged (e.g. `eta=1` with very few"
-                " DDIM steps). Nothing is returned as safe."
-            )
-
-        # 8. Decode, safety checker, post-processing (as StableDiffusionPipeline)
-        if output_type != "latent":
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[
-                0
-            ]
-            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
-        else:
-            image = latents
-            has_nsfw_concept = None
-        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not x for x in has_nsfw_concept]
-        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-        self.maybe_free_model_hooks()
-
-        unsafe = maps = presence_scores = None
-        if dag is not None:
-            # no step ran (an interrupted call): nothing was detected
-            unsafe = guider.unsafe_detected.tolist() if guider.unsafe_detected is not None else [False] * batch
-            maps = guider.detection_map if return_dag_maps else None
-            presence_scores = guider.presence_peak.tolist() if guider.presence_peak is not None else None
-        if not return_dict:
-            return image, has_nsfw_concept, unsafe, maps, presence_scores
-        return DAGPipelineOutput(
-            images=image,
-            nsfw_content_detected=has_nsfw_concept,
-            unsafe_detected=unsafe,
-            dag_maps=maps,
-            presence_scores=presence_scores,
-        )
+        if safety_concept is not None:
+            concept_list(safety_concept)

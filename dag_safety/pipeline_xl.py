@@ -69,7 +69,7 @@ class DAGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         if self.safety_guidance_config is not None:
             raise ValueError("Plain safety guidance is enabled; call `disable_safety_guidance()` before `enable_dag`.")
         dag = DAGGuidance(embedding, guidance, preset=preset, check_fingerprint=check_fingerprint, **options)
-        dag._prepare(self.unet)  # may raise: the guidance enabled before stays
+        dag.prepare(self.unet)  # may raise: the guidance enabled before stays
         self._guidance = dag
 
     def disable_dag(self) -> None:

@@ -155,18 +155,19 @@ def test_saved_safety_concept_is_the_call_default(pipe, tmp_path):
     make_embedding(pipe).save_pretrained(tmp_path)
     pipe.enable_dag(tmp_path, max_edit_area=1.0, warmup_steps=0)
     seen = []
-    encode = pipe._encode_safety_concepts
+    encode = pipe.encode_prompt
 
-    def spy(safety_concept, *args):
-        seen.append(safety_concept)
-        return encode(safety_concept, *args)
+    def spy(*args, **kwargs):  # the safety concepts are encoded without classifier-free guidance
+        if kwargs.get("do_classifier_free_guidance") is False:
+            seen.append(kwargs["prompt"])
+        return encode(*args, **kwargs)
 
-    pipe._encode_safety_concepts = spy
+    pipe.encode_prompt = spy
     pipe("a red star", num_inference_steps=2, output_type="np")
     pipe("a red star", num_inference_steps=2, output_type="np", safety_concept="a star")
     pipe.enable_dag(torch.randn(3, pipe.unet.config.cross_attention_dim))  # no metadata: SLD's concept text
     pipe("a red star", num_inference_steps=2, output_type="np")
-    assert seen == ["a red star", "a star", SLD_SAFETY_CONCEPT]
+    assert seen == [["a red star"], ["a star"], [SLD_SAFETY_CONCEPT]]
 
 
 def test_training_record_with_numpy_and_torch_numbers(pipe, tmp_path):

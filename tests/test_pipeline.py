@@ -211,8 +211,8 @@ class TestDAG:
         """The first guided step runs the safety pass on its own (detection decides whether it is needed); while
         the previous step needed it, it rides in the CFG call's batch, as in SLD / SEGA. Nothing detected: the CFG
         call alone at every step."""
-        batches = []
-        hook = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+        batches = []  # the UNet's first layer sees every evaluation's real batch (DAG wraps the UNet's forward)
+        hook = pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
         try:
             pipe.enable_dag(star_embedding, max_edit_area=1.0, warmup_steps=2)
             guided = pipe(PROMPT, num_inference_steps=6, generator=torch.manual_seed(0), safety_concept=CONCEPT)
@@ -449,3 +449,6 @@ class TestErrors:
         assert unet_fingerprint(pipe.unet) == fingerprint
         pipe.enable_dag(star_embedding)
         assert set(pipe._dag.projections) == set(pipe._dag.capture.layers)
+        with pipe._guidance.attach(pipe):  # as a call attaches it: on the compiled model's own module
+            assert "forward" in pipe.unet._orig_mod.__dict__ and hooked_layers(pipe.unet._orig_mod)
+        assert "forward" not in pipe.unet._orig_mod.__dict__ and not hooked_layers(pipe.unet._orig_mod)
