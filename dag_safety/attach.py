@@ -278,7 +278,7 @@ class SafetyGuidance(_AttachedGuidance):
     `StableDiffusionPipelineSafe` / `SemanticStableDiffusionPipeline` apply it, on any UNet pipeline.
 
     Args:
-        method (`str`, *optional*, defaults to `"sld"`): `"sld"` or `"sega"`.
+        guidance (`str`, *optional*, defaults to `"sld"`): `"sld"` or `"sega"`.
         preset (`str`, *optional*): SLD only, `"weak"`, `"medium"`, `"strong"` or `"max"`.
         safety_concept (`str` or `list[str]`, *optional*): the text(s) to steer away from; defaults to SLD's
             concept text. Several need SEGA.
@@ -296,7 +296,7 @@ class SafetyGuidance(_AttachedGuidance):
 
     def __init__(
         self,
-        method: str = "sld",
+        guidance: str = "sld",
         preset: str | None = None,
         *,
         safety_concept: str | list[str] | None = None,
@@ -304,7 +304,7 @@ class SafetyGuidance(_AttachedGuidance):
     ):
         super().__init__()
         self.set_safety_concept(safety_concept)
-        self.config = build_config(method, preset, **overrides)
+        self.config = build_config(guidance, preset, **overrides)
         if isinstance(self.config, SLDConfig) and self.config.sld_guidance_scale <= 1:
             # StableDiffusionPipelineSafe turns SLD off at this scale; guiding anyway would not be SLD, and generating
             # unguided would be a silent fallback

@@ -10,7 +10,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,6 @@ __all__ = [
     "SLD_PRESETS",
     "SLD_SAFETY_CONCEPT",
     "DAGConfig",
-    "GuidanceMethod",
     "SEGAConfig",
     "SLDConfig",
     "build_config",
@@ -33,21 +31,6 @@ SLD_SAFETY_CONCEPT = (
     " abuse, brutality, cruelty"
 )
 """The default safety concept text of Safe Latent Diffusion (and of `StableDiffusionPipelineSafe`)."""
-
-
-class GuidanceMethod(str, Enum):
-    """Safety guidance that produces the edit direction: SLD's threshold mask or SEGA's percentile mask."""
-
-    SLD = "sld"
-    SEGA = "sega"
-
-    @classmethod
-    def parse(cls, value: str | GuidanceMethod) -> GuidanceMethod:
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"Unknown guidance method {value!r}; expected one of {valid}.") from None
 
 
 DETECTION_RULES = ("paper", "presence")
@@ -148,10 +131,19 @@ class SLDConfig:
 
 
 SLD_PRESETS: dict[str, SLDConfig] = {
-    "weak": SLDConfig(20, 15, 0.0, 0.0, 0.0),
-    "medium": SLDConfig(1000, 10, 0.01, 0.3, 0.4),
-    "strong": SLDConfig(2000, 7, 0.025, 0.5, 0.7),
-    "max": SLDConfig(5000, 0, 1.0, 0.5, 0.7),
+    name: SLDConfig(
+        sld_guidance_scale=scale,
+        sld_warmup_steps=warmup,
+        sld_threshold=threshold,
+        sld_momentum_scale=momentum,
+        sld_mom_beta=beta,
+    )
+    for name, (scale, warmup, threshold, momentum, beta) in {
+        "weak": (20, 15, 0.0, 0.0, 0.0),
+        "medium": (1000, 10, 0.01, 0.3, 0.4),
+        "strong": (2000, 7, 0.025, 0.5, 0.7),
+        "max": (5000, 0, 1.0, 0.5, 0.7),
+    }.items()
 }
 """Safe Latent Diffusion's hyper-parameter presets (diffusers' `SafetyConfig`)."""
 
@@ -315,22 +307,25 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def build_config(method: str | GuidanceMethod, preset: str | None = None, **options: Any) -> SEGAConfig | SLDConfig:
-    """Builds the base safety-guidance configuration from a method name, an optional SLD preset and overrides.
+def build_config(guidance: str, preset: str | None = None, **options: Any) -> SEGAConfig | SLDConfig:
+    """Builds the base safety-guidance configuration from a method name (`"sld"` or `"sega"`), an optional SLD
+    preset and overrides.
 
     Raises:
         `ValueError`: unknown method, unknown preset, a preset with SEGA, or an option the method does not have.
     """
-    method = GuidanceMethod.parse(method)
-    cls = SLDConfig if method is GuidanceMethod.SLD else SEGAConfig
+    methods = {"sld": SLDConfig, "sega": SEGAConfig}
+    if guidance not in methods:
+        raise ValueError(f"Unknown guidance method {guidance!r}; expected one of {', '.join(map(repr, methods))}.")
+    cls = methods[guidance]
     unknown = sorted(set(options) - _field_names(cls))
     if unknown:
         raise ValueError(
-            f"Unknown option(s) {unknown} for {method.value!r} guidance; valid options: {sorted(_field_names(cls))}."
+            f"Unknown option(s) {unknown} for {guidance!r} guidance; valid options: {sorted(_field_names(cls))}."
         )
     if preset is not None:
-        if method is not GuidanceMethod.SLD:
-            raise ValueError(f"Presets exist for SLD only; got preset={preset!r} with method={method.value!r}.")
+        if cls is not SLDConfig:
+            raise ValueError(f"Presets exist for SLD only; got preset={preset!r} with guidance={guidance!r}.")
         return SLDConfig.from_preset(preset, **options)
     return cls(**options)
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,13 +12,14 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
 
 from ._validation import check_finite_number, check_positive_int, concept_list
-from .attach import DAGGuidance, SafetyGuidance
-from .config import DAGConfig, SEGAConfig, SLDConfig
+from .guidance_mixin import SafetyGuidanceMixin
 from .outputs import DAGPipelineOutput
-from .state import DAGState, EmbeddingLike
 from .weights import SafetyWeightsMixin
 
 __all__ = ["DAGStableDiffusionPipeline"]
+
+#: the arguments this pipeline passes through, by name, with their defaults
+_SD_CALL = inspect.signature(StableDiffusionPipeline.__call__)
 
 
 EXAMPLE_DOC_STRING = """
@@ -37,7 +36,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
+class DAGStableDiffusionPipeline(SafetyGuidanceMixin, SafetyWeightsMixin, StableDiffusionPipeline):
     r"""
     [`StableDiffusionPipeline`] with inference-time safety guidance: Detect-and-Guide (DAG, Li et al., CVPR 2025)
     and the baselines it builds on, Safe Latent Diffusion (SLD) and semantic guidance (SEGA).
@@ -57,130 +56,8 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     The constructor is `StableDiffusionPipeline`'s, so `from_pretrained(...)` and `from_pipe(pipe)` work as usual.
     """
 
-    # Per-instance state, set by the enable/disable methods; `__init__` stays StableDiffusionPipeline's so that
-    # diffusers' loaders read the same component signature.
-    _guidance: DAGGuidance | SafetyGuidance | None = None
-    _in_call: bool = False
     # `dag_scale`: DAG's per-pixel scale `S_dag` of the step, `(B, h, w)`, zero where and when nothing is guided
     _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, "dag_scale"]  # noqa: RUF012  # diffusers' attribute
-
-    # ------------------------------------------------------------------ configuration
-
-    @property
-    def dag_config(self) -> DAGConfig | None:
-        """The active [`DAGConfig`], or `None` when DAG is disabled."""
-        return None if self._dag is None else self._dag.config
-
-    @property
-    def safety_guidance_config(self) -> SLDConfig | SEGAConfig | None:
-        """The active plain safety guidance (no detection), or `None`."""
-        return self._guidance.config if isinstance(self._guidance, SafetyGuidance) else None
-
-    @property
-    def _dag(self) -> DAGState | None:
-        """What `enable_dag` prepared (embedding, frozen projections, config), or `None`."""
-        return self._guidance.state if isinstance(self._guidance, DAGGuidance) else None
-
-    def enable_dag(
-        self,
-        embedding: EmbeddingLike | list[EmbeddingLike] | None = None,
-        guidance: str = "sega",
-        *,
-        preset: str | None = None,
-        check_fingerprint: bool = True,
-        **options: Any,
-    ) -> None:
-        r"""
-        Turns on Detect-and-Guide.
-
-        Args:
-            embedding (`str`, `os.PathLike`, `GuidelineEmbedding`, `torch.Tensor`, or a list of them):
-                A guideline embedding: a Hub repo id or a local directory saved by
-                [`GuidelineEmbedding.save_pretrained`] (loaded with [`GuidelineEmbedding.from_pretrained`]; load it
-                yourself for `revision=`, `token=`, ...), a loaded [`GuidelineEmbedding`], or a raw `(1+K, D)`
-                tensor (a start-of-text row, then `K` concept rows, in the text encoder's output space,
-                `D = unet.config.cross_attention_dim`). A list gives several concepts. A saved embedding's
-                `layer_fractions` and thresholds are the defaults for the options below. Without one, the
-                embeddings shipped with dag-safety that were made for this UNet (matched by fingerprint; today the
-                bundled mini model's red star), else a `ValueError` saying how to get one.
-            check_fingerprint (`bool`, *optional*, defaults to `True`):
-                Refuse a saved embedding whose base-model fingerprint differs from this UNet's (an embedding is tied
-                to the `to_q` / `to_k` projections it was optimized against). `False` skips the check.
-            guidance (`str`, *optional*, defaults to `"sega"`):
-                The base method whose mask and momentum DAG rescales: `"sega"` or `"sld"`.
-            preset (`str`, *optional*):
-                With `guidance="sld"`: the SLD preset whose threshold and momentum to use (default: SLD's defaults,
-                the `"medium"` values).
-            options:
-                Fields of [`DAGConfig`] (`unsafe_threshold`, `edit_mask_threshold`, `base_scale`, `max_magnitude`,
-                `max_edit_area`, `warmup_steps`, `area_scaler`, `magnitude_scaler`, `layer_fractions`) and of the
-                base method's config ([`SEGAConfig`] or [`SLDConfig`], e.g. `edit_threshold`).
-
-        Raises:
-            `ValueError`: no or malformed embedding (shape, width, NaN/Inf), unknown method, preset or option,
-            thresholds outside `(0, 1]`, no cross-attention layer at the chosen resolutions, or plain safety
-            guidance already enabled.
-        """
-        self._refuse_during_call("enable_dag")
-        if self.safety_guidance_config is not None:
-            raise ValueError("Plain safety guidance is enabled; call `disable_safety_guidance()` before `enable_dag`.")
-        dag = DAGGuidance(embedding, guidance, preset=preset, check_fingerprint=check_fingerprint, **options)
-        dag.prepare(self.unet, safety_weights=list(self.safety_weights))
-        # replaced only now that everything succeeded: a failed call leaves an enabled DAG as it was
-        self._guidance = dag
-
-    def disable_dag(self) -> None:
-        """Turns DAG off. (DAG is only on the UNet during a call, so nothing is left there.)"""
-        self._refuse_during_call("disable_dag")
-        if isinstance(self._guidance, DAGGuidance):
-            self._guidance = None
-
-    def _refuse_during_call(self, action: str) -> None:
-        """Guidance is fixed for the length of a call: a callback that changes it would leave the denoising loop
-        half with one setting and half with another (and DAG attached for the old one)."""
-        if self._in_call:
-            raise RuntimeError(
-                f"`{action}()` was called while the pipeline is generating (from a callback?). Guidance settings"
-                " cannot change during a call; change them between calls."
-            )
-
-    @contextlib.contextmanager
-    def _calling(self):
-        """Marks the pipeline as generating, for [`_refuse_during_call`] and against re-entrant calls."""
-        if self._in_call:
-            raise RuntimeError(
-                "The pipeline was called from inside one of its own calls (from a callback?); a pipeline runs one"
-                " call at a time. Use a second pipeline (`DAGStableDiffusionPipeline.from_pipe(pipe)`) instead."
-            )
-        self._in_call = True
-        try:
-            yield
-        finally:
-            self._in_call = False
-
-    def enable_safety_guidance(self, method: str = "sld", preset: str | None = None, **overrides: Any) -> None:
-        r"""
-        Turns on plain SLD or SEGA safety guidance (no detection), as diffusers' deprecated pipelines apply it.
-
-        Args:
-            method (`str`, *optional*, defaults to `"sld"`): `"sld"` or `"sega"`.
-            preset (`str`, *optional*): SLD only, `"weak"`, `"medium"`, `"strong"` or `"max"`.
-            overrides: fields of [`SLDConfig`] (`sld_guidance_scale`, ...) or [`SEGAConfig`] (`edit_guidance_scale`,
-                ...), in diffusers' names.
-
-        Raises:
-            `ValueError`: unknown method, preset or option, invalid values, or DAG already enabled.
-        """
-        self._refuse_during_call("enable_safety_guidance")
-        if self._dag is not None:
-            raise ValueError("DAG is enabled; call `disable_dag()` before `enable_safety_guidance`.")
-        self._guidance = SafetyGuidance(method, preset, **overrides)
-
-    def disable_safety_guidance(self) -> None:
-        """Turns plain safety guidance off."""
-        self._refuse_during_call("disable_safety_guidance")
-        if isinstance(self._guidance, SafetyGuidance):
-            self._guidance = None
 
     @torch.no_grad()
     def detection_map(
@@ -237,29 +114,7 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image=None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  # StableDiffusionPipeline's signature
+        *args,
         safety_concept: str | list[str] | None = None,
         return_dag_maps: bool = False,
         **kwargs,
@@ -296,56 +151,19 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
         Examples:
         """
-        sd_arguments = dict(
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            ip_adapter_image=ip_adapter_image,
-            ip_adapter_image_embeds=ip_adapter_image_embeds,
-            output_type=output_type,
-            return_dict=return_dict,
-            cross_attention_kwargs=cross_attention_kwargs,
-            guidance_rescale=guidance_rescale,
-            clip_skip=clip_skip,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            **kwargs,
-        )
+        sd_arguments = self._sd_arguments(args, kwargs)
+        return_dict = sd_arguments["return_dict"]
         self._check_call_arguments(sd_arguments, safety_concept, return_dag_maps)
         with self._calling():
-            guidance = self._guidance
-            if guidance is None:
+            if self._guidance is None:
                 output = super().__call__(**sd_arguments)
                 if not return_dict:
                     return output
                 return DAGPipelineOutput(images=output.images, nsfw_content_detected=output.nsfw_content_detected)
-            dag = guidance if isinstance(guidance, DAGGuidance) else None
-            sd_arguments.update(self._step_end_callback(dag, callback_on_step_end, callback_on_step_end_tensor_inputs))
-            configured = guidance.safety_concept
-            guidance.set_safety_concept(safety_concept)  # `None`: the saved embeddings' concepts, else SLD's text
-            if dag is not None:
-                dag.map_last_timestep = return_dag_maps
-            try:
-                # DAG's hooks and UNet wrapper sit on the UNet for this call only
-                with guidance.attach(self):
-                    output = super().__call__(**sd_arguments)
-            finally:
-                guidance.set_safety_concept(configured)
+            output, seen = self._run_guided(super().__call__, sd_arguments, safety_concept, return_dag_maps)
         images, nsfw = (output.images, output.nsfw_content_detected) if return_dict else output
         unsafe = maps = presence_scores = None
-        if dag is not None:
-            seen = dag.last_output
+        if self._dag is not None:
             # no step ran (an interrupted call): nothing was detected
             unsafe = seen.unsafe_detected if seen is not None else [False] * len(images)
             maps = seen.dag_maps if seen is not None and return_dag_maps else None
@@ -360,43 +178,25 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
             presence_scores=presence_scores,
         )
 
-    def _step_end_callback(
-        self,
-        dag: DAGGuidance | None,
-        callback: Callable | PipelineCallback | MultiPipelineCallbacks | None,
-        requested: list[str],
-    ) -> dict[str, Any]:
-        """`StableDiffusionPipeline`'s callback arguments for a guided call: the user's callback, given `"dag_scale"`
-        (the step's `S_dag`, which `StableDiffusionPipeline`'s loop does not hold) when it asks for it, and, with DAG,
-        a check that the final latents are finite (an image DAG could not inspect is never reported safe)."""
-        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-            requested = callback.tensor_inputs
-        if dag is None:
-            return {}
-        inputs = list(dict.fromkeys([*(k for k in requested if k != "dag_scale"), "latents"]))
-
-        def on_step_end(pipe, step: int, timestep, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            outputs = tensors
-            if callback is not None:
-                given = {key: tensors[key] for key in requested if key != "dag_scale"}
-                if "dag_scale" in requested:
-                    latents = tensors["latents"]
-                    scale = dag.step_scale
-                    # read-only: a callback that returns it changes nothing
-                    given["dag_scale"] = (
-                        scale if scale is not None else latents.new_zeros(len(latents), *latents.shape[-2:])
-                    )
-                outputs = {**tensors, **callback(pipe, step, timestep, given)}
-                outputs.pop("dag_scale", None)
-            if step == pipe.num_timesteps - 1 and not torch.isfinite(outputs["latents"]).all():
-                raise FloatingPointError(
-                    "The latents are not finite (NaN or Inf) after denoising, so DAG could not inspect the images:"
-                    " a callback returned non-finite latents, or the scheduler diverged (e.g. `eta=1` with very few"
-                    " DDIM steps). Nothing is returned as safe."
-                )
-            return outputs
-
-        return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": inputs}
+    def _sd_arguments(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by `StableDiffusionPipeline.__call__`'s names, its defaults filled in; keywords it does
+        not know are refused with the closest valid name (its own `**kwargs` only takes the deprecated `callback` /
+        `callback_steps`)."""
+        try:
+            bound = _SD_CALL.bind(self, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"`{type(self).__name__}.__call__`: {error}") from None
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        extra = arguments.pop("kwargs", {})
+        known = [*arguments, "safety_concept", "return_dag_maps"]
+        for key in extra:
+            if key not in ("callback", "callback_steps"):
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else f". Valid arguments: {sorted(known)}."
+                raise TypeError(f"`{type(self).__name__}.__call__` got an unexpected keyword argument `{key}`{hint}")
+        return {**arguments, **extra}
 
     def _check_call_arguments(
         self, arguments: dict[str, Any], safety_concept: str | list[str] | None, return_dag_maps: bool
@@ -407,13 +207,6 @@ class DAGStableDiffusionPipeline(SafetyWeightsMixin, StableDiffusionPipeline):
 
         A call that passes is run as `StableDiffusionPipeline.__call__` runs it: these checks only reject.
         """
-        known = set(inspect.signature(type(self).__call__).parameters) - {"self", "kwargs"}
-        unknown = [key for key in arguments if key not in known and key not in ("callback", "callback_steps")]
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else f". Valid arguments: {sorted(known)}."
-            raise TypeError(f"`{type(self).__name__}.__call__` got an unexpected keyword argument `{key}`{hint}")
-
         if arguments["timesteps"] is None and arguments["sigmas"] is None:
             check_positive_int("num_inference_steps", arguments["num_inference_steps"])
         if arguments["num_images_per_prompt"] is not None:

@@ -1,17 +1,14 @@
-"""`DAGStableDiffusionXLPipeline`: SDXL with Detect-and-Guide, SLD or SEGA, as a thin layer over the attach API."""
+"""`DAGStableDiffusionXLPipeline`: SDXL with Detect-and-Guide, SLD or SEGA safety guidance."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
-from .attach import DAGGuidance, SafetyGuidance
-from .config import DAGConfig, SEGAConfig, SLDConfig
-from .state import EmbeddingLike
+from .guidance_mixin import SafetyGuidanceMixin
 
 __all__ = ["DAGStableDiffusionXLPipeline", "DAGStableDiffusionXLPipelineOutput"]
 
@@ -27,10 +24,10 @@ class DAGStableDiffusionXLPipelineOutput(StableDiffusionXLPipelineOutput):
     presence_scores: list[float] | None = None
 
 
-class DAGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
+class DAGStableDiffusionXLPipeline(SafetyGuidanceMixin, StableDiffusionXLPipeline):
     r"""
     [`StableDiffusionXLPipeline`] with DAG, SLD or SEGA safety guidance, enabled as on `DAGStableDiffusionPipeline`:
-    `enable_dag(embedding, guidance="sega", **options)` / `disable_dag()`, `enable_safety_guidance(method, preset,
+    `enable_dag(embedding, guidance="sega", **options)` / `disable_dag()`, `enable_safety_guidance(guidance, preset,
     **overrides)` / `disable_safety_guidance()`, and `pipe(prompt, safety_concept=..., return_dag_maps=...)`.
 
     Each call attaches the enabled [`DAGGuidance`] or [`SafetyGuidance`] to this pipeline for its length, so
@@ -39,58 +36,8 @@ class DAGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     SDXL's context space (`unet.config.cross_attention_dim`, 2048 for SDXL base).
     """
 
-    _guidance: DAGGuidance | SafetyGuidance | None = None
-
-    @property
-    def dag_config(self) -> DAGConfig | None:
-        """The active [`DAGConfig`], or `None` when DAG is disabled."""
-        return self._guidance.config if isinstance(self._guidance, DAGGuidance) else None
-
-    @property
-    def safety_guidance_config(self) -> SLDConfig | SEGAConfig | None:
-        """The active plain safety guidance (no detection), or `None`."""
-        return self._guidance.config if isinstance(self._guidance, SafetyGuidance) else None
-
-    def enable_dag(
-        self,
-        embedding: EmbeddingLike | list[EmbeddingLike] | None = None,
-        guidance: str = "sega",
-        *,
-        preset: str | None = None,
-        check_fingerprint: bool = True,
-        **options: Any,
-    ) -> None:
-        """Turns on Detect-and-Guide; arguments as `DAGStableDiffusionPipeline.enable_dag`. The embedding is
-        checked against this UNet now, and its projections frozen.
-
-        Raises:
-            `ValueError`: see `DAGStableDiffusionPipeline.enable_dag`.
-        """
-        if self.safety_guidance_config is not None:
-            raise ValueError("Plain safety guidance is enabled; call `disable_safety_guidance()` before `enable_dag`.")
-        dag = DAGGuidance(embedding, guidance, preset=preset, check_fingerprint=check_fingerprint, **options)
-        dag.prepare(self.unet)  # may raise: the guidance enabled before stays
-        self._guidance = dag
-
-    def disable_dag(self) -> None:
-        """Turns DAG off."""
-        if isinstance(self._guidance, DAGGuidance):
-            self._guidance = None
-
-    def enable_safety_guidance(self, method: str = "sld", preset: str | None = None, **overrides: Any) -> None:
-        """Turns on plain SLD or SEGA; arguments as `DAGStableDiffusionPipeline.enable_safety_guidance`.
-
-        Raises:
-            `ValueError`: unknown method, preset or option, invalid values, or DAG already enabled.
-        """
-        if self.dag_config is not None:
-            raise ValueError("DAG is enabled; call `disable_dag()` before `enable_safety_guidance`.")
-        self._guidance = SafetyGuidance(method, preset, **overrides)
-
-    def disable_safety_guidance(self) -> None:
-        """Turns plain safety guidance off."""
-        if isinstance(self._guidance, SafetyGuidance):
-            self._guidance = None
+    # `dag_scale`: DAG's per-pixel scale `S_dag` of the step, `(B, h, w)`, zero where and when nothing is guided
+    _callback_tensor_inputs = [*StableDiffusionXLPipeline._callback_tensor_inputs, "dag_scale"]  # noqa: RUF012  # diffusers' attribute
 
     @torch.no_grad()
     def __call__(
@@ -109,43 +56,40 @@ class DAGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             return_dag_maps (`bool`, *optional*, defaults to `False`): with DAG, also return the last detection map.
 
         Returns:
-            [`DAGStableDiffusionXLPipelineOutput`], or with `return_dict=False` `(images,)` without guidance and
-            `(images, unsafe_detected, dag_maps, presence_scores)` with DAG.
+            [`DAGStableDiffusionXLPipelineOutput`], or with `return_dict=False` `(images,)` without DAG and
+            `(images, unsafe_detected, dag_maps, presence_scores)` with it.
 
         Raises:
-            `ValueError`: `safety_concept` or `return_dag_maps` without the guidance they need, or safety guidance
-            without classifier-free guidance.
+            `ValueError`: `safety_concept`, `return_dag_maps` or a `"dag_scale"` callback input without the guidance
+            it needs, or safety guidance without classifier-free guidance.
         """
-        guidance = self._guidance
-        if guidance is None:
-            if safety_concept is not None or return_dag_maps:
-                # ignoring them would generate unprotected images while the caller believes them guided
-                raise ValueError(
-                    "`safety_concept` / `return_dag_maps` need safety guidance, and none is enabled: call"
-                    " `pipe.enable_dag(embedding)` or `pipe.enable_safety_guidance('sega' | 'sld')` first."
-                )
-            output = super().__call__(*args, **kwargs)
-            return (
-                DAGStableDiffusionXLPipelineOutput(images=output.images) if kwargs.get("return_dict", True) else output
+        return_dict = kwargs.get("return_dict", True)
+        if self._dag is None and (
+            return_dag_maps or "dag_scale" in kwargs.get("callback_on_step_end_tensor_inputs", ())
+        ):
+            raise ValueError(
+                "`return_dag_maps` and the 'dag_scale' callback input need DAG; call `pipe.enable_dag(embedding)` first."
             )
-        if return_dag_maps and not isinstance(guidance, DAGGuidance):
-            raise ValueError("`return_dag_maps=True` needs DAG; call `pipe.enable_dag(embedding)` first.")
-        configured = guidance.safety_concept
-        if safety_concept is not None:
-            guidance.set_safety_concept(safety_concept)
-        try:
-            with guidance.attach(self):
+        if self._guidance is None and safety_concept is not None:
+            # ignoring it would generate unprotected images while the caller believes them guided
+            raise ValueError(
+                f"`safety_concept={safety_concept!r}` needs safety guidance, and none is enabled: call"
+                " `pipe.enable_dag(embedding)` or `pipe.enable_safety_guidance('sega' | 'sld')` first."
+            )
+        with self._calling():
+            if self._guidance is None:
                 output = super().__call__(*args, **kwargs)
-        finally:
-            guidance.safety_concept = configured
-        images = output.images if kwargs.get("return_dict", True) else output[0]
-        seen = guidance.last_output if isinstance(guidance, DAGGuidance) else None
+                return DAGStableDiffusionXLPipelineOutput(images=output.images) if return_dict else output
+            output, seen = self._run_guided(super().__call__, kwargs, safety_concept, return_dag_maps, args)
+        images = output.images if return_dict else output[0]
         unsafe = maps = presence = None
-        if seen is not None:
-            unsafe, presence = seen.unsafe_detected, seen.presence_scores
-            maps = seen.dag_maps if return_dag_maps else None
-        if not kwargs.get("return_dict", True):
-            return (images,) if seen is None else (images, unsafe, maps, presence)
+        if self._dag is not None:
+            # no step ran (an interrupted call): nothing was detected
+            unsafe = seen.unsafe_detected if seen is not None else [False] * len(images)
+            maps = seen.dag_maps if seen is not None and return_dag_maps else None
+            presence = seen.presence_scores if seen is not None else None
+        if not return_dict:
+            return (images,) if self._dag is None else (images, unsafe, maps, presence)
         return DAGStableDiffusionXLPipelineOutput(
             images=images, unsafe_detected=unsafe, dag_maps=maps, presence_scores=presence
         )

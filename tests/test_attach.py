@@ -325,7 +325,7 @@ class TestSDXL:
         reference = generate(sdxl).images
         assert np.array_equal(generate(pipe).images, reference)
         star = self.rows(sdxl, "red star", 3)
-        with pytest.raises(ValueError, match="need safety guidance"):
+        with pytest.raises(ValueError, match="needs safety guidance"):
             generate(pipe, safety_concept=CONCEPT)
         pipe.enable_dag(star, **GUIDED)
         assert pipe.dag_config.warmup_steps == 1
