@@ -25,6 +25,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from .conditioning import unet_conditioning
 from .detection import concept_presence, minmax_normalize
 from .guidance import component_presence, unsafe_components
 from .optimize import AnnotatedImage, _to_pixels
@@ -135,7 +136,7 @@ def presence_scores(
         pixels, masks = zip(*(_to_pixels(pipe, item, side) for item in chunk))
         latents = pipe.vae.encode(torch.cat(pixels)).latent_dist.mode() * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        text, _ = pipe.encode_prompt([item.caption for item in chunk], pipe.device, 1, False)
+        text, added = unet_conditioning(pipe, [item.caption for item in chunk], pipe.device, 1, (side, side))
         latent_size = tuple(latents.shape[-2:])
         masks = torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], latent_size)[:, 0].bool()
         best = {key: np.full(len(chunk), -np.inf) for key in found}
@@ -145,7 +146,7 @@ def presence_scores(
                 noisy = forward_process.add_noise(latents, noise, t.expand(len(chunk)))
                 state.capture.store.arm(slice(None))
                 try:
-                    pipe.unet(noisy, t, encoder_hidden_states=text)
+                    pipe.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added)
                 finally:
                     state.capture.store.disarm()
                 shares = state.shares(latent_size, concept_presence)

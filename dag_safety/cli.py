@@ -465,18 +465,27 @@ def check_optimize(args: argparse.Namespace) -> Path:
 
 
 def load_pipeline(args: argparse.Namespace):
-    """Load the pipeline named by `args.model` (the bundled mini model when `None`) onto `args.device`."""
+    """Load the pipeline named by `args.model` (the bundled mini model when `None`) onto `args.device`: an SDXL
+    model (its `model_index.json` names an SDXL pipeline) as `DAGStableDiffusionXLPipeline`, any other as
+    `DAGStableDiffusionPipeline`."""
     import torch
 
-    from . import DAGStableDiffusionPipeline
+    from . import DAGStableDiffusionPipeline, DAGStableDiffusionXLPipeline
 
     if args.model is None:  # the bundled mini model: fp32 (it is tiny), no network
         from .mini import MODEL_PATH
 
         pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
     else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            class_name = DiffusionPipeline.load_config(args.model).get("_class_name", "")
+        except (OSError, ValueError):  # `from_pretrained` below says what is wrong with the name
+            class_name = ""
+        cls = DAGStableDiffusionXLPipeline if "XL" in class_name else DAGStableDiffusionPipeline
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-        pipe = DAGStableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        pipe = cls.from_pretrained(args.model, torch_dtype=dtype)
     return pipe.to(args.device)
 
 

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .attention import CrossAttentionCapture
+from .conditioning import unet_conditioning
 from .detection import QueryProjection, attention_probs, infer_spatial_size, project_keys
 from .embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
 
@@ -255,7 +256,7 @@ def encode_init_rows(pipe: StableDiffusionPipeline, text: str) -> torch.Tensor:
     concept_tokens = len(ids) - 2
     if concept_tokens < 1:
         raise ValueError(f"The init text {text!r} encodes to no concept token; use a descriptive text.")
-    embeds, _ = pipe.encode_prompt(text, pipe.device, 1, False)
+    embeds, _ = unet_conditioning(pipe, text, pipe.device)
     return embeds[0, : 1 + concept_tokens].detach().float()
 
 
@@ -307,10 +308,10 @@ def _build_cache(
         latents = latents.repeat(len(timesteps), 1, 1, 1)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
         noisy = forward_process.add_noise(latents, noise, timesteps)
-        text, _ = pipe.encode_prompt(item.caption, pipe.device, len(timesteps), False)
+        text, added = unet_conditioning(pipe, item.caption, pipe.device, len(timesteps), (side, side))
         capture.store.arm(slice(None))
         try:
-            pipe.unet(noisy, timesteps, encoder_hidden_states=text)
+            pipe.unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added)
         finally:
             capture.store.disarm()
         latent_size = tuple(latents.shape[-2:])

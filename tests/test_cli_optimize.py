@@ -67,6 +67,39 @@ def test_optimize_then_generate_with_maps(model_dir, tmp_path, capsys, monkeypat
     assert "image 0:" in printed
 
 
+def test_optimize_and_generate_for_sdxl(tmp_path, capsys, monkeypatch):
+    """An SDXL model (tiny components saved to a folder): `optimize` fits rows in its 64-wide two-encoder context
+    with SDXL's added conditioning in the cached pass, tied to its UNet; `generate` loads it as
+    `DAGStableDiffusionXLPipeline` and guides with the result."""
+    from conftest import get_dummy_sdxl_components
+    from diffusers import StableDiffusionXLPipeline
+
+    from dag_safety import DAGStableDiffusionXLPipeline
+    from dag_safety.embedding import unet_fingerprint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "sdxl"
+    StableDiffusionXLPipeline(**get_dummy_sdxl_components()).save_pretrained(model)
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "embedding"
+    main(["optimize", str(data), "--init-text", "red star", "--safety-concept", "a red star", "--out", str(out),
+          "--model", str(model), "--timesteps", "2", "--steps", "4"])  # fmt: skip
+    assert f"wrote {out}" in capsys.readouterr().out
+    embedding = GuidelineEmbedding.from_pretrained(out)
+    pipe = DAGStableDiffusionXLPipeline.from_pretrained(model)
+    assert embedding.embeds.shape == (3, 64)  # start-of-text, "red", "star" in SDXL's context space
+    assert embedding.metadata.base_model_fingerprint == unet_fingerprint(pipe.unet)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_dag(out, warmup_steps=1, max_edit_area=1.0)
+    output = pipe("a red star", height=32, width=32, num_inference_steps=3, output_type="np", return_dag_maps=True)
+    assert output.unsafe_detected == [True] and output.dag_maps.shape == (1, 16, 16)
+
+    image = tmp_path / "img.png"
+    main(["generate", "a red star on a white background", "--model", str(model), "--embedding", str(out),
+          "--steps", "3", "--out", str(image), "--save-maps"])  # fmt: skip
+    assert image.exists() and (tmp_path / "img_map.png").exists()
+
+
 def test_generate_needs_an_embedding_for_other_models(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["generate", "a red star", "--model", str(model_dir), "--out", str(tmp_path / "x.png")])
