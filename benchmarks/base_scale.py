@@ -7,8 +7,8 @@ at each base scale on *tuning* seeds 1000-1003, which neither `erase.py` (seeds 
 held-out seeds 100,800,000 on, apart from `erase.py`'s). Per base scale: red stars left (shapes detector), prompted
 co-objects kept, PSNR outside the red stars to the undefended image of the same seed (complex set).
 
-    python benchmarks/base_scale.py                    # the documented sweep (~3 min on 2 CPU cores)
-    python benchmarks/base_scale.py --quick            # smoke test
+    python -m benchmarks.base_scale                    # the documented sweep (~3 min on 2 CPU cores)
+    python -m benchmarks.base_scale --quick            # smoke test
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from erase import EMBEDDING, ROOT, PromptSet, complex_prompts, generate, prompt_sets, score_set
-
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.embedding import GuidelineEmbedding
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT
+
+from .erase import EMBEDDING, ROOT, PromptSet, complex_prompts, generate, prompt_sets, score_set
 
 TUNING_SEEDS = (1000, 1001, 1002, 1003)
 SCALES = (5.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         args.scales, args.seeds, args.target_prompts, args.complex_prompts, args.steps = [5.0, 800.0], [1000], 2, 2, 8
     output = run(args)
     output["seeds"] = list(args.seeds)
-    command = "python benchmarks/base_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.base_scale " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, **output}, indent=2) + "\n")
     write_markdown(output, command.strip(), args.out.with_suffix(".md"))

@@ -15,8 +15,8 @@ init embedding (`"red star"` encoded) and an embedding optimized on filled scene
   (`mean(M_edit) >= 0.8`) fires more often. A `τ_e` at which it fired on distractor scenes and not on target
   scenes could be calibrated per embedding, as the base scale is.
 
-    python benchmarks/detection.py                 # full run, writes benchmarks/results/detection.{md,json}
-    python benchmarks/detection.py --quick          # smoke test
+    python -m benchmarks.detection                 # full run, writes benchmarks/results/detection.{md,json}
+    python -m benchmarks.detection --quick          # smoke test
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from erase import benign_prompts  # sibling scripts: benchmarks/ is on sys.path when one runs
-from probe import roc_auc
 
 from dag_safety import DAGConfig, DAGStableDiffusionPipeline
 from dag_safety.calibration import generation_presence_scores
@@ -58,6 +56,9 @@ from dag_safety.optimize import (
     optimize_guideline_embedding,
     replace_metadata,
 )
+
+from .erase import benign_prompts
+from .probe import roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EMBEDDING = ROOT / "embeddings" / "red-star"

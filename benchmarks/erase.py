@@ -21,8 +21,8 @@ generation after one warm-up call per method, and all sets' time relative to *no
 where differences of 10-20 % can be noise; `speed.py` is the controlled speed measurement (interleaved rounds,
 medians, memory).
 
-    python benchmarks/erase.py            # full run (~15-20 min on 2 CPU cores)
-    python benchmarks/erase.py --quick    # smoke test
+    python -m benchmarks.erase            # full run (~15-20 min on 2 CPU cores)
+    python -m benchmarks.erase --quick    # smoke test
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from methods import METHODS, configure
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -56,6 +55,8 @@ from dag_safety.mini import (
     match_prompt,
     sample_prompt,
 )
+
+from .methods import METHODS, configure
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDING = ROOT / "embeddings" / "red-star"
@@ -539,7 +540,7 @@ def main(argv=None) -> None:
     output = run(args)
     summary = summarize(output["results"], args.seeds)
     meta = {
-        "command": "python benchmarks/erase.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.erase " + " ".join(argv if argv is not None else sys.argv[1:]),
         "sets": output["sets"],
         "seeds": args.seeds,
         "steps": args.steps,

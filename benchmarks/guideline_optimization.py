@@ -12,8 +12,8 @@ Per checkpoint, at t = 300 and 500 (means): the IoU of `Â >= 0.5` with the red 
 presence AUC, how well an image's highest component presence score ([`peak_presence`], what the selective rule
 thresholds) ranks target scenes above each distractor kind.
 
-    python benchmarks/guideline_optimization.py            # writes benchmarks/results/guideline_optimization.{md,json}
-    python benchmarks/guideline_optimization.py --quick    # smoke test
+    python -m benchmarks.guideline_optimization            # writes benchmarks/results/guideline_optimization.{md,json}
+    python -m benchmarks.guideline_optimization --quick    # smoke test
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detection import DISTRACTORS, ROOT, build_scene_sets, encode_images, maps_at, score
-from probe import roc_auc
 
 from dag_safety import DAGConfig, DAGStableDiffusionPipeline
 from dag_safety.detection import minmax_normalize
@@ -35,6 +33,9 @@ from dag_safety.guidance import peak_presence
 from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH
 from dag_safety.mini.guideline_data import write_folder
 from dag_safety.optimize import OptimizationConfig, load_annotated_folder, optimize_guideline_embedding
+
+from .detection import DISTRACTORS, ROOT, build_scene_sets, encode_images, maps_at, score
+from .probe import roc_auc
 
 LAYERS = (0.5, 1.0)  # the committed embedding's detection layers (embeddings/README.md)
 RECIPES = {
@@ -119,7 +120,7 @@ def run(args) -> dict:
         "recipes": results,
         "scenes": {name: len(s.captions) for name, s in sets.items()},
         "timesteps": list(args.timesteps),
-        "command": "python benchmarks/guideline_optimization.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.guideline_optimization " + " ".join(sys.argv[1:]),
     }
 
 

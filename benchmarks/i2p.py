@@ -10,10 +10,10 @@ Detectors:
 - `shapes`: the shapes-world detector counting red stars, the stand-in used here with the mini model.
 
     # 8 GPUs, SD v1.4, the paper's setting
-    accelerate launch benchmarks/i2p.py --csv i2p_sexual.csv --model CompVis/stable-diffusion-v1-4 \\
+    accelerate launch -m benchmarks.i2p --csv i2p_sexual.csv --model CompVis/stable-diffusion-v1-4 \\
         --embedding <org/nudity-guideline> --safety-concept "nudity" --detector nudenet --out results/i2p
     # here: the mini model and the shapes detector
-    python benchmarks/i2p.py --csv prompts.csv --detector shapes --methods none "DAG + SEGA" SEGA
+    python -m benchmarks.i2p --csv prompts.csv --detector shapes --methods none "DAG + SEGA" SEGA
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from methods import METHODS, configure
 
 from dag_safety import DAGStableDiffusionPipeline
+
+from .methods import METHODS, configure
 
 ROOT = Path(__file__).resolve().parents[1]
 NUDENET_CLASSES = (

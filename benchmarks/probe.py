@@ -19,8 +19,8 @@ An AUC of 1 means some linear read-out separates every held-out red star from ev
 0.5 is chance. Pooling over the mask gives the probe the object's average feature, which is easier to separate
 than the single pixels a detection map thresholds.
 
-    python benchmarks/probe.py                                  # the bundled mini model, t = 100 / 300 / 600
-    python benchmarks/probe.py --model DIR --timesteps 300 --out benchmarks/results/probe_other
+    python -m benchmarks.probe                                  # the bundled mini model, t = 100 / 300 / 600
+    python -m benchmarks.probe --model DIR --timesteps 300 --out benchmarks/results/probe_other
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     shown = [a if " " not in a else f'"{a}"' for a in sys.argv[1:]] if argv is None else argv
-    write_report(results, args.out, " ".join(["python benchmarks/probe.py", *shown]))
+    write_report(results, args.out, " ".join(["python -m benchmarks.probe", *shown]))
     print(f"wrote {args.out.with_suffix('.md')}")
 
 

@@ -26,9 +26,9 @@ Models:
   "benign", so DAG is timed in its two regimes: guided at every step after warm-up (`max_edit_area=1`, the most
   work) and detecting nothing (an embedding whose concept rows equal its start-of-text row, the least work).
 
-    python benchmarks/speed.py --model mini
-    python benchmarks/speed.py --model sd14-random --size 256 --steps 10 --repeats 3  # CPU, 20 min on 2 cores
-    python benchmarks/speed.py --model sd14-random --size 512 --steps 50 --device cuda --dtype float16
+    python -m benchmarks.speed --model mini
+    python -m benchmarks.speed --model sd14-random --size 256 --steps 10 --repeats 3  # CPU, 20 min on 2 cores
+    python -m benchmarks.speed --model sd14-random --size 512 --steps 50 --device cuda --dtype float16
 """
 
 from __future__ import annotations
@@ -265,7 +265,8 @@ def child_generation_memory(args, method: str) -> tuple[float, float]:
     image: the peak during the call, and that peak minus the resident memory before it."""
     command = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.speed",
         "--child",
         method,
         "--model",
@@ -277,7 +278,7 @@ def child_generation_memory(args, method: str) -> tuple[float, float]:
         "--dtype",
         args.dtype,
     ] + (["--size", str(args.size)] if args.size else [])
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     peak, generation = json.loads(output.strip().splitlines()[-1])
     return peak, generation
 
@@ -380,7 +381,7 @@ def main(argv=None) -> None:
             if generation_memory
             else {}
         ),
-        "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"speed_{args.model.replace('/', '_')}"
     out.parent.mkdir(parents=True, exist_ok=True)

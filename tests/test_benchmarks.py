@@ -4,7 +4,6 @@ benchmarks/RESULTS.md)."""
 import csv
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def test_erase_quick(tmp_path):
-    import erase
+    from benchmarks import erase
 
     erase.main(["--quick", "--out", str(tmp_path / "erase")])
     data = json.loads((tmp_path / "erase.json").read_text())
@@ -52,8 +50,7 @@ def test_score_set_on_rendered_scenes():
     """`score_set` on images whose answer is known: a rendered scene with one red star and other objects as the
     undefended image; the same scene with the star painted over (erased, nothing else touched), the scene itself
     (identical), and the scene with one other object painted over too (a co-object lost)."""
-    import erase
-
+    from benchmarks import erase
     from dag_safety.mini import BACKGROUNDS, TRAIN_SEEDS, PromptSpec, render_scene
 
     scene = next(
@@ -84,7 +81,7 @@ def test_score_set_on_rendered_scenes():
 
 
 def test_erase_statistics():
-    import erase
+    from benchmarks import erase
 
     # pooled PSNR: one identical image and one off by 1 everywhere pool to the MSE 0.5, not to a capped mean
     assert erase.pooled_psnr(0.0, 10) is None
@@ -99,7 +96,7 @@ def test_erase_statistics():
 def test_erase_survivors():
     """The per-prompt table of surviving red stars: sums over seeds, sorted by survivors, prompts without any left
     out, and adversarial prompts labelled with the concept vector's strength."""
-    import erase
+    from benchmarks import erase
 
     base = [type("Spec", (), {"caption": caption})() for caption in ("a", "b")]
     adversarial = erase.PromptSet("adversarial", base * len(erase.ADVERSARIAL_STRENGTHS), torch.zeros(6, 1, 1))
@@ -119,7 +116,7 @@ def test_erase_survivors():
 
 
 def test_erase_quick_selected_methods(tmp_path):
-    import erase
+    from benchmarks import erase
 
     erase.main(["--quick", "--methods", "SEGA", "DAG + SEGA", "--out", str(tmp_path / "erase")])
     data = json.loads((tmp_path / "erase.json").read_text())
@@ -127,7 +124,7 @@ def test_erase_quick_selected_methods(tmp_path):
 
 
 def test_detection_quick(tmp_path):
-    import detection
+    from benchmarks import detection
 
     detection.main(["--quick", "--out", str(tmp_path / "detection")])
     data = json.loads((tmp_path / "detection.json").read_text())
@@ -150,8 +147,7 @@ def test_detection_quick(tmp_path):
 def test_i2p_with_the_shapes_detector(tmp_path):
     """The protocol's counts and Erase Rate against a count made here: the same prompts, seeds `evaluation_seed + i`
     and settings generated one image per call, red stars counted with the shapes detector."""
-    import i2p
-
+    from benchmarks import i2p
     from dag_safety import DAGStableDiffusionPipeline
     from dag_safety.embeddings import RED_STAR
     from dag_safety.mini import MODEL_PATH, SAFETY_CONCEPT_TEXT, detect
@@ -188,12 +184,13 @@ def test_i2p_with_the_shapes_detector(tmp_path):
 
 def test_i2p_loads_without_the_safety_checker(tmp_path):
     """SD's safety checker blacks out what it flags, which would hide unsafe images from NudeNet."""
-    import i2p
     import torch
     from conftest import get_dummy_components
     from diffusers import StableDiffusionPipeline
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
+
+    from benchmarks import i2p
 
     config = CLIPConfig(
         text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
@@ -222,8 +219,9 @@ def test_i2p_loads_without_the_safety_checker(tmp_path):
 def test_probe_auc_and_fit():
     """The probe's AUC is the rank statistic, and its logistic fit separates separable data and not noise."""
     import numpy as np
-    import probe
     import torch
+
+    from benchmarks import probe
 
     assert probe.roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
     assert probe.roc_auc(np.ones(4), np.array([False, True, False, True])) == 0.5
@@ -239,7 +237,7 @@ def test_probe_auc_and_fit():
 
 
 def test_probe_quick(tmp_path):
-    import probe
+    from benchmarks import probe
 
     probe.main(["--scenes", "120", "--timesteps", "100", "--out", str(tmp_path / "probe")])
     data = json.loads((tmp_path / "probe.json").read_text())
@@ -257,7 +255,7 @@ def test_speed_quick(tmp_path):
     what was loaded."""
     import argparse
 
-    import speed
+    from benchmarks import speed
 
     speed.main(["--model", "mini", "--steps", "2", "--repeats", "1", "--no-memory", "--out", str(tmp_path / "speed")])
     data = json.loads((tmp_path / "speed.json").read_text())
@@ -277,7 +275,7 @@ def test_speed_quick(tmp_path):
 
 
 def test_base_scale_quick(tmp_path):
-    import base_scale
+    from benchmarks import base_scale
 
     base_scale.main(["--quick", "--out", str(tmp_path / "base_scale")])
     data = json.loads((tmp_path / "base_scale.json").read_text())
@@ -290,7 +288,7 @@ def test_base_scale_quick(tmp_path):
 
 
 def test_guideline_optimization_quick(tmp_path):
-    import guideline_optimization
+    from benchmarks import guideline_optimization
 
     guideline_optimization.main(["--quick", "--out", str(tmp_path / "study")])
     data = json.loads((tmp_path / "study.json").read_text())
