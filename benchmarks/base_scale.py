@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.embedding import GuidelineEmbedding
+from dag_safety.guideline_embedding import GuidelineEmbedding
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT
 
 from .erase import EMBEDDING, ROOT, PromptSet, complex_prompts, generate, prompt_sets, score_set

@@ -7,7 +7,7 @@ init embedding (`"red star"` encoded) and an embedding optimized on filled scene
 - IoU of `Â >= 0.5` (nearest-upsampled to the image) with the red-star mask, on target scenes;
 - detection rate: DAG's scale map is non-zero (an unsafe component with a defined mode), on target scenes;
 - false-detection rate on distractor scenes: red non-stars, non-red stars, no object.
-- presence AUC against each distractor kind: how well the peak of the raw concept share (`detection_map(...,
+- presence AUC against each distractor kind: how well the peak of the raw concept share (`dag_map(...,
   normalize=False)`, before min-max normalisation) ranks target scenes above the distractor scenes. Min-max makes
   a peak in every image, so only the raw level could tell "no red star here"; 1 would allow a threshold on it.
 - for the optimized embedding, the share of images DAG guides at lower edit-mask thresholds `τ_e` than the spec's
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from dag_safety import DAGConfig, DAGStableDiffusionPipeline
 from dag_safety.calibration import generation_presence_scores
 from dag_safety.detection import minmax_normalize
-from dag_safety.embedding import GuidelineEmbedding
 from dag_safety.guidance import dag_scale_map
+from dag_safety.guideline_embedding import GuidelineEmbedding
 from dag_safety.mini import (
     BACKGROUNDS,
     GUIDELINE_INIT_TEXT,
@@ -148,7 +148,7 @@ def maps_at(
     t = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
     noisy = pipe.scheduler.add_noise(latents, noise, t)
     out = [
-        pipe.detection_map(noisy[i : i + batch], timestep, prompt=captions[i : i + batch], normalize=normalize).cpu()
+        pipe.dag_map(noisy[i : i + batch], timestep, prompt=captions[i : i + batch], normalize=normalize).cpu()
         for i in range(0, len(captions), batch)
     ]
     return torch.cat(out)

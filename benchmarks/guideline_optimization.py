@@ -62,12 +62,12 @@ def heldout_quality(pipe, embeds: torch.Tensor, sets: dict, latents: dict, times
                 evidence = (embeds.shape[0] - 1) * maps_at(
                     pipe, latents[name], scene_set.captions, t, t, normalize=False
                 )
-                amap = minmax_normalize(evidence)
+                dag_map = minmax_normalize(evidence)
                 peaks[name] = peak_presence(
-                    amap, evidence, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+                    dag_map, evidence, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
                 ).numpy()
                 if name == "target":
-                    ious.append(float(score(amap, scene_set.masks, config)["iou"].mean()))
+                    ious.append(float(score(dag_map, scene_set.masks, config)["iou"].mean()))
             for name in DISTRACTORS:
                 both = np.concatenate([peaks["target"], peaks[name]])
                 aucs[name].append(roc_auc(both, np.arange(len(both)) < len(peaks["target"])))

@@ -155,7 +155,7 @@ def build(method: str, components: dict, model: str, device: str):
         pipe = StableDiffusionPipeline(**shared, image_encoder=None)
     elif method == "attached DAG+SEGA (benign)":
         from dag_safety import DAGGuidance
-        from dag_safety.embedding import GuidelineEmbedding
+        from dag_safety.guideline_embedding import GuidelineEmbedding
 
         pipe = StableDiffusionPipeline(**shared, image_encoder=None)
         if model == "sd14-random":

@@ -414,6 +414,6 @@ class DAGGuidance(_AttachedGuidance):
             return None
         return DAGGuidanceOutput(
             unsafe_detected=guider.unsafe_detected.tolist(),
-            dag_maps=guider.detection_map,
+            dag_maps=guider.dag_map,
             presence_scores=None if guider.presence_peak is None else guider.presence_peak.tolist(),
         )

@@ -155,9 +155,9 @@ def presence_scores(
                     shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares
                 evidence = shares
                 for concept in evidence:
-                    for index, (share, amap) in enumerate(zip(concept.numpy(), minmax_normalize(concept).numpy())):
+                    for index, (share, dag_map) in enumerate(zip(concept.numpy(), minmax_normalize(concept).numpy())):
                         labels, count = unsafe_components(
-                            amap, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+                            dag_map, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
                         )
                         if count == 0:
                             continue

@@ -491,8 +491,8 @@ def load_pipeline(args: argparse.Namespace):
 
 def resolve_embedding(args: argparse.Namespace):
     """The guideline embedding for DAG: `--embedding`, or the red-star one with the mini model."""
-    from .embedding import GuidelineEmbedding
     from .embeddings import RED_STAR
+    from .guideline_embedding import GuidelineEmbedding
 
     if args.embedding is not None:
         return GuidelineEmbedding.from_pretrained(args.embedding)
@@ -519,22 +519,12 @@ def setup_pipeline(pipe, args: argparse.Namespace, embedding=None):
     return pipe
 
 
-def heat_map(image, detection_map):
-    """`image` (PIL) with the detection map `(h, w)` in `[0, 1]` blended over it as a JET heat map."""
-    import cv2
-    import numpy as np
-    from PIL import Image
-
-    rgb = np.asarray(image.convert("RGB"))
-    amap = cv2.resize(detection_map.numpy().astype(np.float32), rgb.shape[1::-1], interpolation=cv2.INTER_LINEAR)
-    colored = cv2.applyColorMap(np.uint8(np.clip(amap, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
-    return Image.fromarray(np.uint8(0.5 * rgb + 0.5 * colored))
-
-
 def generate(args: argparse.Namespace) -> list[Path]:
     """`dag-safety generate`: the images, and with DAG its detection report, maps and comparison; returns the files
     written."""
     import torch
+
+    from .visualize import heat_map
 
     # 1. Check the options and outputs, and load the embedding, before the model: all fail fast
     paths = check_generate(args)
@@ -564,7 +554,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     pictures = [images[0]] if len(images) == 1 else [image_grid(images), *images]
     if args.save_maps:
-        pictures += [heat_map(image, amap) for image, amap in zip(images, output.dag_maps)]
+        pictures += [heat_map(image, dag_map) for image, dag_map in zip(images, output.dag_maps)]
     for path, picture in zip(paths, pictures):
         picture.save(path)
     if args.compare:
@@ -591,13 +581,15 @@ def write_comparison(pipe, args, call: dict, images, maps, path: Path) -> None:
     import torch
     from diffusers.utils import make_image_grid
 
+    from .visualize import heat_map
+
     pipe.disable_dag()
     generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)]
     pipe.set_progress_bar_config(**{**DENOISING_BAR, "desc": "Denoising (undefended, for --compare)"})
     undefended = pipe(generator=generators, **call).images
     tiles = []
-    for plain, guided, amap in zip(undefended, images, maps):
-        tiles += [plain, guided, heat_map(guided, amap)]
+    for plain, guided, dag_map in zip(undefended, images, maps):
+        tiles += [plain, guided, heat_map(guided, dag_map)]
     make_image_grid(tiles, rows=len(images), cols=3).save(path)
 
 
@@ -680,7 +672,7 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
 
 def calibrate(args: argparse.Namespace) -> Path:
     """`dag-safety calibrate`: choose a saved embedding's presence threshold on validation images."""
-    from .embedding import GuidelineEmbedding
+    from .guideline_embedding import GuidelineEmbedding
     from .optimize import load_annotated_folder
 
     out = check_optimize(args)

@@ -109,7 +109,7 @@ def sega_noise_pred(
 
 
 def area_scaler(
-    detection_map: torch.Tensor,
+    dag_map: torch.Tensor,
     unsafe_threshold: float = 0.5,
     edit_mask_threshold: float = 0.01,
     base_scale: float = 5.0,
@@ -131,21 +131,21 @@ def area_scaler(
     the edit pixels nearest to it: the region around an object judged absent (a co-object) is not guided.
 
     Args:
-        detection_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
+        dag_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
         presence (`torch.Tensor`, *optional*): `(B, h, w)` presence evidence, in the units of
             `presence_threshold`.
 
     Returns:
-        `torch.Tensor`: `S_area`, `(B, h, w)`, `>= 0`, on the device and dtype of `detection_map`.
+        `torch.Tensor`: `S_area`, `(B, h, w)`, `>= 0`, on the device and dtype of `dag_map`.
     """
-    maps = detection_map.detach().float().cpu().numpy()
+    maps = dag_map.detach().float().cpu().numpy()
     evidence = None if presence is None else presence.detach().float().cpu().numpy()
     _, height, width = maps.shape
     unit = base_scale / (height * width)
     scales = np.zeros_like(maps)
-    for index, amap in enumerate(maps):
-        edit_mask = amap >= edit_mask_threshold
-        labels, count = unsafe_components(amap, unsafe_threshold, edit_mask_threshold, max_edit_area)
+    for index, image_map in enumerate(maps):
+        edit_mask = image_map >= edit_mask_threshold
+        labels, count = unsafe_components(image_map, unsafe_threshold, edit_mask_threshold, max_edit_area)
         if count == 0:
             continue
         areas = np.bincount(labels.ravel()).astype(np.float32)
@@ -158,18 +158,18 @@ def area_scaler(
         unsafe = unit * areas[labels]
         _, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
         scales[index] = np.maximum(unsafe, unsafe[rows, cols] * edit_mask)
-    return torch.from_numpy(scales).to(device=detection_map.device, dtype=detection_map.dtype)
+    return torch.from_numpy(scales).to(device=dag_map.device, dtype=dag_map.dtype)
 
 
 def unsafe_components(
-    amap: np.ndarray, unsafe_threshold: float, edit_mask_threshold: float, max_edit_area: float
+    dag_map: np.ndarray, unsafe_threshold: float, edit_mask_threshold: float, max_edit_area: float
 ) -> tuple[np.ndarray, int]:
     """The unsafe components of one map `Â` `(h, w)`: `(labels (h, w) int, count)` of the 8-connected regions of
     `Â >= unsafe_threshold`, or no component (`count == 0`) when the mode is undefined (`mean(Â >=
     edit_mask_threshold) >= max_edit_area`)."""
-    if (amap >= edit_mask_threshold).mean() >= max_edit_area:
-        return np.zeros(amap.shape, dtype=np.int32), 0
-    return ndimage.label(amap >= unsafe_threshold, structure=_EIGHT_CONNECTED)
+    if (dag_map >= edit_mask_threshold).mean() >= max_edit_area:
+        return np.zeros(dag_map.shape, dtype=np.int32), 0
+    return ndimage.label(dag_map >= unsafe_threshold, structure=_EIGHT_CONNECTED)
 
 
 def component_presence(presence: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
@@ -182,41 +182,41 @@ def component_presence(presence: np.ndarray, labels: np.ndarray, count: int) -> 
 
 
 def peak_presence(
-    detection_map: torch.Tensor,
+    dag_map: torch.Tensor,
     presence: torch.Tensor,
     unsafe_threshold: float,
     edit_mask_threshold: float,
     max_edit_area: float,
 ) -> torch.Tensor:
-    """Per image, the highest [`component_presence`] of any unsafe component of `detection_map` (as
+    """Per image, the highest [`component_presence`] of any unsafe component of `dag_map` (as
     [`area_scaler`] finds them), `(B,)` float32 on the CPU; 0 where no component formed.
 
     Under the selective rule an image is guided at a step exactly when this reaches `presence_threshold` (with a
     positive base scale), so the highest value over the steps tells which thresholds would have guided it.
 
     Args:
-        detection_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
+        dag_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
         presence (`torch.Tensor`): `(B, h, w)` presence evidence.
     """
-    maps = detection_map.detach().float().cpu().numpy()
+    maps = dag_map.detach().float().cpu().numpy()
     evidence = presence.detach().float().cpu().numpy()
     peaks = np.zeros(len(maps), dtype=np.float32)
-    for index, amap in enumerate(maps):
-        labels, count = unsafe_components(amap, unsafe_threshold, edit_mask_threshold, max_edit_area)
+    for index, image_map in enumerate(maps):
+        labels, count = unsafe_components(image_map, unsafe_threshold, edit_mask_threshold, max_edit_area)
         if count:
             peaks[index] = component_presence(evidence[index], labels, count).max()
     return torch.from_numpy(peaks)
 
 
 def magnitude_scaler(
-    detection_map: torch.Tensor, edit_mask_threshold: float = 0.01, max_magnitude: float = 5.0
+    dag_map: torch.Tensor, edit_mask_threshold: float = 0.01, max_magnitude: float = 5.0
 ) -> torch.Tensor:
     """DAG's MagnitudeScaler: `T = clip(Â / τ_e, 1, max_magnitude) ⊙ 1[Â >= τ_e]`, `(B, h, w)`.
 
     With the defaults it saturates at 5 for `Â >= 0.05`.
     """
-    edit_mask = detection_map >= edit_mask_threshold
-    return torch.clamp(detection_map / edit_mask_threshold, 1.0, max_magnitude) * edit_mask
+    edit_mask = dag_map >= edit_mask_threshold
+    return torch.clamp(dag_map / edit_mask_threshold, 1.0, max_magnitude) * edit_mask
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class DAGScaleMap:
     presence: torch.Tensor | None = None
 
 
-def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig, presence: torch.Tensor | None = None) -> DAGScaleMap:
+def dag_scale_map(dag_map: torch.Tensor, config: DAGConfig, presence: torch.Tensor | None = None) -> DAGScaleMap:
     """Combines AreaScaler and MagnitudeScaler (or their ablations) into `S_dag` for a detection map `(B, h, w)`.
 
     With `config.detection == "presence"`, `presence` `(B, h, w)` is the evidence the components are judged on
@@ -244,14 +244,14 @@ def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig, presence: torc
     """
     if config.detection == "presence" and presence is None:
         raise ValueError('`detection="presence"` needs the presence map of the step.')
-    edit_mask = detection_map >= config.edit_mask_threshold
-    ones_on_edit = edit_mask.to(detection_map.dtype)
+    edit_mask = dag_map >= config.edit_mask_threshold
+    ones_on_edit = edit_mask.to(dag_map.dtype)
     gate = (
         {} if config.detection == "paper" else {"presence": presence, "presence_threshold": config.presence_threshold}
     )
     if config.area_scaler:
         area = area_scaler(
-            detection_map,
+            dag_map,
             config.unsafe_threshold,
             config.edit_mask_threshold,
             config.base_scale,
@@ -260,21 +260,19 @@ def dag_scale_map(detection_map: torch.Tensor, config: DAGConfig, presence: torc
         )
     elif gate:
         # S_area := 1 where the gated AreaScaler would guide at all
-        area = (
-            area_scaler(detection_map, config.unsafe_threshold, config.edit_mask_threshold, 1.0, math.inf, **gate) > 0
-        )
-        area = area.to(detection_map.dtype)
+        area = area_scaler(dag_map, config.unsafe_threshold, config.edit_mask_threshold, 1.0, math.inf, **gate) > 0
+        area = area.to(dag_map.dtype)
     else:
         area = ones_on_edit
     if config.magnitude_scaler:
-        magnitude = magnitude_scaler(detection_map, config.edit_mask_threshold, config.max_magnitude)
+        magnitude = magnitude_scaler(dag_map, config.edit_mask_threshold, config.max_magnitude)
     else:
         magnitude = ones_on_edit
     scale = area * magnitude
     peaks = None
     if gate:
         peaks = peak_presence(
-            detection_map, presence, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+            dag_map, presence, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
         )
     return DAGScaleMap(scale=scale, detected=(scale > 0).flatten(1).any(dim=1), presence=peaks)
 

@@ -118,7 +118,7 @@ class DAGGuider(SafetyGuider):
             for `return_dag_maps`).
 
     Attributes, read after (or during) the call:
-        detection_map (`torch.Tensor | None`): the last detection map, `(B, h, w)` on the CPU.
+        dag_map (`torch.Tensor | None`): the last detection map, `(B, h, w)` on the CPU.
         scale (`torch.Tensor | None`): the last step's `S_dag` on the latents' device, `None` where it guided nothing.
         unsafe_detected (`torch.Tensor | None`): `(B,)` bool, whether any guided step detected something.
         presence_peak (`torch.Tensor | None`): under `detection="presence"`, `(B,)` the highest component presence
@@ -130,7 +130,7 @@ class DAGGuider(SafetyGuider):
         self.state = state
         self.config = state.config
         self.map_step = map_step
-        self.detection_map: torch.Tensor | None = None
+        self.dag_map: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.unsafe_detected: torch.Tensor | None = None
         self.presence_peak: torch.Tensor | None = None
@@ -165,7 +165,7 @@ class DAGGuider(SafetyGuider):
                 self.presence_peak = torch.zeros(batch)
         if self._detects(step):
             # on the host, from the maps `DAGState.shares` copied there: no further synchronisation
-            self.detection_map, scale_map, self._evidence = self.state.detect_step(
+            self.dag_map, scale_map, self._evidence = self.state.detect_step(
                 tuple(noise_pred_uncond.shape[-2:]), self._evidence
             )
             self.state.capture.store.clear()

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .attention import CrossAttentionCapture
 from .conditioning import unet_conditioning
 from .detection import QueryProjection, attention_probs, infer_spatial_size, project_keys
-from .embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
+from .guideline_embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
 
 __all__ = [
     "LOSSES",

@@ -60,7 +60,7 @@ class DAGStableDiffusionPipeline(SafetyGuidanceMixin, SafetyWeightsMixin, Stable
     _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, "dag_scale"]  # noqa: RUF012  # diffusers' attribute
 
     @torch.no_grad()
-    def detection_map(
+    def dag_map(
         self,
         latents: torch.Tensor,
         timestep: int | torch.Tensor,
@@ -86,7 +86,7 @@ class DAGStableDiffusionPipeline(SafetyGuidanceMixin, SafetyWeightsMixin, Stable
             `torch.Tensor`: `Â`, `(B, h, w)` in `[0, 1]`, float32 (the raw share with `normalize=False`).
         """
         if self._dag is None:
-            raise ValueError("`detection_map` needs DAG; call `pipe.enable_dag(embedding)` first.")
+            raise ValueError("`dag_map` needs DAG; call `pipe.enable_dag(embedding)` first.")
         channels = self.unet.config.in_channels
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != channels:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__

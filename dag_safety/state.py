@@ -28,8 +28,8 @@ from .detection import (
     token_maps,
     validate_embedding,
 )
-from .embedding import GuidelineEmbedding, unet_fingerprint
 from .guidance import DAGScaleMap, dag_scale_map
+from .guideline_embedding import GuidelineEmbedding, unet_fingerprint
 
 __all__ = ["DAGState", "EmbeddingLike", "bundled_embeddings", "prepare_dag"]
 
@@ -107,13 +107,13 @@ class DAGState:
         """
         config = self.config
         if config.detection == "paper":
-            detection_map = self.detect(latent_size)
-            return detection_map, dag_scale_map(detection_map, config), None
+            dag_map = self.detect(latent_size)
+            return dag_map, dag_scale_map(dag_map, config), None
         shares = self.shares(latent_size, concept_presence)
         if evidence is not None:
             shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares
         maps = [minmax_normalize(share) for share in shares]
-        scale_maps = [dag_scale_map(amap, config, presence=share) for amap, share in zip(maps, shares)]
+        scale_maps = [dag_scale_map(dag_map, config, presence=share) for dag_map, share in zip(maps, shares)]
         if len(maps) == 1:
             return maps[0], scale_maps[0], shares
         scale_map = DAGScaleMap(

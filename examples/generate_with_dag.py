@@ -10,9 +10,9 @@ import torch
 from diffusers.utils import make_image_grid
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.cli import heat_map
 from dag_safety.embeddings import RED_STAR
 from dag_safety.mini import MODEL_PATH, SAFETY_CONCEPT_TEXT
+from dag_safety.visualize import heat_map
 
 
 def main() -> None:

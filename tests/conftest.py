@@ -189,7 +189,7 @@ def mini_pipe():
 
 def make_embedding(pipe, rows: int = 3, **changes):
     """A random `GuidelineEmbedding` for `pipe`'s UNet (its fingerprint), with test metadata; `changes` override it."""
-    from dag_safety.embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
+    from dag_safety.guideline_embedding import EmbeddingMetadata, GuidelineEmbedding, unet_fingerprint
 
     torch.manual_seed(0)
     metadata = EmbeddingMetadata(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 class ReferenceStep:
     """What the reference computed at one step (numpy arrays of one image, `(h, w)` or `(C, h, w)`)."""
 
-    amap: np.ndarray | None = None
+    dag_map: np.ndarray | None = None
     unsafe: np.ndarray | None = None
     edit: np.ndarray | None = None
     scale: np.ndarray | None = None  # S_dag
@@ -75,7 +75,7 @@ def components_of(mask: np.ndarray) -> np.ndarray:
 
 
 def area_scale(
-    amap: np.ndarray,
+    dag_map: np.ndarray,
     tau_u: float,
     tau_e: float,
     base_scale: float,
@@ -92,20 +92,20 @@ def area_scale(
         `S_area` `(h, w)` and the number of edit-band pixels equally near two components of different areas: the
         spec leaves their scale open (this takes the larger), so a test must not depend on them.
     """
-    height, width = amap.shape
-    edit = amap >= tau_e
+    height, width = dag_map.shape
+    edit = dag_map >= tau_e
     if edit.mean() >= max_edit_area:
-        return np.zeros_like(amap), 0
-    labels = components_of(amap >= tau_u)
+        return np.zeros_like(dag_map), 0
+    labels = components_of(dag_map >= tau_u)
     if labels.max() == 0:
-        return np.zeros_like(amap), 0
+        return np.zeros_like(dag_map), 0
     unit = base_scale / (height * width)
     per_label = {label: unit * (labels == label).sum() for label in range(1, labels.max() + 1)}
     if presence is not None:
         for label in per_label:
             if presence[labels == label].mean() < presence_threshold:
                 per_label[label] = 0.0
-    scale, ties = np.zeros_like(amap), 0
+    scale, ties = np.zeros_like(dag_map), 0
     unsafe_pixels = list(zip(*np.nonzero(labels)))
     for y in range(height):
         for x in range(width):
@@ -209,9 +209,9 @@ def reference_dag(
             if i < warmup_steps:
                 noise = e_u + guidance_scale * (e_p - e_u)
             else:
-                amap = guideline_map(pipe, conditional, embedding, layer_fractions, latent_size)
-                magnitude = np.clip(amap / edit_mask_threshold, 1, max_magnitude) * (amap >= edit_mask_threshold)
-                area, ties = area_scale(amap, unsafe_threshold, edit_mask_threshold, base_scale, max_edit_area)
+                dag_map = guideline_map(pipe, conditional, embedding, layer_fractions, latent_size)
+                magnitude = np.clip(dag_map / edit_mask_threshold, 1, max_magnitude) * (dag_map >= edit_mask_threshold)
+                area, ties = area_scale(dag_map, unsafe_threshold, edit_mask_threshold, base_scale, max_edit_area)
                 scale = area * magnitude
                 direction = (e_s - e_u)[0].double().numpy()
                 if base == "sega":
@@ -225,7 +225,7 @@ def reference_dag(
                 v = mom_beta * v + (1 - mom_beta) * g
                 momentum = torch.from_numpy(v)[None].to(latents.dtype)
                 noise = e_u + guidance_scale * ((e_p - e_u) - torch.from_numpy(g)[None].to(e_u.dtype))
-                step = ReferenceStep(amap, amap >= unsafe_threshold, amap >= edit_mask_threshold, scale, base_mask,
+                step = ReferenceStep(dag_map, dag_map >= unsafe_threshold, dag_map >= edit_mask_threshold, scale, base_mask,
                                      v, bool((scale > 0).any()), ties)  # fmt: skip
             run.steps.append(step)
             latents = scheduler.step(noise, t, latents).prev_sample

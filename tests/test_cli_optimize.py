@@ -7,7 +7,7 @@ from test_optimize import write_folder
 
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.cli import main
-from dag_safety.embedding import GuidelineEmbedding
+from dag_safety.guideline_embedding import GuidelineEmbedding
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_optimize_and_generate_for_sdxl(tmp_path, capsys, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
 
     from dag_safety import DAGStableDiffusionXLPipeline
-    from dag_safety.embedding import unet_fingerprint
+    from dag_safety.guideline_embedding import unet_fingerprint
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = tmp_path / "sdxl"

@@ -13,7 +13,7 @@ from test_optimize import write_folder
 
 from dag_safety import cli
 from dag_safety.cli import main
-from dag_safety.embedding import EMBEDDING_FILE, GuidelineEmbedding
+from dag_safety.guideline_embedding import EMBEDDING_FILE, GuidelineEmbedding
 from dag_safety.optimize import OptimizationConfig
 
 

@@ -111,11 +111,11 @@ def test_guided_steps_match_the_reference(tiny_pipe, embedding, base, scenario):
     # batched and single UNet rows differ by ~3e-5 here
     torch.testing.assert_close(out.images, reference.latents, rtol=0, atol=1e-4)
     assert out.unsafe_detected == [reference.unsafe_detected] == [True]
-    np.testing.assert_allclose(out.dag_maps[0].numpy(), reference.steps[-1].amap, atol=1e-5)
+    np.testing.assert_allclose(out.dag_maps[0].numpy(), reference.steps[-1].dag_map, atol=1e-5)
 
 
 def test_the_loop_uses_detection_map_of_the_conditional_branch(tiny_pipe, embedding):
-    """The returned map (the last step's) is `detection_map` of the last step's UNet input and the prompt, not the
+    """The returned map (the last step's) is `dag_map` of the last step's UNet input and the prompt, not the
     negative prompt, whose map differs."""
     inputs = []
     tiny_pipe.enable_dag(embedding, warmup_steps=STEPS)  # never guides: the inputs are plain CFG's
@@ -128,8 +128,8 @@ def test_the_loop_uses_detection_map_of_the_conditional_branch(tiny_pipe, embedd
         out = tiny_pipe(PROMPT, negative_prompt=NEGATIVE, safety_concept=CONCEPT, num_inference_steps=STEPS, return_dag_maps=True,
                         generator=torch.Generator().manual_seed(0), output_type="latent", callback_on_step_end=keep)  # fmt: skip
         last_t = tiny_pipe.scheduler.timesteps[-1]
-        conditional = tiny_pipe.detection_map(inputs[-2], last_t, prompt=PROMPT)
-        unconditional = tiny_pipe.detection_map(inputs[-2], last_t, prompt=NEGATIVE)
+        conditional = tiny_pipe.dag_map(inputs[-2], last_t, prompt=PROMPT)
+        unconditional = tiny_pipe.dag_map(inputs[-2], last_t, prompt=NEGATIVE)
     finally:
         tiny_pipe.disable_dag()
     torch.testing.assert_close(out.dag_maps, conditional, rtol=0, atol=1e-4)  # batched vs single UNet rows
@@ -143,34 +143,34 @@ def test_thresholds_are_inclusive():
     """`M_unsafe = 1[Â ≥ τ_u]`, `M_edit = 1[Â ≥ τ_e]` (spec section 3), with values exactly at the thresholds; the
     expected scales are worked out by hand from the spec's formulas."""
     config = DAGConfig(unsafe_threshold=0.5, edit_mask_threshold=0.0625, base_scale=8.0, max_magnitude=5.0)
-    amap = torch.zeros(1, 8, 8)
-    amap[0, 2:4, 2:4] = 0.5  # a 4-pixel component exactly at τ_u: s̄ · 4 = 8 / 64 · 4 = 0.5, T = clip(8, 1, 5) = 5
-    amap[0, 2, 4] = 0.0625  # an edit pixel exactly at τ_e, next to it: nearest component 0.5, T = clip(1, 1, 5) = 1
-    amap[0, 6, 6] = 0.0624  # just below τ_e: not edited
+    dag_map = torch.zeros(1, 8, 8)
+    dag_map[0, 2:4, 2:4] = 0.5  # a 4-pixel component exactly at τ_u: s̄ · 4 = 8 / 64 · 4 = 0.5, T = clip(8, 1, 5) = 5
+    dag_map[0, 2, 4] = 0.0625  # an edit pixel exactly at τ_e, next to it: nearest component 0.5, T = clip(1, 1, 5) = 1
+    dag_map[0, 6, 6] = 0.0624  # just below τ_e: not edited
     expected = torch.zeros(1, 8, 8)
     expected[0, 2:4, 2:4] = 2.5
     expected[0, 2, 4] = 0.5
-    result = dag_scale_map(amap, config)
+    result = dag_scale_map(dag_map, config)
     torch.testing.assert_close(result.scale, expected)
     assert result.detected.tolist() == [True]
     # the ablations (paper Table 5): S_area := 1 on M_edit, or T := 1 on M_edit, same boundaries
-    no_area = dag_scale_map(amap, dataclasses.replace(config, area_scaler=False)).scale
-    torch.testing.assert_close(no_area, torch.where(expected > 0, torch.tensor([5.0, 1.0])[(amap < 0.5).long()], 0))
-    no_magnitude = dag_scale_map(amap, dataclasses.replace(config, magnitude_scaler=False)).scale
+    no_area = dag_scale_map(dag_map, dataclasses.replace(config, area_scaler=False)).scale
+    torch.testing.assert_close(no_area, torch.where(expected > 0, torch.tensor([5.0, 1.0])[(dag_map < 0.5).long()], 0))
+    no_magnitude = dag_scale_map(dag_map, dataclasses.replace(config, magnitude_scaler=False)).scale
     torch.testing.assert_close(no_magnitude, torch.where(expected > 0, 0.5, 0.0))
     # AreaScaler alone is zero outside the edit band too
-    area = area_scaler(amap, 0.5, 0.0625, 8.0, 0.8)
+    area = area_scaler(dag_map, 0.5, 0.0625, 8.0, 0.8)
     torch.testing.assert_close(area, torch.where(expected > 0, 0.5, 0.0))
 
 
 def test_mode_undefined_at_exactly_the_maximum_edit_area():
     """`mean(M_edit) ≥ max_edit_area` leaves the step unguided; one pixel less is guided."""
     config = DAGConfig(max_edit_area=0.5)
-    amap = torch.zeros(1, 4, 4)
-    amap[0, :2] = 1.0  # 8 of 16 pixels: exactly 0.5
-    assert dag_scale_map(amap, config).detected.tolist() == [False]
-    amap[0, 1, 3] = 0.0  # 7 of 16
-    assert dag_scale_map(amap, config).detected.tolist() == [True]
+    dag_map = torch.zeros(1, 4, 4)
+    dag_map[0, :2] = 1.0  # 8 of 16 pixels: exactly 0.5
+    assert dag_scale_map(dag_map, config).detected.tolist() == [False]
+    dag_map[0, 1, 3] = 0.0  # 7 of 16
+    assert dag_scale_map(dag_map, config).detected.tolist() == [True]
 
 
 # ---------------------------------------------------------------------------------------------------- exceptions

@@ -78,9 +78,9 @@ def test_token_maps_upsample_and_average():
     maps = token_maps(queries, {"a": identity, "b": identity}, {"a": keys, "b": keys}, (4, 4))
     assert maps.shape == (1, 2, 4, 4)
     assert torch.allclose(maps.sum(dim=1), torch.ones(1, 4, 4))
-    amap = concept_map(maps)
-    assert amap[0, 0, 0] == 1.0 and amap[0, 3, 3] == 0.0
-    assert amap.min() == 0 and amap.max() == 1
+    dag_map = concept_map(maps)
+    assert dag_map[0, 0, 0] == 1.0 and dag_map[0, 3, 3] == 0.0
+    assert dag_map.min() == 0 and dag_map.max() == 1
 
 
 def test_token_maps_batch_same_shape_layers_as_the_per_layer_definition():

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dag_safety.config import SLD_SAFETY_CONCEPT
-from dag_safety.embedding import EMBEDDING_FILE, GuidelineEmbedding, unet_fingerprint
+from dag_safety.guideline_embedding import EMBEDDING_FILE, GuidelineEmbedding, unet_fingerprint
 
 
 def test_save_load_roundtrip(pipe, tmp_path):

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_embedding import make_embedding
 
-from dag_safety import embedding as embedding_module
-from dag_safety.embedding import _HEADER_TYPES, EMBEDDING_FILE, EmbeddingMetadata, GuidelineEmbedding
+from dag_safety import guideline_embedding as embedding_module
+from dag_safety.guideline_embedding import _HEADER_TYPES, EMBEDDING_FILE, EmbeddingMetadata, GuidelineEmbedding
 
 
 @pytest.fixture

@@ -79,18 +79,18 @@ class TestSEGA:
 
 class TestScalers:
     def test_magnitude_scaler(self):
-        amap = torch.tensor([[[0.0, 0.005, 0.01, 0.03, 0.05, 0.9]]])
-        assert torch.allclose(magnitude_scaler(amap), torch.tensor([[[0.0, 0.0, 1.0, 3.0, 5.0, 5.0]]]))
+        dag_map = torch.tensor([[[0.0, 0.005, 0.01, 0.03, 0.05, 0.9]]])
+        assert torch.allclose(magnitude_scaler(dag_map), torch.tensor([[[0.0, 0.0, 1.0, 3.0, 5.0, 5.0]]]))
 
     def test_area_scaler_components_and_interpolation(self):
-        amap = torch.zeros(1, 10, 10)
-        amap[0, 1:3, 1:3] = 0.9  # component A: 4 px
-        amap[0, 6:9, 6:9] = 0.8  # component B: 9 px
-        amap[0, 3, 1] = 0.2  # edit band pixel next to A
-        amap[0, 5, 7] = 0.2  # edit band pixel next to B
-        amap[0, 0, 6] = 0.3  # isolated edit pixel, nearer to A (sqrt 17) than to B (6)
+        dag_map = torch.zeros(1, 10, 10)
+        dag_map[0, 1:3, 1:3] = 0.9  # component A: 4 px
+        dag_map[0, 6:9, 6:9] = 0.8  # component B: 9 px
+        dag_map[0, 3, 1] = 0.2  # edit band pixel next to A
+        dag_map[0, 5, 7] = 0.2  # edit band pixel next to B
+        dag_map[0, 0, 6] = 0.3  # isolated edit pixel, nearer to A (sqrt 17) than to B (6)
         s_bar = 5 / 100
-        scale = area_scaler(amap)[0]
+        scale = area_scaler(dag_map)[0]
         assert torch.allclose(scale[1:3, 1:3], torch.full((2, 2), 4 * s_bar))
         assert torch.allclose(scale[6:9, 6:9], torch.full((3, 3), 9 * s_bar))
         assert scale[3, 1] == pytest.approx(4 * s_bar)
@@ -99,9 +99,9 @@ class TestScalers:
         assert int((scale > 0).sum()) == 4 + 9 + 3
 
     def test_area_scaler_eight_connectivity(self):
-        amap = torch.zeros(1, 5, 5)
-        amap[0, 1, 1] = amap[0, 2, 2] = 1.0  # diagonal neighbours: one component of 2 px
-        assert area_scaler(amap)[0, 1, 1] == pytest.approx(2 * 5 / 25)
+        dag_map = torch.zeros(1, 5, 5)
+        dag_map[0, 1, 1] = dag_map[0, 2, 2] = 1.0  # diagonal neighbours: one component of 2 px
+        assert area_scaler(dag_map)[0, 1, 1] == pytest.approx(2 * 5 / 25)
 
     def test_mode_undefined_and_nothing_detected(self):
         diffuse = torch.full((1, 4, 4), 0.02)
@@ -115,16 +115,16 @@ class TestScalers:
         assert torch.count_nonzero(area_scaler(just_below)) == 79
 
     def test_dag_scale_map_and_ablations(self):
-        amap = torch.zeros(1, 10, 10)
-        amap[0, 0:2, 0:2] = 1.0
-        amap[0, 2, 0] = 0.02
-        full = dag_scale_map(amap, DAGConfig())
+        dag_map = torch.zeros(1, 10, 10)
+        dag_map[0, 0:2, 0:2] = 1.0
+        dag_map[0, 2, 0] = 0.02
+        full = dag_scale_map(dag_map, DAGConfig())
         assert full.scale[0, 0, 0] == pytest.approx(4 * 0.05 * 5)
         assert full.scale[0, 2, 0] == pytest.approx(4 * 0.05 * 2)
         assert full.detected.tolist() == [True]
-        no_area = dag_scale_map(amap, DAGConfig(area_scaler=False))
+        no_area = dag_scale_map(dag_map, DAGConfig(area_scaler=False))
         assert no_area.scale[0, 0, 0] == pytest.approx(5.0) and no_area.scale[0, 2, 0] == pytest.approx(2.0)
-        no_magnitude = dag_scale_map(amap, DAGConfig(magnitude_scaler=False))
+        no_magnitude = dag_scale_map(dag_map, DAGConfig(magnitude_scaler=False))
         assert no_magnitude.scale[0, 2, 0] == pytest.approx(4 * 0.05)
         assert int(torch.count_nonzero(full.scale)) == 5
 

@@ -164,8 +164,8 @@ class TestDAG:
         """`normalize=False` gives the concept rows' attention share; min-max of it is the normal map."""
         pipe.enable_dag(star_embedding)
         noisy = torch.randn((2, 4, 16, 16), generator=torch.manual_seed(0))
-        raw = pipe.detection_map(noisy, 500, prompt=PROMPT, normalize=False)
-        normalized = pipe.detection_map(noisy, 500, prompt=PROMPT)
+        raw = pipe.dag_map(noisy, 500, prompt=PROMPT, normalize=False)
+        normalized = pipe.dag_map(noisy, 500, prompt=PROMPT)
         assert raw.shape == normalized.shape == (2, 16, 16)
         assert 0 < raw.min() and raw.max() < 1  # probabilities, not stretched to [0, 1]
         torch.testing.assert_close(minmax_normalize(raw), normalized)
@@ -442,7 +442,7 @@ class TestErrors:
 
     def test_compiled_unet(self, pipe, components, star_embedding):
         """A `torch.compile`d UNet (not run here: wrapping is enough) is hooked through the model it wraps."""
-        from dag_safety.embedding import unet_fingerprint
+        from dag_safety.guideline_embedding import unet_fingerprint
 
         fingerprint = unet_fingerprint(pipe.unet)
         pipe.unet = torch.compile(pipe.unet)

@@ -175,8 +175,8 @@ def test_detection_map_checks_the_latents_shape(pipe, components):
     pipe.enable_dag(star_rows(components))
     for latents in (torch.randn(1, 3, 16, 16), torch.randn(4, 16, 16)):
         with pytest.raises(ValueError, match=r"`latents` must be a \(B, 4, h, w\) tensor"):
-            pipe.detection_map(latents, 500, prompt=PROMPT)
-    assert pipe.detection_map(torch.randn(1, 4, 16, 16), 500, prompt=PROMPT).shape == (1, 16, 16)
+            pipe.dag_map(latents, 500, prompt=PROMPT)
+    assert pipe.dag_map(torch.randn(1, 4, 16, 16), 500, prompt=PROMPT).shape == (1, 16, 16)
 
 
 def test_re_enabling_dag_after_loading_weights_names_them(pipe):

@@ -15,16 +15,16 @@ def _blobs(seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """A map with a few separate bright blobs on a dim floor, and a presence map that differs per blob."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
-    amap = np.full((size, size), 0.005, dtype=np.float32)
+    dag_map = np.full((size, size), 0.005, dtype=np.float32)
     presence = rng.uniform(0.0, 0.05, (size, size)).astype(np.float32)
     for _ in range(3):
         cy, cx, radius = rng.integers(2, size - 2), rng.integers(2, size - 2), rng.uniform(1.0, 2.5)
         disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
-        amap[disk] = rng.uniform(0.6, 1.0)
+        dag_map[disk] = rng.uniform(0.6, 1.0)
         presence[disk] += rng.uniform(0.0, 0.4)
-    halo = (amap < 0.5) & (rng.uniform(size=amap.shape) < 0.3)
-    amap[halo] = 0.02  # an edit band around and between the blobs
-    return amap, presence
+    halo = (dag_map < 0.5) & (rng.uniform(size=dag_map.shape) < 0.3)
+    dag_map[halo] = 0.02  # an edit band around and between the blobs
+    return dag_map, presence
 
 
 # maps without edit pixels equally near two components, whose scale the spec leaves open
@@ -32,8 +32,8 @@ THRESHOLDS = (0.0, 0.15, 0.3, 1.0)
 
 
 def _untied(seed: int) -> bool:
-    amap, presence = _blobs(seed)
-    return not any(area_scale(amap, 0.5, 0.01, 5.0, 0.8, presence, t)[1] for t in THRESHOLDS)
+    dag_map, presence = _blobs(seed)
+    return not any(area_scale(dag_map, 0.5, 0.01, 5.0, 0.8, presence, t)[1] for t in THRESHOLDS)
 
 
 UNTIED_SEEDS = [seed for seed in range(80) if _untied(seed)][:12]
@@ -42,9 +42,9 @@ UNTIED_SEEDS = [seed for seed in range(80) if _untied(seed)][:12]
 @pytest.mark.parametrize("seed", UNTIED_SEEDS)
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 def test_area_scaler_gates_components_as_the_reference(seed, threshold):
-    amap, presence = _blobs(seed)
-    expected, _ = area_scale(amap, 0.5, 0.01, 5.0, 0.8, presence, threshold)
-    maps, evidence = torch.from_numpy(amap)[None], torch.from_numpy(presence)[None]
+    dag_map, presence = _blobs(seed)
+    expected, _ = area_scale(dag_map, 0.5, 0.01, 5.0, 0.8, presence, threshold)
+    maps, evidence = torch.from_numpy(dag_map)[None], torch.from_numpy(presence)[None]
     got = area_scaler(maps, 0.5, 0.01, 5.0, 0.8, evidence, threshold)[0].numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
 
@@ -53,17 +53,17 @@ def test_the_reference_cases_open_and_close_the_gate():
     """The cases above are not vacuous: some components pass and some do not at the middle thresholds."""
     kept = []
     for seed in UNTIED_SEEDS:
-        amap, presence = _blobs(seed)
-        everything = area_scale(amap, 0.5, 0.01, 5.0, 0.8)[0] > 0
-        gated = area_scale(amap, 0.5, 0.01, 5.0, 0.8, presence, 0.15)[0] > 0
+        dag_map, presence = _blobs(seed)
+        everything = area_scale(dag_map, 0.5, 0.01, 5.0, 0.8)[0] > 0
+        gated = area_scale(dag_map, 0.5, 0.01, 5.0, 0.8, presence, 0.15)[0] > 0
         kept.append(gated.sum() / max(everything.sum(), 1))
     assert len(UNTIED_SEEDS) == 12 and min(kept) < 1 and max(kept) > 0
     assert any(0 < k < 1 for k in kept)
 
 
 def test_a_gate_nothing_passes_guides_nothing_and_one_everything_passes_is_the_paper_rule():
-    amap, presence = _blobs(3)
-    maps, evidence = torch.from_numpy(amap)[None], torch.from_numpy(presence)[None]
+    dag_map, presence = _blobs(3)
+    maps, evidence = torch.from_numpy(dag_map)[None], torch.from_numpy(presence)[None]
     closed = DAGConfig(detection="presence", presence_threshold=float(np.nextafter(np.float32(1.0), 0)))
     opened = DAGConfig(detection="presence", presence_threshold=1e-9)
     assert not dag_scale_map(maps, closed, evidence).detected.any()
@@ -72,15 +72,15 @@ def test_a_gate_nothing_passes_guides_nothing_and_one_everything_passes_is_the_p
 
 
 def test_a_co_object_and_the_band_nearest_to_it_are_left_alone():
-    amap = np.zeros((16, 16), dtype=np.float32)
-    amap[:8, :8] = amap[8:, 8:] = 0.02  # an edit band around each object: half the latent
-    amap[2:5, 2:5] = 1.0  # the concept
-    amap[10:14, 10:14] = 0.9  # a co-object
-    presence = np.zeros_like(amap)
+    dag_map = np.zeros((16, 16), dtype=np.float32)
+    dag_map[:8, :8] = dag_map[8:, 8:] = 0.02  # an edit band around each object: half the latent
+    dag_map[2:5, 2:5] = 1.0  # the concept
+    dag_map[10:14, 10:14] = 0.9  # a co-object
+    presence = np.zeros_like(dag_map)
     presence[2:5, 2:5] = 0.5
     presence[10:14, 10:14] = 0.1
     scale = area_scaler(
-        torch.from_numpy(amap)[None], presence=torch.from_numpy(presence)[None], presence_threshold=0.3
+        torch.from_numpy(dag_map)[None], presence=torch.from_numpy(presence)[None], presence_threshold=0.3
     )
     scale = scale[0].numpy()
     assert (scale[2:5, 2:5] > 0).all() and (scale[0, 0] > 0)
@@ -88,16 +88,16 @@ def test_a_co_object_and_the_band_nearest_to_it_are_left_alone():
 
 
 def test_without_the_area_scaler_the_gate_keeps_one_on_the_present_objects_side():
-    amap = np.zeros((16, 16), dtype=np.float32)
-    amap[:8, :8] = amap[8:, 8:] = 0.02
-    amap[2:5, 2:5] = 1.0
-    amap[11:14, 11:14] = 0.9
-    presence = np.zeros_like(amap)
+    dag_map = np.zeros((16, 16), dtype=np.float32)
+    dag_map[:8, :8] = dag_map[8:, 8:] = 0.02
+    dag_map[2:5, 2:5] = 1.0
+    dag_map[11:14, 11:14] = 0.9
+    presence = np.zeros_like(dag_map)
     presence[2:5, 2:5] = 0.5
     presence[11:14, 11:14] = 0.1
     config = DAGConfig(detection="presence", presence_threshold=0.3, area_scaler=False, magnitude_scaler=False)
-    scale = dag_scale_map(torch.from_numpy(amap)[None], config, torch.from_numpy(presence)[None]).scale[0].numpy()
-    expected = np.zeros_like(amap)
+    scale = dag_scale_map(torch.from_numpy(dag_map)[None], config, torch.from_numpy(presence)[None]).scale[0].numpy()
+    expected = np.zeros_like(dag_map)
     expected[:8, :8] = 1.0  # the present object's edit region, at S_area = T = 1
     np.testing.assert_array_equal(scale, expected)
 
@@ -125,8 +125,8 @@ def test_presence_without_its_map_is_refused():
 def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embedding_carries_it(mini_pipe, tmp_path):
     from dag_safety.calibration import presence_scores
     from dag_safety.cli import main
-    from dag_safety.embedding import GuidelineEmbedding
     from dag_safety.embeddings import RED_STAR
+    from dag_safety.guideline_embedding import GuidelineEmbedding
     from dag_safety.mini.guideline_data import write_folder
     from dag_safety.optimize import load_annotated_folder
 
@@ -253,8 +253,8 @@ def test_a_generation_is_guided_exactly_when_its_unguided_presence_score_reaches
 
 def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(mini_pipe, tmp_path):
     from dag_safety.cli import main
-    from dag_safety.embedding import GuidelineEmbedding
     from dag_safety.embeddings import RED_STAR
+    from dag_safety.guideline_embedding import GuidelineEmbedding
     from dag_safety.mini.guideline_data import write_folder
     from dag_safety.optimize import load_annotated_folder
 

@@ -522,7 +522,7 @@ class TestWithDAG:
 
         state.detect = detect
         noisy = torch.randn((1, 4, 16, 16), generator=torch.manual_seed(0))
-        before = pipe.detection_map(noisy, 500, prompt="a red star and a blue circle")
+        before = pipe.dag_map(noisy, 500, prompt="a red star and a blue circle")
         del state.detect
         assert captured and before.shape == (1, 16, 16)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dag_safety.embedding import unet_fingerprint
+from dag_safety.guideline_embedding import unet_fingerprint
 from dag_safety.weights import read_safetensors_header
 
 FIXTURES = Path(__file__).parent / "fixtures"
