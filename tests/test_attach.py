@@ -355,6 +355,36 @@ class TestSDXL:
             pipe.enable_dag(star)
         assert pipe.dag_config is before
 
+    @pytest.mark.parametrize("family", ["img2img", "inpaint"])
+    def test_image_to_image_and_inpainting(self, sdxl, family):
+        """SDXL's image-to-image and inpainting pipelines (the same components): attached with nothing detected
+        is the stock pipeline bit for bit, and the star rows guide."""
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+        inputs = {"image": image(), "strength": 0.8}
+        if family == "img2img":
+            pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(sdxl, requires_aesthetics_score=False)
+        else:
+            mask = torch.zeros(1, 1, 32, 32)
+            mask[..., 8:24, 8:24] = 1
+            pipe = StableDiffusionXLInpaintPipeline.from_pipe(sdxl, requires_aesthetics_score=False)
+            inputs["mask_image"] = mask
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate():
+            return pipe(PROMPT, height=32, width=32, num_inference_steps=5, generator=torch.manual_seed(0),
+                        output_type="np", **inputs).images  # fmt: skip
+
+        reference = generate()
+        silent = self.rows(sdxl, CONCEPT, 1).repeat(3, 1)
+        with DAGGuidance(silent, safety_concept=CONCEPT, warmup_steps=1).attach(pipe):
+            assert np.array_equal(generate(), reference)
+        dag = DAGGuidance(self.rows(sdxl, "red star", 3), safety_concept=CONCEPT, **GUIDED)
+        with dag.attach(pipe):
+            guided = generate()
+        assert dag.last_output.unsafe_detected == [True] and not np.array_equal(guided, reference)
+        assert_stock_again(pipe)
+
     def test_an_embedding_of_the_wrong_width(self, sdxl, star):
         with pytest.raises(ValueError, match="64"):
             DAGGuidance(star).attach(sdxl)  # SD's 32-wide rows against SDXL's 64-wide context
