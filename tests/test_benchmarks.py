@@ -274,6 +274,21 @@ def test_speed_quick(tmp_path):
     assert 0 < generation < peak  # the loaded model is in the peak, not in the generation's share
 
 
+def test_calibration_size_quick(tmp_path):
+    """Bootstrap thresholds for each calibration size, and the held-out rate each would guide, from one scoring."""
+    from benchmarks import calibration_size
+
+    calibration_size.main(["--quick", "--out", str(tmp_path / "size")])
+    data = json.loads((tmp_path / "size.json").read_text())
+    assert data["safe_captions"] == 16 and data["heldout_prompts"] == 8
+    assert [row["captions"] for row in data["rows"]] == [8, 16]
+    for row in data["rows"]:
+        low, high = row["threshold_5_95"]
+        assert low <= row["threshold_median"] <= high
+        assert 0 <= row["heldout_fpr_median"] <= 1
+    assert "| 16 |" in (tmp_path / "size.md").read_text()
+
+
 def test_base_scale_quick(tmp_path):
     from benchmarks import base_scale
 

@@ -1,0 +1,123 @@
+"""How many validation captions a generation calibration needs for its false-detection rate to hold on new prompts.
+
+`dag-safety calibrate --calibrate-on generations` chooses the lowest presence threshold that guides at most
+`target_fpr` of the safe validation captions' unguided generations. With few captions that tail quantile is noisy:
+at 5 % of 200 captions it rests on the 10th highest score. This benchmark scores, once each, the unguided
+generations of
+
+- `--safe` safe validation captions (`guideline_data.select_validation_scenes`, training seeds), and
+- `--heldout` benign prompts drawn as `erase.py` draws its benign set, from held-out seeds of their own
+  (`HELDOUT_SEEDS[950_000:]`, apart from every benchmark's),
+
+then, for each calibration size `n`, draws `--draws` bootstrap samples of `n` safe captions, calibrates on each
+(the calibration's own rule, `calibration._lowest_threshold`) and reports the thresholds' median and 5–95 % range
+and the share of held-out benign generations each threshold would guide (the per-generation false-detection rate).
+
+    python -m benchmarks.calibration_size                 # 1,000 + 200 generations (~10 min on one core)
+    python -m benchmarks.calibration_size --quick         # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.calibration import _lowest_threshold, generation_presence_scores
+from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH
+from dag_safety.mini.guideline_data import select_validation_scenes
+
+from .erase import EMBEDDING, ROOT, benign_prompts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--safe", type=int, default=1000, help="safe validation captions scored")
+    parser.add_argument("--heldout", type=int, default=200, help="held-out benign prompts scored")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200, 500, 1000])
+    parser.add_argument("--draws", type=int, default=2000, help="bootstrap samples per size")
+    parser.add_argument("--target-fpr", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 16 + 8 generations, 4 steps")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration_size")
+    args = parser.parse_args(argv)
+    steps = 4 if args.quick else 25
+    if args.quick:
+        args.safe, args.heldout, args.sizes, args.draws = 16, 8, [8, 16], 50
+    torch.set_num_threads(args.threads)
+
+    pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_dag(EMBEDDING)
+    _, safe_scenes = select_validation_scenes(n_unsafe=0, n_safe=args.safe)
+    heldout = benign_prompts(args.heldout, HELDOUT_SEEDS[950_000])
+    safe = generation_presence_scores(pipe, [scene.caption for scene in safe_scenes], num_inference_steps=steps)
+    held = generation_presence_scores(pipe, [spec.caption for spec in heldout], num_inference_steps=steps, seed=10**6)
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in sorted(s for s in args.sizes if s <= len(safe)):
+        thresholds = np.array(
+            [_lowest_threshold(rng.choice(safe, size, replace=True), args.target_fpr) for _ in range(args.draws)]
+        )
+        rates = (held[None, :] >= thresholds[:, None]).mean(axis=1)
+        rows.append(
+            {
+                "captions": size,
+                "threshold_median": float(np.median(thresholds)),
+                "threshold_5_95": [float(np.quantile(thresholds, 0.05)), float(np.quantile(thresholds, 0.95))],
+                "heldout_fpr_median": float(np.median(rates)),
+                "heldout_fpr_5_95": [float(np.quantile(rates, 0.05)), float(np.quantile(rates, 0.95))],
+                "heldout_fpr_above_twice_target": float((rates > 2 * args.target_fpr).mean()),
+            }
+        )
+    full = _lowest_threshold(safe, args.target_fpr)
+    results = {
+        "command": "python -m benchmarks.calibration_size " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "host": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
+        "steps": steps,
+        "safe_captions": len(safe),
+        "heldout_prompts": len(held),
+        "target_fpr": args.target_fpr,
+        "embedding_threshold": pipe.dag_config.presence_threshold,
+        "all_captions_threshold": full,
+        "all_captions_heldout_fpr": float((held >= full).mean()),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# Calibration size (mini model, red star)",
+        "",
+        (
+            f"Command: `{results['command']}`; {results['host']}; {steps} steps, CFG 7.5. {len(safe)} safe"
+            " validation"
+            f" captions and {len(held)} held-out benign prompts, each generated once unguided and scored; target"
+            f" {args.target_fpr:.0%} of generations guided. All {len(safe)} captions: threshold {full:.4f}, held-out"
+            f" benign generations guided {results['all_captions_heldout_fpr']:.1%} (the committed embedding's"
+            f" threshold: {results['embedding_threshold']})."
+        ),
+        "",
+        "| captions | threshold, median (5–95 %) | held-out benign guided, median (5–95 %) | draws guiding > 2 × target |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        low, high = row["threshold_5_95"]
+        fpr_low, fpr_high = row["heldout_fpr_5_95"]
+        lines.append(
+            f"| {row['captions']} | {row['threshold_median']:.4f} ({low:.4f} – {high:.4f}) |"
+            f" {row['heldout_fpr_median']:.1%} ({fpr_low:.1%} – {fpr_high:.1%}) |"
+            f" {row['heldout_fpr_above_twice_target']:.0%} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
