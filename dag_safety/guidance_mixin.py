@@ -182,6 +182,16 @@ class SafetyGuidanceMixin:
             guidance.set_safety_concept(configured)
         return output, None if dag is None else dag.last_output
 
+    def _dag_outputs(
+        self, seen: DAGGuidanceOutput | None, num_images: int, return_dag_maps: bool
+    ) -> tuple[list[bool] | None, torch.Tensor | None, list[float] | None]:
+        """`(unsafe_detected, dag_maps, presence_scores)` of a call's output; all `None` without DAG."""
+        if self._dag is None:
+            return None, None, None
+        if seen is None:  # no step ran (an interrupted call): nothing was detected
+            return [False] * num_images, None, None
+        return seen.unsafe_detected, seen.dag_maps if return_dag_maps else None, seen.presence_scores
+
     def _step_end_callback(
         self,
         dag: DAGGuidance | None,

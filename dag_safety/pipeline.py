@@ -162,12 +162,7 @@ class DAGStableDiffusionPipeline(SafetyGuidanceMixin, SafetyWeightsMixin, Stable
                 return DAGPipelineOutput(images=output.images, nsfw_content_detected=output.nsfw_content_detected)
             output, seen = self._run_guided(super().__call__, sd_arguments, safety_concept, return_dag_maps)
         images, nsfw = (output.images, output.nsfw_content_detected) if return_dict else output
-        unsafe = maps = presence_scores = None
-        if self._dag is not None:
-            # no step ran (an interrupted call): nothing was detected
-            unsafe = seen.unsafe_detected if seen is not None else [False] * len(images)
-            maps = seen.dag_maps if seen is not None and return_dag_maps else None
-            presence_scores = seen.presence_scores if seen is not None else None
+        unsafe, maps, presence_scores = self._dag_outputs(seen, len(images), return_dag_maps)
         if not return_dict:
             return images, nsfw, unsafe, maps, presence_scores
         return DAGPipelineOutput(

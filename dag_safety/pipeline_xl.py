@@ -82,12 +82,7 @@ class DAGStableDiffusionXLPipeline(SafetyGuidanceMixin, StableDiffusionXLPipelin
                 return DAGStableDiffusionXLPipelineOutput(images=output.images) if return_dict else output
             output, seen = self._run_guided(super().__call__, kwargs, safety_concept, return_dag_maps, args)
         images = output.images if return_dict else output[0]
-        unsafe = maps = presence = None
-        if self._dag is not None:
-            # no step ran (an interrupted call): nothing was detected
-            unsafe = seen.unsafe_detected if seen is not None else [False] * len(images)
-            maps = seen.dag_maps if seen is not None and return_dag_maps else None
-            presence = seen.presence_scores if seen is not None else None
+        unsafe, maps, presence = self._dag_outputs(seen, len(images), return_dag_maps)
         if not return_dict:
             return (images,) if self._dag is None else (images, unsafe, maps, presence)
         return DAGStableDiffusionXLPipelineOutput(
