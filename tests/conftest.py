@@ -29,6 +29,23 @@ def make_tokenizer(max_length: int = 24) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+def clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, **changes) -> CLIPTextConfig:
+    """A two-layer CLIP text model's config over `tokenizer`'s vocabulary, `hidden_size` wide."""
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        **changes,
+    )
+
+
 def get_dummy_components(cross_attention_dim: int = 32) -> dict:
     """UNet with cross-attention at 1/2 and 1/4 of a 16² latent, 2× VAE (32 px images), tiny CLIP text model."""
     torch.manual_seed(0)
@@ -64,20 +81,7 @@ def get_dummy_components(cross_attention_dim: int = 32) -> dict:
     )
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=cross_attention_dim,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=tokenizer.model_max_length,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, cross_attention_dim))
     return {
         "unet": unet,
         "scheduler": scheduler,
@@ -118,25 +122,10 @@ def get_dummy_sdxl_components() -> dict:
     )
     tokenizer = make_tokenizer()
 
-    def config(**changes) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=tokenizer.model_max_length,
-            **changes,
-        )
-
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(config())
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32))
     torch.manual_seed(0)
-    text_encoder_2 = CLIPTextModelWithProjection(config(projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, 32, projection_dim=16))
     return {
         "unet": unet,
         "scheduler": base["scheduler"],
