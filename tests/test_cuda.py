@@ -131,7 +131,7 @@ def test_training_resumes_on_cuda(tmp_path):
     import json
     from pathlib import Path
 
-    from dag_safety.mini.train_unet import main
+    from dag_safety.mini.training.train_unet import main
 
     def train(steps, *extra):
         main([

@@ -1,11 +1,12 @@
-"""The mini model's token grounding loss (dag_safety/mini/grounding.py): targets, loss, recording processor."""
+"""The mini model's token grounding loss (dag_safety/mini/training/grounding.py): targets, loss, recording processor."""
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from dag_safety.mini import TRAIN_SEEDS
-from dag_safety.mini.grounding import (
+from dag_safety.mini.tokenizer import MAX_LENGTH, build_tokenizer
+from dag_safety.mini.training.grounding import (
     MASK_SIDE,
     MAX_WORDS,
     GroundingTargets,
@@ -15,7 +16,6 @@ from dag_safety.mini.grounding import (
     grounding_targets,
     install_recorders,
 )
-from dag_safety.mini.tokenizer import MAX_LENGTH, build_tokenizer
 from dag_safety.mini.world import render_scene
 
 
@@ -116,7 +116,7 @@ def test_recording_processor_matches_the_default_attention():
 def test_install_recorders_only_on_cross_attention():
     from diffusers import UNet2DConditionModel
 
-    from dag_safety.mini.train_unet import unet_config
+    from dag_safety.mini.training.train_unet import unet_config
 
     unet = UNet2DConditionModel(**unet_config())
     recorders = install_recorders(unet)

@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.embeddings import RED_STAR
 from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH, SAFETY_CONCEPT_TEXT, detect
-from dag_safety.mini.evaluate import evaluate, vae_round_trip
+from dag_safety.mini.training.evaluate import evaluate, vae_round_trip
 
 # WORLD.md bars: object recall >= 0.80, unprompted rate <= 0.10, red-star rate >= 0.70. The committed model
 # (30,000 UNet steps, EMA) measured 0.904 / 0.227 / 0.986 on this test's 256 images (model card,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dag_safety.mini.train_unet import lr_factor
+from dag_safety.mini.training.train_unet import lr_factor
 
 
 def test_learning_rate_schedule_warmup_stable_decay():
@@ -18,12 +18,12 @@ def test_learning_rate_schedule_warmup_stable_decay():
 
 
 def test_reproduction_chain_smoke(tmp_path):
-    """`python -m dag_safety.mini.reproduce --smoke` runs every phase of the committed recipe (a few steps each) and
+    """`python -m dag_safety.mini.training.reproduce --smoke` runs every phase of the committed recipe (a few steps each) and
     exports a pipeline with the bundled model's architecture."""
     from diffusers import UNet2DConditionModel
 
     from dag_safety.mini import MODEL_PATH
-    from dag_safety.mini.reproduce import main
+    from dag_safety.mini.training.reproduce import main
 
     main(["--output-dir", str(tmp_path), "--smoke", "--threads", "1"])
     steps = [json.loads(line) for line in (tmp_path / "unet" / "loss.jsonl").read_text().splitlines()]
@@ -41,7 +41,7 @@ def test_reproduction_chain_smoke(tmp_path):
 
 def test_hour_recipe_is_the_full_chain_shortened():
     """`--recipe hour` runs the same phases with the same flags, only with fewer steps (about 1 h on 2 CPU cores)."""
-    from dag_safety.mini.reproduce import RECIPES, phases
+    from dag_safety.mini.training.reproduce import RECIPES, phases
 
     def flags(recipe):
         return [(name, argv) for name, _, argv in phases(Path("out"), "cpu", 2, recipe=recipe)]
@@ -66,7 +66,7 @@ def test_hour_recipe_is_the_full_chain_shortened():
 def test_strong_recipe_passes_its_model_and_batch_to_both_unet_phases():
     """`--recipe strong` (the wider model in training): width, batch, learning rate and scene count reach both
     UNet phases, so a resumed phase continues the same run; the other recipes keep the bundled model's."""
-    from dag_safety.mini.reproduce import RECIPES, phases
+    from dag_safety.mini.training.reproduce import RECIPES, phases
 
     for name in RECIPES:
         recipe = RECIPES[name]
@@ -91,7 +91,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     import torch
 
     from dag_safety.mini import MODEL_PATH
-    from dag_safety.mini.train_unet import main
+    from dag_safety.mini.training.train_unet import main
 
     def train(out, steps, *extra):
         main([
@@ -118,7 +118,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 def test_ema_update_is_the_moving_average_with_warmup():
     import torch
 
-    from dag_safety.mini._training import EMA
+    from dag_safety.mini.training.common import EMA
 
     torch.manual_seed(0)
     module = torch.nn.Linear(3, 2)
@@ -137,7 +137,7 @@ def test_ema_loads_a_checkpoint_onto_its_modules_device():
     with "Expected all tensors to be on the same device" before). The meta device stands in for CUDA."""
     import torch
 
-    from dag_safety.mini._training import EMA
+    from dag_safety.mini.training.common import EMA
 
     saved = EMA(torch.nn.Linear(3, 2)).state_dict()
     ema = EMA(torch.nn.Linear(3, 2, device="meta"))

@@ -2,7 +2,7 @@
 
 Usage:
 
-    python -m dag_safety.mini.evaluate --model dag_safety/mini/model --num-images 256 --json out/mini/eval.json
+    python -m dag_safety.mini.training.evaluate --model dag_safety/mini/model --num-images 256 --json out/mini/eval.json
 
 Half the prompts are drawn by the world's prompt sampler from `HELDOUT_SEEDS`; the other half are drawn the same
 way but are required to contain a red star (so the red-star bar is measured on enough images). The sampling noise
@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ._training import to_model_range
-from .detector import count_targets, detect, match_prompt
-from .world import DETECTOR_SEEDS, HELDOUT_SEEDS, TARGET_CONCEPT, PromptSpec, render_scene, sample_prompt
+from ..detector import count_targets, detect, match_prompt
+from ..world import DETECTOR_SEEDS, HELDOUT_SEEDS, TARGET_CONCEPT, PromptSpec, render_scene, sample_prompt
+from .common import to_model_range
 
 __all__ = [
     "QUALITY_BARS",
@@ -107,7 +107,7 @@ def generate_images(
 
 def score_images(images: np.ndarray, prompts: list[PromptSpec]) -> QualityReport:
     """Score generated `images` `(N, H, W, 3)` uint8 against the prompts they were generated from."""
-    from .detector import _DEFAULT
+    from ..detector import _DEFAULT
 
     found = total = unprompted = target_hits = target_prompts = fp_hits = bg_ok = 0
     for image, prompt in zip(images, prompts):
@@ -237,7 +237,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
 
-    from . import MODEL_PATH
+    from .. import MODEL_PATH
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model or MODEL_PATH)
     pipe.set_progress_bar_config(disable=True)

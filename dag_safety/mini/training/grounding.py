@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .world import NUM_OBJECTS_CHOICES, Scene
+from ..world import NUM_OBJECTS_CHOICES, Scene
 
 __all__ = [
     "MASK_SIDE",

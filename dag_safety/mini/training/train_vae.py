@@ -2,7 +2,7 @@
 
 Usage (CPU, ~10 min on 2 cores):
 
-    python -m dag_safety.mini.train_vae --output-dir out/mini/vae --steps 2000
+    python -m dag_safety.mini.training.train_vae --output-dir out/mini/vae --steps 2000
 
 Resumable (`--resume` picks up `checkpoint.pt` in the output dir). Writes `loss.jsonl` (one record per step) and,
 at the end, `vae/` (diffusers `save_pretrained` layout) whose `scaling_factor` makes the latent std ≈ 1.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ._training import (
+from .common import (
     LossLog,
     render_training_set,
     resume_or_start,

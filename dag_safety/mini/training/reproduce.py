@@ -1,9 +1,9 @@
 """Reproduce the bundled mini model from scratch with one command: the exact recipe of its model card.
 
-    python -m dag_safety.mini.reproduce --output-dir out/mini-repro                 # CPU, about 3 h on 2 cores
-    python -m dag_safety.mini.reproduce --output-dir out/mini-repro --device cuda   # minutes on a GPU
-    python -m dag_safety.mini.reproduce --output-dir out/mini-hour --recipe hour    # CPU, about 1 h: a weaker model
-    python -m dag_safety.mini.reproduce --output-dir out/mini-strong --recipe strong  # width 48: ~15 h of one core
+    python -m dag_safety.mini.training.reproduce --output-dir out/mini-repro                 # CPU, about 3 h on 2 cores
+    python -m dag_safety.mini.training.reproduce --output-dir out/mini-repro --device cuda   # minutes on a GPU
+    python -m dag_safety.mini.training.reproduce --output-dir out/mini-hour --recipe hour    # CPU, about 1 h: a weaker model
+    python -m dag_safety.mini.training.reproduce --output-dir out/mini-strong --recipe strong  # width 48: ~15 h of one core
 
 Phases (each one the training script's own command, so rerunning the same command after an interruption continues
 where it stopped; every phase passes `--resume`):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .world import TRAIN_SEEDS, render_scene
+from ..world import TRAIN_SEEDS, render_scene
 
 __all__ = [
     "EMA",

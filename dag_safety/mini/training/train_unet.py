@@ -2,8 +2,8 @@
 
 Usage (CPU, 2 cores; the VAE from `train_vae` first):
 
-    python -m dag_safety.mini.train_unet --vae out/mini/vae/vae --output-dir out/mini/unet --steps 8000
-    python -m dag_safety.mini.train_unet --vae out/mini/vae/vae --output-dir out/mini/unet \
+    python -m dag_safety.mini.training.train_unet --vae out/mini/vae/vae --output-dir out/mini/unet --steps 8000
+    python -m dag_safety.mini.training.train_unet --vae out/mini/vae/vae --output-dir out/mini/unet \
         --export dag_safety/mini/model
 
 Recipe: v-prediction with the `scaled_linear` betas rescaled to zero terminal SNR (so sampling from pure noise
@@ -33,7 +33,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ._training import (
+from ..tokenizer import MAX_LENGTH, build_tokenizer
+from ..world import TRAIN_SEEDS, render_scene
+from .common import (
     EMA,
     LossLog,
     resume_or_start,
@@ -42,8 +44,6 @@ from ._training import (
     to_model_range,
 )
 from .grounding import GroundingTargets, grounding_loss, grounding_targets, install_recorders
-from .tokenizer import MAX_LENGTH, build_tokenizer
-from .world import TRAIN_SEEDS, render_scene
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--grounding-weight",
         type=float,
         default=0.1,
-        help="weight of the token grounding loss (dag_safety.mini.grounding); 0 turns it off",
+        help="weight of the token grounding loss (dag_safety.mini.training.grounding); 0 turns it off",
     )
     p.add_argument("--num-scenes", type=int, default=60000, help="size of the pre-rendered training set")
     p.add_argument("--seed", type=int, default=0)
