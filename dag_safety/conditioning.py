@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unet_conditioning"]
+__all__ = ["added_conditioning", "unet_conditioning"]
 
 
 def unet_conditioning(
@@ -31,11 +31,17 @@ def unet_conditioning(
     states = encoded[0]
     if pipe.unet.config.addition_embed_type != "text_time":
         return states, None
-    pooled = encoded[2]
+    return states, added_conditioning(pipe, encoded[2], size)
+
+
+def added_conditioning(pipe, pooled: torch.Tensor, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """SDXL's added conditioning `{"text_embeds": (B, P), "time_ids": (B, 6)}` of pooled text embeddings `pooled`
+    (`(B, P)`) at image `size` in pixels (original and target size, no crop; defaults to the
+    UNet's)."""
     if size is None:
         side = pipe.unet.config.sample_size * pipe.vae_scale_factor
         size = (side, side)
     encoder_2 = getattr(pipe, "text_encoder_2", None)
     projection_dim = encoder_2.config.projection_dim if encoder_2 is not None else int(pooled.shape[-1])
-    time_ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), states.dtype, projection_dim)
-    return states, {"text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(states), 1)}
+    time_ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), pooled.dtype, projection_dim)
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).repeat(len(pooled), 1)}

@@ -15,6 +15,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from .attach import DAGGuidance, DAGGuidanceOutput, SafetyGuidance
+from .conditioning import added_conditioning, unet_conditioning
 from .config import DAGConfig, SEGAConfig, SLDConfig
 from .state import DAGState, EmbeddingLike
 
@@ -146,6 +147,66 @@ class SafetyGuidanceMixin:
         self._refuse_during_call("disable_safety_guidance")
         if isinstance(self._guidance, SafetyGuidance):
             self._guidance = None
+
+    @torch.no_grad()
+    def dag_map(
+        self,
+        latents: torch.Tensor,
+        timestep: int | torch.Tensor,
+        prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        normalize: bool = True,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        DAG's detection map for noisy latents: one conditional UNet pass, as inside the denoising loop.
+
+        Args:
+            latents (`torch.Tensor`): the UNet's input at `timestep`, `(B, C, h, w)`: noisy latents `x_t` as the
+                denoising loop holds them, after the scheduler's `scale_model_input` for schedulers that scale
+                (Euler, Heun, ...; DDIM and DDPM do not).
+            timestep (`int` or `torch.Tensor`): `t` of the latents (a scalar or `(B,)`).
+            prompt (`str` or `list[str]`, *optional*): the prompt(s) the UNet is conditioned on.
+            prompt_embeds (`torch.Tensor`, *optional*): `(B, L, D)` instead of `prompt`.
+            normalize (`bool`, *optional*, defaults to `True`):
+                `False` returns the map before min-max normalisation: the concept rows' attention share (the max
+                over concepts for several), whose absolute level says how strongly anything matched.
+            pooled_prompt_embeds (`torch.Tensor`, *optional*): SDXL only, `(B, P)`, with `prompt_embeds`. SDXL's
+                time ids are those of an image the latents' size, uncropped.
+
+        Returns:
+            `torch.Tensor`: `Â`, `(B, h, w)` in `[0, 1]`, float32 (the raw share with `normalize=False`).
+        """
+        if self._dag is None:
+            raise ValueError("`dag_map` needs DAG; call `pipe.enable_dag(embedding)` first.")
+        channels = self.unet.config.in_channels
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != channels:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(
+                f"`latents` must be a (B, {channels}, h, w) tensor of noisy latents (the UNet's input), got {shape}."
+            )
+        batch = latents.shape[0]
+        size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
+        sdxl = self.unet.config.addition_embed_type == "text_time"
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("Pass `prompt` or `prompt_embeds`.")
+            prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != batch:
+                raise ValueError(f"Got {len(prompts)} prompts for {batch} latents.")
+            prompt_embeds, added = unet_conditioning(self, prompts, latents.device, 1, size)
+        elif sdxl:
+            if pooled_prompt_embeds is None:
+                raise ValueError("An SDXL UNet needs `pooled_prompt_embeds` with `prompt_embeds`; or pass `prompt`.")
+            added = added_conditioning(self, pooled_prompt_embeds, size)
+        else:
+            added = None
+        capture = self._dag.capture
+        with capture:
+            capture.store.arm(slice(None))
+            self.unet(latents, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added)
+            capture.store.disarm()
+            return self._dag.detect(tuple(latents.shape[-2:]), normalize).to(latents.device)
 
     def _run_guided(
         self,

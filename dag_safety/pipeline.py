@@ -59,55 +59,6 @@ class DAGStableDiffusionPipeline(SafetyGuidanceMixin, SafetyWeightsMixin, Stable
     # `dag_scale`: DAG's per-pixel scale `S_dag` of the step, `(B, h, w)`, zero where and when nothing is guided
     _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, "dag_scale"]  # noqa: RUF012  # diffusers' attribute
 
-    @torch.no_grad()
-    def dag_map(
-        self,
-        latents: torch.Tensor,
-        timestep: int | torch.Tensor,
-        prompt: str | list[str] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        normalize: bool = True,
-    ) -> torch.Tensor:
-        r"""
-        DAG's detection map for noisy latents: one conditional UNet pass, as inside the denoising loop.
-
-        Args:
-            latents (`torch.Tensor`): the UNet's input at `timestep`, `(B, C, h, w)`: noisy latents `x_t` as the
-                denoising loop holds them, after the scheduler's `scale_model_input` for schedulers that scale
-                (Euler, Heun, ...; DDIM and DDPM do not).
-            timestep (`int` or `torch.Tensor`): `t` of the latents (a scalar or `(B,)`).
-            prompt (`str` or `list[str]`, *optional*): the prompt(s) the UNet is conditioned on.
-            prompt_embeds (`torch.Tensor`, *optional*): `(B, L, D)` instead of `prompt`.
-            normalize (`bool`, *optional*, defaults to `True`):
-                `False` returns the map before min-max normalisation: the concept rows' attention share (the max
-                over concepts for several), whose absolute level says how strongly anything matched.
-
-        Returns:
-            `torch.Tensor`: `Â`, `(B, h, w)` in `[0, 1]`, float32 (the raw share with `normalize=False`).
-        """
-        if self._dag is None:
-            raise ValueError("`dag_map` needs DAG; call `pipe.enable_dag(embedding)` first.")
-        channels = self.unet.config.in_channels
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != channels:
-            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(
-                f"`latents` must be a (B, {channels}, h, w) tensor of noisy latents (the UNet's input), got {shape}."
-            )
-        batch = latents.shape[0]
-        if prompt_embeds is None:
-            if prompt is None:
-                raise ValueError("Pass `prompt` or `prompt_embeds`.")
-            prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-            if len(prompts) != batch:
-                raise ValueError(f"Got {len(prompts)} prompts for {batch} latents.")
-            prompt_embeds, _ = self.encode_prompt(prompts, latents.device, 1, False)
-        capture = self._dag.capture
-        with capture:
-            capture.store.arm(slice(None))
-            self.unet(latents, timestep, encoder_hidden_states=prompt_embeds)
-            capture.store.disarm()
-            return self._dag.detect(tuple(latents.shape[-2:]), normalize).to(latents.device)
-
     # ------------------------------------------------------------------ call
 
     @torch.no_grad()

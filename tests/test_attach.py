@@ -344,6 +344,33 @@ class TestSDXL:
         pipe.disable_safety_guidance()
         assert np.array_equal(generate(pipe).images, reference)
 
+    def test_dag_map_is_the_map_of_the_conditional_pass(self, sdxl):
+        """`DAGStableDiffusionXLPipeline.dag_map` of the last step's UNet input and the prompt (with SDXL's added
+        conditioning) is the map the call returns; the negative prompt's differs."""
+        from dag_safety import DAGStableDiffusionXLPipeline
+
+        pipe = DAGStableDiffusionXLPipeline.from_pipe(sdxl)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.enable_dag(self.rows(sdxl, "red star", 3), warmup_steps=5)  # never guides: plain CFG's inputs
+        inputs = []
+
+        def keep(pipeline, i, t, tensors):
+            inputs.append(tensors["latents"].clone())
+            return tensors
+
+        out = pipe(PROMPT, negative_prompt="a blue circle", height=32, width=32, num_inference_steps=5,
+                   generator=torch.manual_seed(0), output_type="latent", return_dag_maps=True,
+                   safety_concept=CONCEPT, callback_on_step_end=keep)  # fmt: skip
+        last_t = pipe.scheduler.timesteps[-1]
+        conditional = pipe.dag_map(inputs[-2], last_t, prompt=PROMPT)
+        torch.testing.assert_close(out.dag_maps, conditional, rtol=0, atol=1e-4)  # batched vs single UNet rows
+        assert (out.dag_maps - pipe.dag_map(inputs[-2], last_t, prompt="a blue circle")).abs().max() > 1e-2
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+        from_embeds = pipe.dag_map(inputs[-2], last_t, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        assert torch.equal(from_embeds, conditional)
+        with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+            pipe.dag_map(inputs[-2], last_t, prompt_embeds=embeds)
+
     def test_a_failed_enable_dag_keeps_the_enabled_one(self, sdxl, star):
         from dag_safety import DAGStableDiffusionXLPipeline
 
@@ -355,20 +382,29 @@ class TestSDXL:
             pipe.enable_dag(star)
         assert pipe.dag_config is before
 
-    @pytest.mark.parametrize("family", ["img2img", "inpaint"])
-    def test_image_to_image_and_inpainting(self, sdxl, family):
-        """SDXL's image-to-image and inpainting pipelines (the same components): attached with nothing detected
-        is the stock pipeline bit for bit, and the star rows guide."""
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    @pytest.mark.parametrize("family", ["img2img", "inpaint", "controlnet"])
+    def test_image_to_image_inpainting_and_controlnet(self, sdxl, family):
+        """SDXL's image-to-image, inpainting and ControlNet pipelines (the same components): attached with nothing
+        detected is the stock pipeline bit for bit, and the star rows guide."""
+        from diffusers import (
+            StableDiffusionXLControlNetPipeline,
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLInpaintPipeline,
+        )
 
         inputs = {"image": image(), "strength": 0.8}
         if family == "img2img":
             pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(sdxl, requires_aesthetics_score=False)
-        else:
+        elif family == "inpaint":
             mask = torch.zeros(1, 1, 32, 32)
             mask[..., 8:24, 8:24] = 1
             pipe = StableDiffusionXLInpaintPipeline.from_pipe(sdxl, requires_aesthetics_score=False)
             inputs["mask_image"] = mask
+        else:
+            torch.manual_seed(0)
+            controlnet = ControlNetModel.from_unet(sdxl.unet, conditioning_embedding_out_channels=(4, 8))
+            pipe = StableDiffusionXLControlNetPipeline.from_pipe(sdxl, controlnet=controlnet)
+            inputs = {"image": image(1)}
         pipe.set_progress_bar_config(disable=True)
 
         def generate():
