@@ -1,4 +1,4 @@
-"""Calibrating DAG's selective rule (`detection="presence"`, spec 2b) for a target false-detection rate.
+"""Calibrating DAG's selective rule (`detection="presence"`, README "Beyond the paper") for a target false-detection rate.
 
 A benign image must stay unguided at every one of the ~20 guided steps, so the threshold is chosen on what
 decides that: per validation item, the highest presence score any unsafe component reaches at any guided step.

@@ -183,7 +183,7 @@ class SEGAConfig:
 
 @dataclass(frozen=True)
 class DAGConfig:
-    """Detect-and-Guide settings (spec section 3; paper Table 1, A.2, Algorithm 1).
+    """Detect-and-Guide settings (paper 3.2, Table 1, A.2, Algorithm 1).
 
     The safety direction of the base method (`base`: SEGA's percentile mask or SLD's threshold mask, and its
     momentum) is rescaled per latent pixel by `S_dag = S_area ⊙ T` and masked to the detected edit region.
@@ -216,7 +216,7 @@ class DAGConfig:
             Cross-attention layers whose query side is this fraction of the latent side are used for detection
             (16² and 32² for a 64² latent).
         guidance_form (`str`, *optional*, defaults to `"table1"`):
-            Where the classifier-free scale `s_g` meets DAG's term `g` (spec section 3 leaves it open):
+            Where the classifier-free scale `s_g` meets DAG's term `g` (the paper leaves it open):
             `"table1"`, the paper's Table 1 read literally, `e = e_u + s_g ((e_p - e_u) - g)`, so DAG's push grows
             with the guidance scale; `"sega"`, SEGA's own form (which A.2's "editing strength" refers to),
             `e = e_u + s_g (e_p - e_u) - g`, a push independent of it. Since `g` is linear in `base_scale`, at a
@@ -224,8 +224,8 @@ class DAGConfig:
             embedding's base scale is calibrated for `"table1"`.
         detection (`str`, *optional*, defaults to `"paper"`):
             Which components DAG guides. `"paper"`: every component of `Â >= unsafe_threshold` (the paper's rule,
-            spec section 3; `Â` is min-max normalised per image, so every image has one). `"presence"`: only the
-            components whose presence evidence reaches `presence_threshold` (spec 2b): the evidence of a pixel is
+            Algorithm 1; `Â` is min-max normalised per image, so every image has one). `"presence"`: only the
+            components whose presence evidence reaches `presence_threshold` (beyond the paper; README): the evidence of a pixel is
             the summed attention share of the concept rows (`1 -` the start-of-text share, `(0, 1)`), smoothed
             over the guided steps by `presence_smoothing`, and a component's score is its mean over the
             component. A threshold is a property of the embedding, calibrated for a false-detection rate on

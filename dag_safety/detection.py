@@ -1,4 +1,4 @@
-"""Guideline-token cross-attention maps (spec section 2).
+"""Guideline-token cross-attention maps (paper 3.1, Fig. 3).
 
 A guideline embedding `c*` is a `(1+K, D)` tensor in the cross-attention context space (the text encoder's
 output space): a start-of-text row, then `K` concept rows. At each selected layer `l` the captured queries

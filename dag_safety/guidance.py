@@ -126,7 +126,7 @@ def area_scaler(
     (Euclidean distance transform with nearest-label indices). If `mean(M_edit) >= max_edit_area` no object has
     formed yet ("mode undefined") and the scale is 0; with no component it is 0 as well.
 
-    With `presence` (the selective rule, spec 2b; `None` is the paper's rule), a component is kept only if the
+    With `presence` (the selective rule, README "Beyond the paper: selective detection"; `None` is the paper's rule), a component is kept only if the
     mean of `presence` over its pixels reaches `presence_threshold`. A dropped component gets scale 0, and so do
     the edit pixels nearest to it: the region around an object judged absent (a co-object) is not guided.
 

@@ -1,4 +1,4 @@
-"""Guideline-token optimization (spec section 4; paper 3.1 and A.1, after OVAM).
+"""Guideline-token optimization (paper 3.1 and A.1, after OVAM).
 
 From a handful of annotated images (unsafe ones with a mask of the target region, safe ones without), fit the
 concept rows of a guideline embedding so that its cross-attention maps light up on the mask and stay silent

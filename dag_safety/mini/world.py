@@ -1,8 +1,9 @@
 """The shapes world: a seeded renderer of simple scenes with captions and exact per-object masks.
 
-The world is the project's stand-in for real (unsafe) image content; see `WORLD.md` in the shared spec. It is a
-benchmark instrument: everything here is deterministic from a seed, and any change to the rendering or to the
-sampling distributions must bump `WORLD_VERSION` (it invalidates every recorded figure).
+The world is the project's stand-in for real (unsafe) image content; its rules are this module's, summarised in
+`dag_safety/mini/model/README.md`. It is a benchmark instrument: everything here is deterministic from a seed, and
+any change to the rendering or to the sampling distributions must bump `WORLD_VERSION` (it invalidates every
+recorded figure).
 
 Geometry (all at the 64 × 64 canvas):
 - `radius` is the circumradius `R` of the shape, 8–14 px. A circle has radius `R`; a square is axis-aligned with
