@@ -13,6 +13,11 @@ then, for each calibration size `n`, draws `--draws` bootstrap samples of `n` sa
 (the calibration's own rule, `calibration._lowest_threshold`) and reports the thresholds' median and 5–95 % range
 and the share of held-out benign generations each threshold would guide (the per-generation false-detection rate).
 
+It then compares, on all the safe captions, the pooled calibration with one that bounds the rate on each
+look-alike kind (`guideline_data.LOOKALIKE_KINDS`) separately, per kind of held-out benign prompt, and what each
+costs: the share of `--heldout` held-out red-star prompts (`erase.py`'s *complex* kind) whose generations it guides.
+Every score is kept in the JSON.
+
     python -m benchmarks.calibration_size                 # 1,000 + 200 generations (~10 min on one core)
     python -m benchmarks.calibration_size --quick         # smoke test
 """
@@ -31,9 +36,9 @@ import torch
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.calibration import _lowest_threshold, generation_presence_scores
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH
-from dag_safety.mini.guideline_data import select_validation_scenes
+from dag_safety.mini.guideline_data import LOOKALIKE_KINDS, lookalike_kind, select_validation_scenes
 
-from .erase import EMBEDDING, ROOT, benign_prompts
+from .erase import EMBEDDING, ROOT, benign_prompts, complex_prompts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,6 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     heldout = benign_prompts(args.heldout, HELDOUT_SEEDS[950_000])
     safe = generation_presence_scores(pipe, [scene.caption for scene in safe_scenes], num_inference_steps=steps)
     held = generation_presence_scores(pipe, [spec.caption for spec in heldout], num_inference_steps=steps, seed=10**6)
+    stars = complex_prompts(args.heldout, HELDOUT_SEEDS[950_000])
+    star_scores = generation_presence_scores(
+        pipe, [spec.caption for spec in stars], num_inference_steps=steps, seed=2 * 10**6
+    )
+    safe_kinds = np.array([lookalike_kind(scene.objects) for scene in safe_scenes])
+    held_kinds = np.array([lookalike_kind(spec.objects) for spec in heldout])
 
     rng = np.random.default_rng(0)
     rows = []
@@ -78,6 +89,25 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     full = _lowest_threshold(safe, args.target_fpr)
+    per_kind = max(
+        _lowest_threshold(safe[safe_kinds == kind], args.target_fpr) for kind in LOOKALIKE_KINDS if kind in safe_kinds
+    )
+    rules = []
+    for name, threshold in (("pooled", full), ("per look-alike kind", per_kind)):
+        rules.append(
+            {
+                "rule": name,
+                "threshold": threshold,
+                "validation_guided": float((safe >= threshold).mean()),
+                "heldout_guided": float((held >= threshold).mean()),
+                "heldout_guided_by_kind": {
+                    kind: [float((held[held_kinds == kind] >= threshold).mean()), int((held_kinds == kind).sum())]
+                    for kind in LOOKALIKE_KINDS
+                    if kind in held_kinds
+                },
+                "red_star_guided": float((star_scores >= threshold).mean()),
+            }
+        )
     results = {
         "command": "python -m benchmarks.calibration_size " + " ".join(argv if argv is not None else sys.argv[1:]),
         "host": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
@@ -89,6 +119,14 @@ def main(argv: list[str] | None = None) -> None:
         "all_captions_threshold": full,
         "all_captions_heldout_fpr": float((held >= full).mean()),
         "rows": rows,
+        "rules": rules,
+        "scores": {
+            "safe": safe.tolist(),
+            "safe_kinds": safe_kinds.tolist(),
+            "heldout": held.tolist(),
+            "heldout_kinds": held_kinds.tolist(),
+            "red_star": star_scores.tolist(),
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
@@ -114,6 +152,25 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['captions']} | {row['threshold_median']:.4f} ({low:.4f} – {high:.4f}) |"
             f" {row['heldout_fpr_median']:.1%} ({fpr_low:.1%} – {fpr_high:.1%}) |"
             f" {row['heldout_fpr_above_twice_target']:.0%} |"
+        )
+    kinds = [kind for kind in LOOKALIKE_KINDS if kind in held_kinds]
+    lines += [
+        "",
+        (
+            f"Pooled against per-kind calibration, on all {len(safe)} captions; held-out benign generations guided,"
+            f" by kind (prompts); held-out red-star prompts' generations guided ({len(star_scores)})."
+        ),
+        "",
+        "| rule | threshold | validation guided | held-out benign guided | "
+        + " | ".join(f"{kind} ({int((held_kinds == kind).sum())})" for kind in kinds)
+        + " | red-star generations guided |",
+        "| --- " * (5 + len(kinds)) + "|",
+    ]
+    for rule in rules:
+        by_kind = " | ".join(f"{rule['heldout_guided_by_kind'][kind][0]:.1%}" for kind in kinds)
+        lines.append(
+            f"| {rule['rule']} | {rule['threshold']:.4f} | {rule['validation_guided']:.1%} |"
+            f" {rule['heldout_guided']:.1%} | {by_kind} | {rule['red_star_guided']:.1%} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.md')}")

@@ -13,6 +13,12 @@ Two ways to get that score (`source=`):
   sampler's path to that image would be), the UNet runs with the image's caption, and the evidence is smoothed
   over the steps as in the denoising loop. It also tells whether the unsafe *region* or a co-object is guided,
   which a generation without a mask cannot.
+
+Safe validation images may carry a `group` (`captions.csv`'s optional `group` column): the kind of safe content,
+such as a look-alike of the concept. The rate is then bounded on each group separately (the threshold is the
+largest of the groups' own), so that it holds whatever mix of groups the prompts a model serves will hold; a pooled
+bound holds only for the validation set's own mix, and look-alikes are what pass a threshold. Images without a group
+form one group of their own. A group of fewer than `1 / target_fpr` images may not be guided at all.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class PresenceCalibration:
         safe_images (`int`), unsafe_images (`int`), num_inference_steps (`int`): the calibration set and sampler.
         source (`str`): `"generations"` or `"images"` (see the module docstring).
         guidance_scale (`float` or `None`): the CFG scale of the generations.
+        groups (`dict[str, tuple[int, float]]` or `None`): per group of safe images (when any has a `group`;
+            `""` for those without), their number and the share guided at `threshold`, each at most `target_fpr`.
     """
 
     threshold: float
@@ -80,6 +88,7 @@ class PresenceCalibration:
     num_inference_steps: int
     source: str = "images"
     guidance_scale: float | None = None
+    groups: dict[str, tuple[int, float]] | None = None
 
     def as_metadata(self) -> dict:
         """The summary stored in the embedding's `calibration` metadata."""
@@ -95,6 +104,11 @@ class PresenceCalibration:
         }
         if self.guidance_scale is not None:
             summary["guidance_scale"] = self.guidance_scale
+        if self.groups is not None:
+            summary["groups"] = {
+                group: {"safe_images": count, "false_detection_rate": round(rate, 4)}
+                for group, (count, rate) in self.groups.items()
+            }
         return summary
 
 
@@ -225,13 +239,26 @@ def generation_presence_scores(
     return np.asarray(scores, dtype=np.float32)
 
 
-def _lowest_threshold(negatives: np.ndarray, target_fpr: float) -> float:
-    """The lowest threshold in `(0, 1)` that at most `target_fpr` of the `negatives` scores reach."""
+def _lowest_threshold(negatives: np.ndarray, target_fpr: float, groups: np.ndarray | None = None) -> float:
+    """The lowest threshold in `(0, 1)` that at most `target_fpr` of the `negatives` scores reach; with `groups`
+    (`(N,)` labels), of each group's scores: the largest of the groups' own thresholds."""
+    if groups is not None:
+        return max(_lowest_threshold(negatives[groups == group], target_fpr) for group in np.unique(groups))
     negatives = np.sort(negatives)[::-1]
     allowed = int(np.floor(target_fpr * len(negatives)))
     # just above the first safe item that may not be guided; never below a share any item could reach
     threshold = float(np.nextafter(max(negatives[allowed], 0.0), np.inf)) if allowed < len(negatives) else 0.0
     return float(np.clip(threshold, np.nextafter(0.0, 1.0), np.nextafter(1.0, 0.0)))
+
+
+def _group_rates(negatives: np.ndarray, groups: np.ndarray | None, threshold: float):
+    """`PresenceCalibration.groups`: per group, its size and the share of its scores reaching `threshold`."""
+    if groups is None:
+        return None
+    return {
+        str(group): (int((groups == group).sum()), float((negatives[groups == group] >= threshold).mean()))
+        for group in np.unique(groups)
+    }
 
 
 def calibrate_presence(
@@ -244,12 +271,14 @@ def calibrate_presence(
     source: str = "generations",
     guidance_scale: float = 7.5,
 ) -> PresenceCalibration:
-    """The lowest presence threshold that guides at most `target_fpr` of the safe validation items at any step.
+    """The lowest presence threshold that guides at most `target_fpr` of the safe validation items at any step (of
+    each group of them, when they carry groups; see the module docstring).
 
     Args:
         pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled; left as found.
-        images (`list[AnnotatedImage]`): validation images; a mask marks the unsafe region. With
-            `source="generations"` only their captions and whether they are unsafe are used.
+        images (`list[AnnotatedImage]`): validation images; a mask marks the unsafe region, a `group` the kind of
+            a safe one. With `source="generations"` only their captions, groups and whether they are unsafe are
+            used.
         source (`str`): `"generations"` (default) or `"images"`, see the module docstring.
         guidance_scale (`float`): CFG scale of the generations (`source="generations"`).
 
@@ -266,12 +295,14 @@ def calibrate_presence(
             "Calibration needs safe images (no mask) and unsafe images (with a mask) among the validation images;"
             f" got {int(unsafe.sum())} unsafe and {int((~unsafe).sum())} safe."
         )
+    safe_groups = [item.group for item in images if not item.unsafe]
+    groups = None if all(group is None for group in safe_groups) else np.array([g or "" for g in safe_groups])
     if source == "generations":
         captions = [item.caption for item in images]
         scores = generation_presence_scores(
             pipe, captions, num_inference_steps, guidance_scale, seed, progress=progress
         )
-        threshold = _lowest_threshold(scores[~unsafe], target_fpr)
+        threshold = _lowest_threshold(scores[~unsafe], target_fpr, groups)
         return PresenceCalibration(
             threshold=threshold,
             target_fpr=target_fpr,
@@ -283,9 +314,10 @@ def calibrate_presence(
             num_inference_steps=num_inference_steps,
             source=source,
             guidance_scale=guidance_scale,
+            groups=_group_rates(scores[~unsafe], groups, threshold),
         )
     scores = presence_scores(pipe, images, num_inference_steps, seed, progress=progress)
-    threshold = _lowest_threshold(scores.any[~unsafe], target_fpr)
+    threshold = _lowest_threshold(scores.any[~unsafe], target_fpr, groups)
     return PresenceCalibration(
         threshold=threshold,
         target_fpr=target_fpr,
@@ -296,4 +328,5 @@ def calibrate_presence(
         unsafe_images=int(unsafe.sum()),
         num_inference_steps=num_inference_steps,
         source=source,
+        groups=_group_rates(scores.any[~unsafe], groups, threshold),
     )

@@ -657,6 +657,10 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
             f"unsafe regions guided {calibration.detection_rate:.1%}, co-objects of unsafe images guided"
             f" {calibration.co_object_rate:.1%}"
         )
+    if calibration.groups is not None:
+        found += "; safe ones guided, per group: " + ", ".join(
+            f"{group or '(no group)'} {rate:.1%} of {count}" for group, (count, rate) in calibration.groups.items()
+        )
     print(
         f"presence threshold {calibration.threshold:.4g}: safe validation {calibration.source} guided"
         f" {calibration.false_detection_rate:.1%} (target {calibration.target_fpr:.0%}), {found}"

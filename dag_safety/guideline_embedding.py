@@ -183,7 +183,8 @@ class EmbeddingMetadata:
             (`detection="presence"`); `None` for an embedding never calibrated.
         presence_smoothing (`float`): the evidence smoothing the threshold was calibrated with.
         calibration (`dict`): how the threshold was chosen: the target and measured false-detection rates, the
-            detection rate on the unsafe validation images, the number of images, the sampler steps.
+            detection rate on the unsafe validation images, the number of images, the sampler steps, and per group
+            of safe images (`groups`) their number and false-detection rate.
         token_layout (`str`): `"sot+concept"`: row 0 is the start-of-text row, rows `1..K` the concept rows.
         training (`dict`): a summary of the optimization (data, steps, learning rate, timesteps, seed).
         final_loss (`float | None`): the best full-data loss.
@@ -529,7 +530,11 @@ class GuidelineEmbedding(
         if meta.presence_threshold is None:
             detection += " (not calibrated for the selective `presence` rule)"
         else:
-            calibration = ", ".join(f"{key} {value}" for key, value in meta.calibration.items())
+            calibration = ", ".join(
+                f"{key} {value}" for key, value in meta.calibration.items() if not isinstance(value, dict)
+            )
+            for group, rates in meta.calibration.get("groups", {}).items():
+                calibration += f"; {group or '(no group)'}: " + ", ".join(f"{k} {v}" for k, v in rates.items())
             detection += (
                 f'; with `detection="presence"` a region is guided when its presence score reaches'
                 f" {meta.presence_threshold:.4g} (smoothing {meta.presence_smoothing}); calibration: {calibration}"

@@ -8,9 +8,12 @@ optimization step then costs only the attention of the embedding's keys against 
 Folder layout read by [`load_annotated_folder`]:
 
     data/
-      captions.csv          # columns file_name,caption   (or captions.txt: "file_name<TAB>caption" per line)
+      captions.csv          # columns file_name,caption[,group]   (or captions.txt: "file_name<TAB>caption" per line)
       img_001.png           # images (.png, .jpg, .jpeg, .webp)
       masks/img_001.png     # binary mask, same stem and size as its image; missing or empty = a safe image
+
+The optional `group` column names the kind of a safe validation image (e.g. a look-alike of the concept); a
+calibration bounds the false-detection rate of each group separately (`dag_safety.calibration`).
 """
 
 from __future__ import annotations
@@ -67,19 +70,23 @@ class AnnotatedImage:
         image (`PIL.Image.Image`): RGB.
         mask (`np.ndarray | None`): `(H, W)` bool, the target region; `None` or all-False for a safe image.
         caption (`str`): the caption the UNet is conditioned on while caching.
+        group (`str`, *optional*): the kind of a safe image, for calibration (`captions.csv`'s `group` column).
     """
 
     name: str
     image: Image.Image
     mask: np.ndarray | None
     caption: str
+    group: str | None = None
 
     @property
     def unsafe(self) -> bool:
         return self.mask is not None and bool(self.mask.any())
 
 
-def _read_captions(folder: Path) -> dict[str, str]:
+def _read_captions(folder: Path) -> dict[str, tuple[str, str | None]]:
+    """Per file name, its caption and group (`None` where `captions.csv` has no `group` column or leaves it empty,
+    and with `captions.txt`)."""
     csv_path, txt_path = folder / "captions.csv", folder / "captions.txt"
     if csv_path.is_file():
         # utf-8-sig: spreadsheet programs save CSV files with a byte-order mark
@@ -87,7 +94,7 @@ def _read_captions(folder: Path) -> dict[str, str]:
             rows = list(csv.DictReader(handle))
         if rows and not {"file_name", "caption"} <= set(rows[0]):
             raise ValueError(f"{csv_path} needs the columns 'file_name' and 'caption', got {list(rows[0])}.")
-        return {row["file_name"]: row["caption"] for row in rows}
+        return {row["file_name"]: (row["caption"], (row.get("group") or "").strip() or None) for row in rows}
     if txt_path.is_file():
         captions = {}
         for number, line in enumerate(txt_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
@@ -96,7 +103,7 @@ def _read_captions(folder: Path) -> dict[str, str]:
             if "\t" not in line:
                 raise ValueError(f"{txt_path}:{number}: expected 'file_name<TAB>caption', got {line!r}.")
             name, caption = line.split("\t", 1)
-            captions[name.strip()] = caption.strip()
+            captions[name.strip()] = (caption.strip(), None)
         return captions
     raise ValueError(f"{folder} has no captions.csv (file_name,caption) or captions.txt (file_name<TAB>caption).")
 
@@ -133,7 +140,7 @@ def load_annotated_folder(folder: str | Path) -> list[AnnotatedImage]:
             values = np.asarray(mask_image)
             # 0/255 masks (anti-aliased edges count where at least half on), and 0/1 masks as some tools save them
             mask = values >= 128 if values.max() > 1 else values > 0
-        items.append(AnnotatedImage(path.name, image, mask, captions[path.name]))
+        items.append(AnnotatedImage(path.name, image, mask, *captions[path.name]))
     if not any(item.unsafe for item in items):
         raise ValueError(
             f"{folder} has no unsafe image: at least one image needs a mask (masks/<stem>.png) marking the target."

@@ -1,4 +1,4 @@
-"""DAG's selective rule (`detection="presence"`, spec 2b) against independent oracles."""
+"""DAG's selective rule (`detection="presence"`) and its calibration against independent oracles."""
 
 from __future__ import annotations
 
@@ -9,6 +9,35 @@ from dag_reference import area_scale
 
 from dag_safety import DAGConfig
 from dag_safety.guidance import area_scaler, dag_scale_map
+
+
+def assert_lowest_within(
+    scores: np.ndarray, groups: np.ndarray, threshold: float, fpr: float, tolerance: float = 0.0
+) -> None:
+    """`threshold` guides at most `fpr` of each group's `scores`, and the next lower score would guide more in
+    some group: the lowest threshold that bounds every group. Scores within `tolerance` of the threshold (a batched
+    generation's score differs from a lone one's in the last bits) count as below it."""
+    for group in np.unique(groups):
+        assert (scores[groups == group] >= threshold + tolerance).mean() <= fpr, group
+    lower = scores[scores < threshold - tolerance].max()
+    assert any((scores[groups == group] >= lower).mean() > fpr for group in np.unique(groups))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_threshold_bounds_each_group_and_is_the_lowest_that_does(seed):
+    """`_lowest_threshold` with groups against a brute-force search over every candidate threshold."""
+    from dag_safety.calibration import _lowest_threshold
+
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(5, 60))
+    scores = rng.uniform(0, 0.6, count).round(2)  # ties included
+    groups = rng.choice(["red non-star", "non-red star", ""], count)
+    fpr = float(rng.choice([0.05, 0.1, 0.25]))
+    candidates = sorted({float(np.nextafter(x, 1)) for x in scores} | {float(np.nextafter(0.0, 1))})
+    within = [t for t in candidates if all((scores[groups == g] >= t).mean() <= fpr for g in np.unique(groups))]
+    assert _lowest_threshold(scores, fpr, groups) == within[0]
+    pooled = [t for t in candidates if (scores >= t).mean() <= fpr]
+    assert _lowest_threshold(scores, fpr) == pooled[0] <= within[0]
 
 
 def _blobs(seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -136,8 +165,9 @@ def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embeddin
                  "--calibrate-on", "images", "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
     saved = GuidelineEmbedding.from_pretrained(out)
     threshold = saved.metadata.presence_threshold
-    assert saved.metadata.calibration["target_fpr"] == 0.2 and saved.metadata.calibration["safe_images"] == 10
-    assert saved.metadata.calibration["source"] == "images"
+    calibration = saved.metadata.calibration
+    assert calibration["target_fpr"] == 0.2 and calibration["safe_images"] == 10
+    assert calibration["source"] == "images"
     assert torch.equal(saved.embeds, GuidelineEmbedding.from_pretrained(RED_STAR).embeds)
 
     images = load_annotated_folder(folder)
@@ -147,9 +177,12 @@ def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embeddin
     finally:
         mini_pipe.disable_dag()
     safe = np.array([not item.unsafe for item in images])
-    assert (scores.any[safe] >= threshold).sum() <= 2  # 20 % of 10
-    lower = scores.any[safe][scores.any[safe] < threshold].max()
-    assert (scores.any[safe] >= lower).sum() > 2  # any lower threshold guides more than 20 %
+    groups = np.array([item.group for item in images])[safe]
+    assert set(groups) <= {"red non-star", "non-red star", "both look-alikes", "no look-alike"}
+    assert {group: rates["safe_images"] for group, rates in calibration["groups"].items()} == {
+        group: int((groups == group).sum()) for group in set(groups)
+    }
+    assert_lowest_within(scores.any[safe], groups, threshold, 0.2)
 
     mini_pipe.enable_dag(out)
     try:
@@ -275,7 +308,9 @@ def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(mi
     # a batched generation may differ from a lone one in the last bits: leave out scores at the threshold
     clear = np.abs(unguided - threshold) > 1e-5
     assert np.array_equal(np.array(detected)[clear], (unguided >= threshold)[clear])
-    assert np.array(detected)[safe & clear].sum() <= 2  # 25 % of 8
-    below = unguided[safe & (unguided < threshold - 1e-5)]
-    assert (unguided[safe] >= below.max()).sum() > 2  # the threshold is the lowest within the target
+    groups = np.array([item.group for item in items])
+    for group in set(groups[safe]):
+        in_group = safe & clear & (groups == group)
+        assert np.array(detected)[in_group].sum() <= 0.25 * (safe & (groups == group)).sum()
+    assert_lowest_within(unguided[safe], groups[safe], threshold, 0.25, tolerance=1e-5)
     assert calibration["false_detection_rate"] <= 0.25

@@ -22,15 +22,29 @@ from PIL import Image
 
 from .world import BACKGROUNDS, TARGET_CONCEPT, TRAIN_SEEDS, Scene, render_scene
 
-__all__ = ["select_scenes", "select_validation_scenes", "write_folder"]
+__all__ = ["LOOKALIKE_KINDS", "lookalike_kind", "select_scenes", "select_validation_scenes", "write_folder"]
 
 # A fixed stretch of the training range, so the selection is reproducible and far from the usual seed 0 runs.
 _FIRST_SEED = TRAIN_SEEDS[50_000_000]
 _VALIDATION_SEED = TRAIN_SEEDS[60_000_000]
 
 
+#: the groups of safe scenes a calibration bounds separately: by the look-alikes of a red star they hold
+LOOKALIKE_KINDS = ("red non-star", "non-red star", "both look-alikes", "no look-alike")
+
+
 def _is_target(obj) -> bool:
     return (obj.color, obj.shape) == TARGET_CONCEPT
+
+
+def lookalike_kind(objects) -> str:
+    """`"red star"` if `objects` (anything with `color` and `shape`: a scene's or a prompt's) hold one, else which
+    of its look-alikes they hold, one of `LOOKALIKE_KINDS`."""
+    if any(_is_target(obj) for obj in objects):
+        return "red star"
+    red = any(obj.color == TARGET_CONCEPT[0] for obj in objects)
+    star = any(obj.shape == TARGET_CONCEPT[1] for obj in objects)
+    return LOOKALIKE_KINDS[[red and not star, star and not red, red and star, True].index(True)]
 
 
 def select_scenes(n_unsafe: int = 5, n_safe: int = 3, filled_only: bool = False) -> tuple[list[Scene], list[Scene]]:
@@ -92,7 +106,8 @@ def select_validation_scenes(n_unsafe: int = 100, n_safe: int = 200) -> tuple[li
 def write_folder(
     folder: str | Path, n_unsafe: int = 5, n_safe: int = 3, filled_only: bool = False, validation: bool = False
 ) -> Path:
-    """Renders the selected scenes into `folder`: `NAME.png`, `masks/NAME.png` (the red star) and `captions.csv`.
+    """Renders the selected scenes into `folder`: `NAME.png`, `masks/NAME.png` (the red star) and `captions.csv`,
+    whose `group` column gives each safe scene's look-alikes (`lookalike_kind`), for calibration.
 
     With `validation`, the scenes of [`select_validation_scenes`] (to calibrate with `dag-safety optimize
     --validation-data`) instead of [`select_scenes`].
@@ -113,9 +128,10 @@ def write_folder(
                     target |= mask
             if target.any():
                 Image.fromarray(target.astype(np.uint8) * 255).save(folder / "masks" / name)
-            rows.append({"file_name": name, "caption": scene.caption})
+            group = "" if target.any() else lookalike_kind(scene.objects)
+            rows.append({"file_name": name, "caption": scene.caption, "group": group})
     with (folder / "captions.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file_name", "caption"])
+        writer = csv.DictWriter(handle, fieldnames=["file_name", "caption", "group"])
         writer.writeheader()
         writer.writerows(rows)
     return folder
