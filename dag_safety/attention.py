@@ -15,7 +15,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-__all__ = ["CapturedQuery", "CrossAttentionCapture", "QueryStore", "cross_attention_layers"]
+__all__ = ["CapturedQuery", "CrossAttentionCapture", "QueryStore", "cross_attention_layers", "select_layers"]
 
 
 class CapturedQuery:
@@ -122,6 +122,31 @@ def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, int]:
     return layers
 
 
+def select_layers(available: dict[str, int], names: tuple[str, ...]) -> dict[str, int]:
+    """The cross-attention layers of `available` ([`cross_attention_layers`]) under the UNet modules `names`: each
+    name selects the `attn2` layers whose module path is the name or starts with it, e.g.
+    `"up_blocks.2.attentions.0"` or `"up_blocks.2"`.
+
+    Raises:
+        `ValueError`: a name selects no layer; the message lists the UNet's cross-attention blocks.
+    """
+    selected = {}
+    for name in names:
+        found = {
+            key: factor
+            for key, factor in available.items()
+            if key.removesuffix(".processor") == name or key.startswith(name.rstrip(".") + ".")
+        }
+        if not found:
+            blocks = sorted({key.split(".transformer_blocks")[0] for key in available})
+            raise ValueError(
+                f"The layer name {name!r} selects no cross-attention layer of this UNet; its cross-attention"
+                f" blocks are {blocks}. Pass `layers` with some of those."
+            )
+        selected.update(found)
+    return selected
+
+
 class CrossAttentionCapture:
     """Registers query-capturing forward pre-hooks on the cross-attention layers at the selected resolutions of a
     UNet.
@@ -132,27 +157,37 @@ class CrossAttentionCapture:
     Args:
         unet (`UNet2DConditionModel`): the UNet to hook.
         layer_fractions (`tuple[float, ...]`): query side as a fraction of the latent side, e.g. `(0.25, 0.5)`.
+        layers (`tuple[str, ...]`, *optional*): the layers by name instead (see [`select_layers`]).
 
     Raises:
-        `ValueError`: the UNet has no cross-attention layer at any of the fractions, or a selected layer normalises
+        `ValueError`: the UNet has no cross-attention layer at any of the fractions, a name selects no layer, or a
+            selected layer normalises
             its queries before `to_q` (`group_norm` / `spatial_norm`, which SD and SDXL cross-attention do not have).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, layer_fractions: tuple[float, ...]):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        layer_fractions: tuple[float, ...],
+        layers: tuple[str, ...] | None = None,
+    ):
         # a torch.compile'd UNet: hook the model it wraps (the wrapper prefixes module names with `_orig_mod.`)
         unet = getattr(unet, "_orig_mod", unet)
-        layers = cross_attention_layers(unet)
+        available = cross_attention_layers(unet)
         self.unet = unet
-        self.layers = {
-            name: factor
-            for name, factor in layers.items()
-            if any(abs(1.0 / factor - fraction) < 1e-6 for fraction in layer_fractions)
-        }
+        if layers is not None:
+            self.layers = select_layers(available, layers)
+        else:
+            self.layers = {
+                name: factor
+                for name, factor in available.items()
+                if any(abs(1.0 / factor - fraction) < 1e-6 for fraction in layer_fractions)
+            }
         if not self.layers:
-            available = sorted({f"1/{factor}" for factor in layers.values()})
+            sides = sorted({f"1/{factor}" for factor in available.values()})
             raise ValueError(
                 f"The UNet has no cross-attention layer at {list(layer_fractions)} of the latent side; its"
-                f" cross-attention layers are at {available or 'none'}. Pass `layer_fractions` with some of those."
+                f" cross-attention layers are at {sides or 'none'}. Pass `layer_fractions` with some of those."
             )
         for name, attn in self.attention_modules().items():
             if attn.group_norm is not None or attn.spatial_norm is not None:

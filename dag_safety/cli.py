@@ -280,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="detection layers, as fractions in (0, 1] of the latent side",
     )
     opt.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="detection layers by UNet module name instead of --layer-fractions, e.g. up_blocks.2.attentions.0"
+        " (every cross-attention layer under each module); saved with the embedding",
+    )
+    opt.add_argument(
         "--base-scale",
         type=_number(float, low=0),
         default=5.0,
@@ -605,6 +613,7 @@ def optimize(args: argparse.Namespace) -> Path:
         concept=args.concept,
         safety_concept=args.safety_concept,
         layer_fractions=tuple(args.layer_fractions),
+        layers=None if args.layers is None else tuple(args.layers),
         num_timesteps=args.timesteps,
         loss=args.loss,
         positive_weight=args.positive_weight,

@@ -57,6 +57,17 @@ def _check_field_types(config: Any) -> None:
         elif item.type == "str":
             if not isinstance(value, str):
                 raise ValueError(f"`{name}` must be a string, got {value!r} ({type(value).__name__}).")
+        elif item.type == "tuple[str, ...] | None":
+            if value is not None and (
+                isinstance(value, (str, bytes))
+                or not isinstance(value, Sequence)
+                or not value
+                or not all(isinstance(v, str) and v for v in value)
+            ):
+                raise ValueError(
+                    f"`{name}` must be None or a non-empty sequence of layer names such as"
+                    f" ('up_blocks.2.attentions.0',), got {value!r}."
+                )
         elif item.type == "tuple[float, ...]":
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
                 raise ValueError(
@@ -215,6 +226,10 @@ class DAGConfig:
         layer_fractions (`tuple[float, ...]`, *optional*, defaults to `(0.25, 0.5)`):
             Cross-attention layers whose query side is this fraction of the latent side are used for detection
             (16² and 32² for a 64² latent).
+        layers (`tuple[str, ...]`, *optional*):
+            The detection layers by name instead, overriding `layer_fractions`: each name selects the
+            cross-attention (`attn2`) layers under that UNet module, e.g. `"up_blocks.2.attentions.0"`. An embedding
+            optimized on named layers (`dag-safety optimize --layers`) brings them.
         guidance_form (`str`, *optional*, defaults to `"table1"`):
             Where the classifier-free scale `s_g` meets DAG's term `g` (the paper leaves it open):
             `"table1"`, the paper's Table 1 read literally, `e = e_u + s_g ((e_p - e_u) - g)`, so DAG's push grows
@@ -249,6 +264,7 @@ class DAGConfig:
     area_scaler: bool = True
     magnitude_scaler: bool = True
     layer_fractions: tuple[float, ...] = (0.25, 0.5)
+    layers: tuple[str, ...] | None = None
     guidance_form: str = "table1"
     detection: str = "paper"
     presence_threshold: float | None = None
@@ -279,6 +295,8 @@ class DAGConfig:
                 f" got {self.layer_fractions!r}."
             )
         object.__setattr__(self, "layer_fractions", fractions)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
         if self.guidance_form not in GUIDANCE_FORMS:
             raise ValueError(f"`guidance_form` must be one of {list(GUIDANCE_FORMS)}, got {self.guidance_form!r}.")
         if self.detection not in DETECTION_RULES:

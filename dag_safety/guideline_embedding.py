@@ -127,6 +127,15 @@ def _header_fractions(raw: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
+def _header_names(raw: str) -> tuple[str, ...] | None:
+    value = _header_json(raw)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("neither null nor a non-empty list of names")
+    return tuple(value)
+
+
 def _header_object(raw: str) -> dict:
     value = _header_json(raw)
     if not isinstance(value, dict):
@@ -142,6 +151,7 @@ _HEADER_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
     "float": (_header_finite, "a finite number in JSON, such as '0.5'"),
     "float | None": (_header_optional_number, "a number or 'null'"),
     "tuple[float, ...]": (_header_fractions, "a JSON list of finite numbers, such as '[0.25, 0.5]'"),
+    "tuple[str, ...] | None": (_header_names, "'null' or a JSON list of layer names, such as '[\"up_blocks.2\"]'"),
     "dict": (_header_object, "a JSON object, such as '{}'"),
 }
 
@@ -172,6 +182,8 @@ class EmbeddingMetadata:
         base_model (`str`): the model it was optimized on (Hub id or a name).
         base_model_fingerprint (`str`): [`unet_fingerprint`] of that model.
         layer_fractions (`tuple[float, ...]`): detection layers, as fractions of the latent side.
+        layers (`tuple[str, ...] | None`): detection layers by name, overriding `layer_fractions` (see
+            [`DAGConfig`]); `None` for layers chosen by fraction.
         safety_concept (`str`): the safety concept text to pair it with (`e_s`).
         unsafe_threshold (`float`), edit_mask_threshold (`float`): the DAG thresholds it was tuned for.
         base_scale (`float`): the AreaScaler numerator it was tuned for (`s̄ = base_scale / (h·w)`; the paper's 5
@@ -196,6 +208,7 @@ class EmbeddingMetadata:
     base_model: str
     base_model_fingerprint: str
     layer_fractions: tuple[float, ...] = (0.25, 0.5)
+    layers: tuple[str, ...] | None = None
     safety_concept: str = ""
     unsafe_threshold: float = 0.5
     edit_mask_threshold: float = 0.01
@@ -221,6 +234,7 @@ class EmbeddingMetadata:
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["layer_fractions"] = list(self.layer_fractions)
+        values["layers"] = None if self.layers is None else list(self.layers)
         return values
 
     @classmethod
@@ -526,6 +540,7 @@ class GuidelineEmbedding(
         training = "\n".join(f"| {key} | {value} |" for key, value in meta.training.items()) or "| (not recorded) | |"
         quality = "\n".join(f"| {key} | {value} |" for key, value in meta.detection_quality.items())
         quality = quality or "| (not measured) | |"
+        layers = f"{list(meta.layer_fractions)} of the latent side" if meta.layers is None else list(meta.layers)
         detection = f"`{meta.detection}` by default"
         if meta.presence_threshold is None:
             detection += " (not calibrated for the selective `presence` rule)"
@@ -556,7 +571,7 @@ the `dag-safety` package.
 
 - Shape: {self.embeds.shape[0]} × {self.embeds.shape[1]} (start-of-text row + {self.num_concept_tokens} concept rows)
 - Initialised from the encoding of: `{meta.init_text}`
-- Detection layers: {list(meta.layer_fractions)} of the latent side
+- Detection layers: {layers}
 - Safety concept to pair it with: `{meta.safety_concept}`
 - Thresholds: unsafe {meta.unsafe_threshold}, edit {meta.edit_mask_threshold}
 - Detection rule: {detection}

@@ -158,6 +158,8 @@ class OptimizationConfig:
         safety_concept (`str`, *optional*): the safety concept text to pair the embedding with; defaults to
             `init_text`.
         layer_fractions (`tuple[float, ...]`, defaults to `(0.25, 0.5)`): detection layers.
+        layers (`tuple[str, ...]`, *optional*): detection layers by name, overriding `layer_fractions` (see
+            [`DAGConfig`]); saved with the embedding.
         num_timesteps (`int`, defaults to 10): timesteps cached per image, evenly spread over `timestep_range`.
         timestep_range (`tuple[int, int]`, defaults to `(50, 950)`): first and last cached timestep.
         loss (`str`, defaults to `"ovam"`): `"ovam"`, the paper's loss ([`guideline_loss`]), or `"presence"`
@@ -183,6 +185,7 @@ class OptimizationConfig:
     concept: str | None = None
     safety_concept: str | None = None
     layer_fractions: tuple[float, ...] = (0.25, 0.5)
+    layers: tuple[str, ...] | None = None
     num_timesteps: int = 10
     timestep_range: tuple[int, int] = (50, 950)
     loss: str = "ovam"
@@ -228,6 +231,13 @@ class OptimizationConfig:
             raise ValueError(
                 "`layer_fractions` must be a non-empty tuple of fractions in (0, 1] of the latent side, got"
                 f" {self.layer_fractions!r}."
+            )
+        if self.layers is not None and (
+            isinstance(self.layers, str) or not self.layers or not all(isinstance(n, str) and n for n in self.layers)
+        ):
+            raise ValueError(
+                f"`layers` must be None or a non-empty sequence of layer names such as ('up_blocks.2.attentions.0',),"
+                f" got {self.layers!r}."
             )
         if self.eval_every < 1:
             raise ValueError(f"`eval_every` must be >= 1, got {self.eval_every}.")
@@ -456,7 +466,7 @@ def optimize_guideline_embedding(
     generator = torch.Generator().manual_seed(config.seed)
     init_rows = encode_init_rows(pipe, config.init_text)
 
-    capture = CrossAttentionCapture(pipe.unet, config.layer_fractions)
+    capture = CrossAttentionCapture(pipe.unet, config.layer_fractions, config.layers)
     modules = capture.attention_modules()
     projections = {name: QueryProjection.snapshot(attn) for name, attn in modules.items()}
     requires_grad = {name: p.requires_grad for name, p in pipe.unet.named_parameters()}
@@ -541,6 +551,7 @@ def optimize_guideline_embedding(
         base_model=base_model,
         base_model_fingerprint=unet_fingerprint(pipe.unet),
         layer_fractions=tuple(config.layer_fractions),
+        layers=None if config.layers is None else tuple(config.layers),
         base_scale=config.base_scale,
         safety_concept=config.safety_concept or config.init_text,
         training={

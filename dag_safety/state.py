@@ -129,6 +129,7 @@ def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
     defaults = [
         {
             "layer_fractions": tuple(item.metadata.layer_fractions),
+            "layers": item.metadata.layers,
             "unsafe_threshold": item.metadata.unsafe_threshold,
             "edit_mask_threshold": item.metadata.edit_mask_threshold,
             "base_scale": item.metadata.base_scale,
@@ -260,7 +261,7 @@ def prepare_dag(
     dag_options, base_options = split_dag_options(options)
     config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)
 
-    capture = CrossAttentionCapture(unet, config.layer_fractions)
+    capture = CrossAttentionCapture(unet, config.layer_fractions, config.layers)
     modules = capture.attention_modules()
     if any(p.device.type == "meta" for attn in modules.values() for p in attn.parameters()):
         raise ValueError(

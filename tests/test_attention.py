@@ -96,6 +96,31 @@ def test_layer_selection_by_fraction(components):
         CrossAttentionCapture(unet, (0.125,))
 
 
+def test_layer_selection_by_name(components):
+    """A name selects the `attn2` layers under that module (a block, or one layer by its full path); a name that
+    selects nothing is refused with the UNet's blocks listed."""
+    unet = components["unet"]
+    names = list(cross_attention_layers(unet))
+    by_block = CrossAttentionCapture(unet, (0.5,), layers=("up_blocks.1",))
+    assert set(by_block.layers) == {name for name in names if name.startswith("up_blocks.1.")}
+    assert by_block.layers and len(by_block.layers) < len(names)
+    one = names[0].removesuffix(".processor")
+    assert set(CrossAttentionCapture(unet, (0.5,), layers=(one,)).layers) == {names[0]}
+    with CrossAttentionCapture(unet, (0.5,), layers=("down_blocks.1", "up_blocks.1.attentions.0")) as capture:
+        assert hooked_layers(unet) == {name.removesuffix(".processor") for name in capture.layers}
+        assert {name.split(".transformer_blocks")[0] for name in capture.layers} == {
+            name.split(".transformer_blocks")[0]
+            for name in names
+            if name.startswith(("down_blocks.1.", "up_blocks.1.attentions.0."))
+        }
+    with pytest.raises(
+        ValueError, match=r"'up_blocks\.9' selects no cross-attention layer.*up_blocks\.1\.attentions\.0"
+    ):
+        CrossAttentionCapture(unet, (0.5,), layers=("up_blocks.9",))
+    with pytest.raises(ValueError, match="selects no"):
+        CrossAttentionCapture(unet, (0.5,), layers=("up_blocks.1.attentions.0.transformer",))  # not a module boundary
+
+
 def test_install_and_remove_keep_user_processors(components):
     unet = components["unet"]
     custom = AttnProcessor()

@@ -119,6 +119,8 @@ def test_optimization_config_refuses_nan_and_negative_values():
         ({"base_scale": math.nan}, "base_scale"),
         ({"layer_fractions": (0.5, 2.0)}, "layer_fractions"),
         ({"layer_fractions": ()}, "layer_fractions"),
+        ({"layers": ()}, "layers"),
+        ({"layers": "up_blocks.1"}, "layers"),
     ]:
         with pytest.raises(ValueError, match=f"`{field}` must be"):
             OptimizationConfig(init_text="red star", **changes)

@@ -106,6 +106,34 @@ def test_enable_dag_by_path_uses_saved_defaults(pipe, tmp_path):
     assert not np.array_equal(saved.images, defaults.images)
 
 
+def test_named_layers_travel_with_the_embedding_and_override_its_fractions(pipe, tmp_path):
+    from dag_safety.attention import cross_attention_layers
+
+    half = sorted(
+        {name.split(".transformer_blocks")[0] for name, f in cross_attention_layers(pipe.unet).items() if f == 2}
+    )
+    make_embedding(pipe, layers=tuple(half), layer_fractions=(0.25,)).save_pretrained(tmp_path)
+    loaded = GuidelineEmbedding.from_pretrained(tmp_path)
+    assert loaded.metadata.layers == tuple(half)
+    assert str(half) in (tmp_path / "README.md").read_text()
+
+    def generate():
+        kwargs = {"num_inference_steps": 8, "output_type": "np", "safety_concept": "a red star"}
+        return pipe("a red star", generator=torch.manual_seed(0), **kwargs)
+
+    options = {"unsafe_threshold": 0.4, "edit_mask_threshold": 0.02, "base_scale": 5, "max_edit_area": 1.0}
+    pipe.enable_dag(tmp_path, **options)
+    assert pipe.dag_config.layers == tuple(half)
+    by_name = generate()
+    pipe.enable_dag(loaded.embeds, layer_fractions=(0.5,), **options)  # the same layers, by fraction
+    by_fraction = generate()
+    pipe.enable_dag(loaded.embeds, layer_fractions=(0.25,), **options)  # the saved fractions: other layers
+    quarter = generate()
+    assert by_name.unsafe_detected == [True]
+    assert np.array_equal(by_name.images, by_fraction.images)
+    assert not np.array_equal(by_name.images, quarter.images)
+
+
 def test_fingerprint_and_width_checks(pipe, tmp_path):
     other = make_embedding(pipe, base_model_fingerprint="ffffffffffffffff")
     with pytest.raises(ValueError, match="fingerprint ffffffffffffffff.*check_fingerprint=False"):

@@ -108,6 +108,28 @@ def test_optimization_lowers_the_loss_and_keeps_the_model(pipe, tmp_path):
     assert pipe.dag_config.layer_fractions == (0.25, 0.5)
 
 
+def test_named_layers_optimize_as_their_fractions_and_are_saved(pipe, tmp_path):
+    """`layers` naming exactly the 1/2-side blocks fits the same embedding as `layer_fractions=(0.5,)`, bit for bit,
+    and the embedding brings the names to `enable_dag`."""
+    from dag_safety.attention import cross_attention_layers
+
+    half = tuple(
+        sorted({n.split(".transformer_blocks")[0] for n, f in cross_attention_layers(pipe.unet).items() if f == 2})
+    )
+    items = load_annotated_folder(write_folder(tmp_path / "data"))
+    settings = {"init_text": "red star", "num_timesteps": 2, "steps": 6, "eval_every": 3}
+    by_fraction = optimize_guideline_embedding(
+        pipe, items, OptimizationConfig(layer_fractions=(0.5,), **settings), base_model="tiny", progress=False
+    )
+    by_name = optimize_guideline_embedding(
+        pipe, items, OptimizationConfig(layers=half, **settings), base_model="tiny", progress=False
+    )
+    assert torch.equal(by_name.embedding.embeds, by_fraction.embedding.embeds)
+    assert by_name.embedding.metadata.layers == half and by_fraction.embedding.metadata.layers is None
+    pipe.enable_dag(by_name.embedding)
+    assert pipe.dag_config.layers == half
+
+
 def test_folder_formats_from_common_tools(tmp_path):
     """0/1 masks, a CSV with a byte-order mark (spreadsheet export), and a photo stored sideways with an EXIF
     orientation tag, its mask drawn on the upright view."""
