@@ -1,0 +1,134 @@
+"""Which cross-attention layers should DAG's selective rule read? Presence AUC per detection-layer set.
+
+The paper reads the 16² and 32² layers of SD's 64² latent (`layer_fractions=(0.25, 0.5)`); the committed red-star
+embedding reads the 1/2- and full-side layers of the mini model's 16² latent (`(0.5, 1.0)`), and
+`benchmarks/probe.py` finds the layers' inputs separate a red star from its look-alikes very unequally
+(`up_blocks.2.attentions.0` best). This study scores, for each candidate set of layers (`DAGConfig.layers`), the
+presence scores the selective rule would see ([`calibration.presence_scores`]: each validation image noised along
+a 25-step sampler's guided timesteps, the highest component score over the steps) and reports how well they rank
+the red-star scenes (the score on the star's region) above the safe scenes of each look-alike kind: the ROC AUC,
+and the share of red stars guided at the threshold that guides at most 5 % of each safe kind (a per-kind
+calibration, `calibrate_presence` with groups).
+
+Scenes: `guideline_data.select_validation_scenes` (training seeds of their own, as `dag-safety calibrate` uses).
+Embeddings: the committed one and its un-optimized init (`encode_init_rows` of "red star").
+
+    python -m benchmarks.detection_layers              # writes benchmarks/results/detection_layers.{md,json}
+    python -m benchmarks.detection_layers --quick      # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.attention import cross_attention_layers
+from dag_safety.calibration import _lowest_threshold, presence_scores
+from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH
+from dag_safety.mini.guideline_data import LOOKALIKE_KINDS, write_folder
+from dag_safety.optimize import encode_init_rows, load_annotated_folder
+
+from .erase import EMBEDDING, ROOT
+from .probe import roc_auc
+
+
+def candidate_sets(unet) -> dict[str, dict]:
+    """Each cross-attention block alone, the paper's fractions and the committed embedding's."""
+    blocks = sorted({name.split(".transformer_blocks")[0] for name in cross_attention_layers(unet)})
+    sets = {block: {"layers": (block,)} for block in blocks}
+    sets["fractions (0.25, 0.5) (paper)"] = {"layer_fractions": (0.25, 0.5)}
+    sets["fractions (0.5, 1.0) (committed)"] = {"layer_fractions": (0.5, 1.0)}
+    sets["fraction 1.0"] = {"layer_fractions": (1.0,)}
+    return sets
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unsafe", type=int, default=100, help="red-star validation scenes")
+    parser.add_argument("--safe", type=int, default=300, help="safe validation scenes (half with a look-alike)")
+    parser.add_argument("--target-fpr", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 4 + 8 scenes, 8 steps, 3 layer sets")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection_layers")
+    args = parser.parse_args(argv)
+    steps = 8 if args.quick else 25
+    if args.quick:
+        args.unsafe, args.safe = 4, 8
+    torch.set_num_threads(args.threads)
+
+    pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as folder:
+        images = load_annotated_folder(write_folder(folder, args.unsafe, args.safe, validation=True))
+    unsafe = np.array([item.unsafe for item in images])
+    kinds = np.array([item.group or "red star" for item in images])
+    embeddings = {"committed": EMBEDDING, "init": encode_init_rows(pipe, GUIDELINE_INIT_TEXT)}
+    sets = candidate_sets(pipe.unet)
+    if args.quick:
+        sets = dict(list(sets.items())[-3:])
+    rows = []
+    for embedding_name, embedding in embeddings.items():
+        for set_name, selection in sets.items():
+            pipe.enable_dag(embedding, detection="paper", **selection)
+            try:
+                scores = presence_scores(pipe, images, num_inference_steps=steps, progress=False)
+            finally:
+                pipe.disable_dag()
+            safe_scores = scores.any[~unsafe]
+            threshold = _lowest_threshold(safe_scores, args.target_fpr, kinds[~unsafe])
+            row = {
+                "embedding": embedding_name,
+                "layers": set_name,
+                "red_stars_guided": float((scores.target[unsafe] >= threshold).mean()),
+                "threshold": threshold,
+            }
+            for kind in LOOKALIKE_KINDS:
+                chosen = kinds[~unsafe] == kind
+                if chosen.any():
+                    both = np.concatenate([scores.target[unsafe], safe_scores[chosen]])
+                    labels = np.arange(len(both)) < unsafe.sum()
+                    row[f"auc vs {kind}"] = roc_auc(np.nan_to_num(both, neginf=-1.0), labels)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    results = {
+        "command": "python -m benchmarks.detection_layers " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "host": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
+        "steps": steps,
+        "scenes": {kind: int((kinds == kind).sum()) for kind in ("red star", *LOOKALIKE_KINDS)},
+        "target_fpr": args.target_fpr,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    kind_columns = [key for key in rows[0] if key.startswith("auc vs")]
+    lines = [
+        "# Detection layers (mini model, red star)",
+        "",
+        (
+            f"Command: `{results['command']}`; {results['host']}; {steps}-step sampler's guided timesteps. Scenes:"
+            f" {results['scenes']}. Presence AUC of the red-star scenes (score on the star) against the safe scenes"
+            f" of each kind, and red stars guided at the lowest threshold that guides at most"
+            f" {args.target_fpr:.0%} of each safe kind."
+        ),
+        "",
+        "| embedding | layers | " + " | ".join(kind_columns) + " | red stars guided |",
+        "| --- " * (3 + len(kind_columns)) + "|",
+    ]
+    for row in rows:
+        aucs = " | ".join(f"{row[key]:.3f}" for key in kind_columns)
+        lines.append(f"| {row['embedding']} | {row['layers']} | {aucs} | {row['red_stars_guided']:.0%} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
