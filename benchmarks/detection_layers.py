@@ -5,7 +5,8 @@ embedding reads the 1/2- and full-side layers of the mini model's 16² latent (`
 `benchmarks/probe.py` finds the layers' inputs separate a red star from its look-alikes very unequally
 (`up_blocks.2.attentions.0` best). This study scores, for each candidate set of layers (`DAGConfig.layers`), the
 presence scores the selective rule would see ([`calibration.presence_scores`]: each validation image noised along
-a 25-step sampler's guided timesteps, the highest component score over the steps) and reports how well they rank
+a 25-step sampler's guided timesteps, the highest component score over the steps; one pass over all layers scores
+every candidate) and reports how well they rank
 the red-star scenes (the score on the star's region) above the safe scenes of each look-alike kind: the ROC AUC,
 and the share of red stars guided at the threshold that guides at most 5 % of each safe kind (a per-kind
 calibration, `calibrate_presence` with groups).
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.attention import cross_attention_layers
+from dag_safety.attention import cross_attention_layers, select_layers
 from dag_safety.calibration import _lowest_threshold, presence_scores
 from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH
 from dag_safety.mini.guideline_data import LOOKALIKE_KINDS, write_folder
@@ -40,13 +41,19 @@ from .erase import EMBEDDING, ROOT
 from .probe import roc_auc
 
 
-def candidate_sets(unet) -> dict[str, dict]:
-    """Each cross-attention block alone, the paper's fractions and the committed embedding's."""
-    blocks = sorted({name.split(".transformer_blocks")[0] for name in cross_attention_layers(unet)})
-    sets = {block: {"layers": (block,)} for block in blocks}
-    sets["fractions (0.25, 0.5) (paper)"] = {"layer_fractions": (0.25, 0.5)}
-    sets["fractions (0.5, 1.0) (committed)"] = {"layer_fractions": (0.5, 1.0)}
-    sets["fraction 1.0"] = {"layer_fractions": (1.0,)}
+def candidate_sets(unet) -> dict[str, list[str]]:
+    """Each cross-attention block alone, the up-sampling path's last block pair, and the layers of the paper's
+    fractions, the committed embedding's and the full-side ones; as processor names."""
+    layers = cross_attention_layers(unet)
+    blocks = sorted({name.split(".transformer_blocks")[0] for name in layers})
+    sets = {block: list(select_layers(layers, (block,))) for block in blocks}
+    sets["up_blocks.2 (both)"] = list(select_layers(layers, ("up_blocks.2",)))
+    for label, fractions in (
+        ("fractions (0.25, 0.5) (paper)", (0.25, 0.5)),
+        ("fractions (0.5, 1.0) (committed)", (0.5, 1.0)),
+        ("fraction 1.0", (1.0,)),
+    ):
+        sets[label] = [name for name, factor in layers.items() if any(abs(1 / factor - f) < 1e-6 for f in fractions)]
     return sets
 
 
@@ -76,12 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         sets = dict(list(sets.items())[-3:])
     rows = []
     for embedding_name, embedding in embeddings.items():
-        for set_name, selection in sets.items():
-            pipe.enable_dag(embedding, detection="paper", **selection)
-            try:
-                scores = presence_scores(pipe, images, num_inference_steps=steps, progress=False)
-            finally:
-                pipe.disable_dag()
+        # every layer captured once; each candidate scored from the same passes (`presence_scores(layer_sets=)`)
+        pipe.enable_dag(embedding, detection="paper", layer_fractions=(0.25, 0.5, 1.0))
+        try:
+            all_scores = presence_scores(pipe, images, num_inference_steps=steps, progress=False, layer_sets=sets)
+        finally:
+            pipe.disable_dag()
+        for set_name, scores in all_scores.items():
             safe_scores = scores.any[~unsafe]
             threshold = _lowest_threshold(safe_scores, args.target_fpr, kinds[~unsafe])
             row = {

@@ -24,6 +24,7 @@ form one group of their own. A group of fewer than `1 / target_fpr` images may n
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,7 +121,8 @@ def presence_scores(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
-) -> PresenceScores:
+    layer_sets: dict[str, Collection[str]] | None = None,
+) -> PresenceScores | dict[str, PresenceScores]:
     """The presence scores DAG's selective rule would see on `images` (see the module docstring).
 
     Args:
@@ -129,11 +131,25 @@ def presence_scores(
         images (`list[AnnotatedImage]`): validation images; a mask marks the unsafe region.
         num_inference_steps (`int`): the sampler's steps whose guided timesteps are visited.
         seed (`int`): seed of the noise draws.
+        layer_sets (`dict[str, Collection[str]]`, *optional*): named subsets of DAG's detection layers (processor
+            names, as in `CrossAttentionCapture.layers`), scored from the same UNet passes as if each were the
+            detection layers: one pass serves every candidate.
+
+    Returns:
+        [`PresenceScores`], or with `layer_sets` one per set, by name.
     """
     state = pipe._dag
     if state is None:
         raise ValueError("`presence_scores` needs DAG; call `pipe.enable_dag(embedding)` first.")
     config = state.config
+    if layer_sets is None:
+        layer_sets = {"": None}
+        single = True
+    else:
+        single = False
+        unknown = {name for layers in layer_sets.values() for name in layers} - set(state.capture.layers)
+        if unknown:
+            raise ValueError(f"`layer_sets` name layers DAG does not capture: {sorted(unknown)}.")
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps[config.warmup_steps :]
@@ -144,7 +160,7 @@ def presence_scores(
     forward_process = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    found = {"any": [], "target": [], "other": []}
+    found = {set_name: {"any": [], "target": [], "other": []} for set_name in layer_sets}
     for start in tqdm(range(0, len(images), batch_size), desc="Calibrating", leave=False, disable=not progress):
         chunk = images[start : start + batch_size]
         pixels, masks = zip(*(_to_pixels(pipe, item, side) for item in chunk))
@@ -153,8 +169,8 @@ def presence_scores(
         text, added = unet_conditioning(pipe, [item.caption for item in chunk], pipe.device, 1, (side, side))
         latent_size = tuple(latents.shape[-2:])
         masks = torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], latent_size)[:, 0].bool()
-        best = {key: np.full(len(chunk), -np.inf) for key in found}
-        evidence = None
+        best = {set_name: {key: np.full(len(chunk), -np.inf) for key in found[set_name]} for set_name in layer_sets}
+        evidence = dict.fromkeys(layer_sets)
         with state.capture:
             for t in timesteps:
                 noisy = forward_process.add_noise(latents, noise, t.expand(len(chunk)))
@@ -163,28 +179,41 @@ def presence_scores(
                     pipe.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added)
                 finally:
                     state.capture.store.disarm()
-                shares = state.shares(latent_size, concept_presence)
-                state.capture.store.clear()
-                if evidence is not None:
-                    shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares
-                evidence = shares
-                for concept in evidence:
-                    for index, (share, dag_map) in enumerate(zip(concept.numpy(), minmax_normalize(concept).numpy())):
-                        labels, count = unsafe_components(
-                            dag_map, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+                for set_name, layers in layer_sets.items():
+                    shares = state.shares(latent_size, concept_presence, layers)
+                    if evidence[set_name] is not None:
+                        shares = (
+                            config.presence_smoothing * evidence[set_name] + (1 - config.presence_smoothing) * shares
                         )
-                        if count == 0:
-                            continue
-                        scores = component_presence(share, labels, count)
-                        on_mask = np.bincount(labels[masks[index].numpy()], minlength=count + 1)[1:] > 0
-                        best["any"][index] = max(best["any"][index], scores.max())
-                        if on_mask.any():
-                            best["target"][index] = max(best["target"][index], scores[on_mask].max())
-                        if (~on_mask).any():
-                            best["other"][index] = max(best["other"][index], scores[~on_mask].max())
-        for key, values in found.items():
-            values.append(best[key])
-    return PresenceScores(**{key: np.concatenate(values) for key, values in found.items()})
+                    evidence[set_name] = shares
+                    _update_best(best[set_name], shares, masks, config)
+                state.capture.store.clear()
+        for set_name, by_key in found.items():
+            for key, values in by_key.items():
+                values.append(best[set_name][key])
+    scores = {
+        set_name: PresenceScores(**{key: np.concatenate(values) for key, values in by_key.items()})
+        for set_name, by_key in found.items()
+    }
+    return scores[""] if single else scores
+
+
+def _update_best(best: dict[str, np.ndarray], evidence: torch.Tensor, masks: torch.Tensor, config) -> None:
+    """Raises `best` (per image, the highest component score: of any, on the mask, off it) to one step's."""
+    for concept in evidence:
+        for index, (share, dag_map) in enumerate(zip(concept.numpy(), minmax_normalize(concept).numpy())):
+            labels, count = unsafe_components(
+                dag_map, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+            )
+            if count == 0:
+                continue
+            scores = component_presence(share, labels, count)
+            on_mask = np.bincount(labels[masks[index].numpy()], minlength=count + 1)[1:] > 0
+            best["any"][index] = max(best["any"][index], scores.max())
+            if on_mask.any():
+                best["target"][index] = max(best["target"][index], scores[on_mask].max())
+            if (~on_mask).any():
+                best["other"][index] = max(best["other"][index], scores[~on_mask].max())
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ whichever way DAG is attached.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -64,10 +64,15 @@ class DAGState:
         }
         self.keys = [{name: key.to(**options) for name, key in keys.items()} for keys in self.keys]
 
-    def shares(self, latent_size: tuple[int, int], reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def shares(
+        self,
+        latent_size: tuple[int, int],
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+        layers: Collection[str] | None = None,
+    ) -> torch.Tensor:
         """Each concept's raw map from the queries captured in the last UNet call, `reduce` ([`concept_share`] or
         [`concept_presence`]) applied to its layer-averaged token maps: `(concepts, B, h, w)`, float32, **on the
-        CPU**.
+        CPU**. `layers` (processor names, a subset of the capture's) averages over those layers only.
 
         The attention maps are computed where the queries are; the maps then come to the host in one copy, where the
         min-max normalisation, DAG's scale map and its connected components (scipy) run. On a GPU that copy is the
@@ -78,6 +83,8 @@ class DAGState:
             `FloatingPointError`: the maps are not finite (an image DAG cannot inspect must not pass as safe).
         """
         queries = self.capture.store.queries
+        if layers is not None:
+            queries = {name: queries[name] for name in layers}
         shares = torch.stack(
             [reduce(token_maps(queries, self.projections, keys, latent_size)) for keys in self.keys]
         ).cpu()

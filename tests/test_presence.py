@@ -192,6 +192,38 @@ def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embeddin
         mini_pipe.disable_dag()
 
 
+def test_layer_sets_score_as_if_each_were_the_detection_layers(mini_pipe, tmp_path):
+    """One pass over all layers scores each named subset exactly as DAG enabled on that subset alone."""
+    from dag_safety.calibration import presence_scores
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+
+    images = load_annotated_folder(write_folder(tmp_path / "v", 2, 3, validation=True))
+    subsets = {"up": ("up_blocks.2.attentions.0",), "pair": ("down_blocks.1", "up_blocks.2.attentions.1")}
+    mini_pipe.enable_dag(RED_STAR, layer_fractions=(0.25, 0.5, 1.0))
+    try:
+        captured = mini_pipe._dag.capture.layers
+        sets = {
+            name: [layer for layer in captured if layer.startswith(tuple(f"{block}." for block in blocks))]
+            for name, blocks in subsets.items()
+        }
+        together = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False, layer_sets=sets)
+        with pytest.raises(ValueError, match="does not capture"):
+            presence_scores(mini_pipe, images, num_inference_steps=8, layer_sets={"x": ["nope"]})
+    finally:
+        mini_pipe.disable_dag()
+    for name, blocks in subsets.items():
+        mini_pipe.enable_dag(RED_STAR, layers=blocks)
+        try:
+            alone = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False)
+        finally:
+            mini_pipe.disable_dag()
+        for key in ("any", "target", "other"):
+            np.testing.assert_allclose(getattr(together[name], key), getattr(alone, key), rtol=0, atol=1e-6)
+        assert np.isfinite(alone.any).any()
+
+
 def test_calibrate_needs_safe_and_unsafe_images(mini_pipe, tmp_path):
     from dag_safety.calibration import calibrate_presence
     from dag_safety.embeddings import RED_STAR
