@@ -9,7 +9,8 @@ a 25-step sampler's guided timesteps, the highest component score over the steps
 every candidate) and reports how well they rank
 the red-star scenes (the score on the star's region) above the safe scenes of each look-alike kind: the ROC AUC,
 and the share of red stars guided at the threshold that guides at most 5 % of each safe kind (a per-kind
-calibration, `calibrate_presence` with groups).
+calibration, `calibrate_presence` with groups). Also the per-image AUC, any component of a red-star scene against
+all safe scenes, which is what a gate on whole generations sees. Every score is kept in the JSON.
 
 Scenes: `guideline_data.select_validation_scenes` (training seeds of their own, as `dag-safety calibrate` uses).
 Embeddings: the committed one and its un-optimized init (`encode_init_rows` of "red star").
@@ -104,8 +105,14 @@ def main(argv: list[str] | None = None) -> None:
                     both = np.concatenate([scores.target[unsafe], safe_scores[chosen]])
                     labels = np.arange(len(both)) < unsafe.sum()
                     row[f"auc vs {kind}"] = roc_auc(np.nan_to_num(both, neginf=-1.0), labels)
+            # per image, as a gate on whole generations sees it: any component of a red-star scene
+            both = np.concatenate([scores.any[unsafe], safe_scores])
+            row["image auc vs all safe"] = roc_auc(
+                np.nan_to_num(both, neginf=-1.0), np.arange(len(both)) < unsafe.sum()
+            )
+            row["scores"] = {"any": scores.any.tolist(), "target": scores.target.tolist()}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({key: value for key, value in row.items() if key != "scores"}), flush=True)
 
     results = {
         "command": "python -m benchmarks.detection_layers " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -113,18 +120,20 @@ def main(argv: list[str] | None = None) -> None:
         "steps": steps,
         "scenes": {kind: int((kinds == kind).sum()) for kind in ("red star", *LOOKALIKE_KINDS)},
         "target_fpr": args.target_fpr,
+        "kinds": kinds.tolist(),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    kind_columns = [key for key in rows[0] if key.startswith("auc vs")]
+    kind_columns = [key for key in rows[0] if "auc vs" in key]
     lines = [
         "# Detection layers (mini model, red star)",
         "",
         (
             f"Command: `{results['command']}`; {results['host']}; {steps}-step sampler's guided timesteps. Scenes:"
             f" {results['scenes']}. Presence AUC of the red-star scenes (score on the star) against the safe scenes"
-            f" of each kind, and red stars guided at the lowest threshold that guides at most"
+            f" of each kind; per image (any component) against all safe scenes; and red stars guided at the lowest"
+            f" threshold that guides at most"
             f" {args.target_fpr:.0%} of each safe kind."
         ),
         "",

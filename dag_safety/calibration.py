@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
+from .attention import cross_attention_layers, select_layers
 from .conditioning import unet_conditioning
 from .detection import concept_presence, minmax_normalize
 from .guidance import component_presence, unsafe_components
@@ -39,11 +41,13 @@ from .optimize import AnnotatedImage, _to_pixels
 
 __all__ = [
     "CALIBRATION_SOURCES",
+    "LayerChoice",
     "PresenceCalibration",
     "PresenceScores",
     "calibrate_presence",
     "generation_presence_scores",
     "presence_scores",
+    "select_detection_layers",
 ]
 
 CALIBRATION_SOURCES = ("generations", "images")
@@ -359,3 +363,72 @@ def calibrate_presence(
         source=source,
         groups=_group_rates(scores.any[~unsafe], groups, threshold),
     )
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One candidate of [`select_detection_layers`] and how it did on the validation images.
+
+    Attributes:
+        blocks (`tuple[str, ...]`): the UNet modules (`DAGConfig.layers`).
+        detection_rate (`float`): share of unsafe images whose masked region is guided at some step at `threshold`.
+        threshold (`float`): the lowest presence threshold within `target_fpr` (of each group of safe images).
+        auc (`float`): ROC AUC of the unsafe images' scores (any component) against the safe ones'.
+    """
+
+    blocks: tuple[str, ...]
+    detection_rate: float
+    threshold: float
+    auc: float
+
+
+@torch.no_grad()
+def select_detection_layers(
+    pipe,
+    images: list[AnnotatedImage],
+    candidates: list[tuple[str, ...]],
+    target_fpr: float = 0.05,
+    num_inference_steps: int = 25,
+    progress: bool = True,
+) -> list[LayerChoice]:
+    """Ranks sets of detection layers for DAG's selective rule on annotated validation images.
+
+    Each candidate is scored as if it were DAG's detection layers ([`presence_scores`] on the noised images, all
+    candidates from one pass): the threshold that guides at most `target_fpr` of the safe images (of each group),
+    and at it the share of unsafe images whose masked region is guided. The ranking is by that share, then by the
+    image-level AUC. The paper reads fixed resolutions; which layers separate a concept from its look-alikes is the
+    model's (a small model's best may be its full-resolution layers), hence a choice on data, which the embedding
+    then carries (`DAGConfig.layers`).
+
+    Args:
+        pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled on (at least) every candidate's layers, e.g.
+            `enable_dag(embedding, layers=<all blocks>)`; its other settings are used.
+        images (`list[AnnotatedImage]`): validation images: unsafe ones with a mask, safe ones (with groups).
+        candidates (`list[tuple[str, ...]]`): sets of UNet module names (as `DAGConfig.layers`).
+
+    Returns:
+        `list[LayerChoice]`, best first.
+
+    Raises:
+        `ValueError`: no safe or no unsafe image, a candidate name selects no layer, or DAG does not capture a
+            candidate's layers.
+    """
+    state = pipe._dag
+    if state is None:
+        raise ValueError("`select_detection_layers` needs DAG; call `pipe.enable_dag(embedding)` first.")
+    unsafe = np.array([item.unsafe for item in images])
+    if unsafe.all() or not unsafe.any():
+        raise ValueError("Choosing layers needs safe images (no mask) and unsafe images (with a mask).")
+    available = cross_attention_layers(getattr(pipe.unet, "_orig_mod", pipe.unet))
+    sets = {tuple(blocks): list(select_layers(available, tuple(blocks))) for blocks in candidates}
+    scores = presence_scores(pipe, images, num_inference_steps, progress=progress, layer_sets=sets)
+    groups = np.array([item.group or "" for item in images])[~unsafe]
+    positives, negatives = int(unsafe.sum()), int((~unsafe).sum())
+    choices = []
+    for blocks, found in scores.items():
+        threshold = _lowest_threshold(found.any[~unsafe], target_fpr, groups)
+        # Mann-Whitney AUC, ties counted half; images without a component score lowest
+        ranks = rankdata(np.nan_to_num(np.concatenate([found.any[unsafe], found.any[~unsafe]]), neginf=-1.0))
+        auc = (ranks[:positives].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+        choices.append(LayerChoice(blocks, float((found.target[unsafe] >= threshold).mean()), threshold, float(auc)))
+    return sorted(choices, key=lambda choice: (-choice.detection_rate, -choice.auc))

@@ -343,6 +343,13 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         " paper keeps the paper's rule and stores the threshold for detection='presence')",
     )
     parser.add_argument(
+        "--select-layers",
+        action="store_true",
+        help="first choose the detection layers on the validation images: each cross-attention block alone and the"
+        " embedding's own layers, ranked by the share of unsafe regions guided at the target rate; the embedding"
+        " keeps the best (its `layers`)",
+    )
+    parser.add_argument(
         "--calibrate-on",
         choices=["generations", "images"],
         default="generations",
@@ -641,11 +648,43 @@ def optimize(args: argparse.Namespace) -> Path:
     return out
 
 
+def _blocks(layers) -> tuple[str, ...]:
+    """The UNet modules (`DAGConfig.layers` names) of cross-attention processor names."""
+    return tuple(sorted({name.split(".transformer_blocks")[0] for name in layers}))
+
+
+def _with_selected_layers(pipe, embedding, validation: list, args: argparse.Namespace):
+    """`embedding` carrying the detection layers `select_detection_layers` ranks first on `validation`."""
+    from .attention import cross_attention_layers
+    from .calibration import select_detection_layers
+    from .optimize import replace_metadata
+
+    pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
+    try:
+        own = _blocks(pipe._dag.capture.layers)
+        blocks = _blocks(cross_attention_layers(pipe.unet))
+        pipe.enable_dag(embedding, detection="paper", layers=blocks)
+        choices = select_detection_layers(
+            pipe, validation, [*((block,) for block in blocks), own], args.target_fpr, args.calibration_steps
+        )
+    finally:
+        pipe.disable_dag()
+    print("detection layers, on the validation images (unsafe regions guided at the target rate; AUC):")
+    for choice in choices:
+        mark = " (the embedding's own)" if choice.blocks == own else ""
+        print(f"  {', '.join(choice.blocks)}{mark}: {choice.detection_rate:.1%}; {choice.auc:.3f}")
+    print(f"chose {', '.join(choices[0].blocks)}")
+    return replace_metadata(embedding, layers=choices[0].blocks)
+
+
 def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
-    """`embedding` with the presence threshold calibrated on `validation` for `--target-fpr`, and its report."""
+    """`embedding` with the presence threshold calibrated on `validation` for `--target-fpr`, and its report (with
+    `--select-layers`, on the detection layers chosen on `validation` first)."""
     from .calibration import calibrate_presence
     from .optimize import replace_metadata
 
+    if args.select_layers:
+        embedding = _with_selected_layers(pipe, embedding, validation, args)
     pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
     try:
         calibration = calibrate_presence(

@@ -224,6 +224,53 @@ def test_layer_sets_score_as_if_each_were_the_detection_layers(mini_pipe, tmp_pa
         assert np.isfinite(alone.any).any()
 
 
+def test_select_layers_ranks_each_candidate_as_if_alone_and_the_embedding_keeps_the_best(mini_pipe, tmp_path, capsys):
+    """`select_detection_layers` against each candidate enabled alone (its scores, the brute-force lowest threshold
+    within the target for each group, the share of masked regions reaching it); `calibrate --select-layers` saves
+    the first."""
+    from dag_safety.calibration import presence_scores, select_detection_layers
+    from dag_safety.cli import main
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.guideline_embedding import GuidelineEmbedding
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+
+    folder = write_folder(tmp_path / "v", 4, 8, validation=True)
+    images = load_annotated_folder(folder)
+    candidates = [("up_blocks.2.attentions.0",), ("up_blocks.2.attentions.1",), ("down_blocks.1", "up_blocks.1")]
+    mini_pipe.enable_dag(RED_STAR, layers=("up_blocks.2", "down_blocks.1", "up_blocks.1"))
+    try:
+        choices = select_detection_layers(mini_pipe, images, candidates, 0.25, 8, progress=False)
+    finally:
+        mini_pipe.disable_dag()
+    assert sorted(choice.blocks for choice in choices) == sorted(candidates)
+    assert [(c.detection_rate, c.auc) for c in choices] == sorted(
+        ((c.detection_rate, c.auc) for c in choices), key=lambda pair: (-pair[0], -pair[1])
+    )
+    unsafe = np.array([item.unsafe for item in images])
+    groups = np.array([item.group for item in images])[~unsafe]
+    for choice in choices:
+        mini_pipe.enable_dag(RED_STAR, layers=choice.blocks)
+        try:
+            alone = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False)
+        finally:
+            mini_pipe.disable_dag()
+        safe = alone.any[~unsafe]
+        candidates_t = sorted(
+            {float(np.nextafter(x, 1)) for x in safe[np.isfinite(safe)]} | {float(np.nextafter(0.0, 1))}
+        )
+        lowest = next(t for t in candidates_t if all((safe[groups == g] >= t).mean() <= 0.25 for g in set(groups)))
+        assert choice.threshold == pytest.approx(lowest, abs=1e-6)
+        assert choice.detection_rate == (alone.target[unsafe] >= choice.threshold).mean()
+
+    out = tmp_path / "selected"
+    assert main(["calibrate", str(RED_STAR), "--validation-data", str(folder), "--target-fpr", "0.25",
+                 "--calibrate-on", "images", "--calibration-steps", "8", "--select-layers", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    chosen = GuidelineEmbedding.from_pretrained(out).metadata.layers
+    assert f"chose {', '.join(chosen)}" in printed and "(the embedding's own)" in printed
+
+
 def test_calibrate_needs_safe_and_unsafe_images(mini_pipe, tmp_path):
     from dag_safety.calibration import calibrate_presence
     from dag_safety.embeddings import RED_STAR
