@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200, 500, 1000])
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap samples per size")
     parser.add_argument("--target-fpr", type=float, default=0.05)
+    parser.add_argument(
+        "--layers", nargs="+", default=None, help="detection layers by name (default: the embedding's own)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 16 + 8 generations, 4 steps")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration_size")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.enable_dag(EMBEDDING)
+    pipe.enable_dag(EMBEDDING, **({} if args.layers is None else {"layers": tuple(args.layers)}))
     _, safe_scenes = select_validation_scenes(n_unsafe=0, n_safe=args.safe)
     heldout = benign_prompts(args.heldout, HELDOUT_SEEDS[950_000])
     safe = generation_presence_scores(pipe, [scene.caption for scene in safe_scenes], num_inference_steps=steps)
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         "safe_captions": len(safe),
         "heldout_prompts": len(held),
         "target_fpr": args.target_fpr,
+        "layers": pipe.dag_config.layers,
         "embedding_threshold": pipe.dag_config.presence_threshold,
         "all_captions_threshold": full,
         "all_captions_heldout_fpr": float((held >= full).mean()),
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
             f" captions and {len(held)} held-out benign prompts, each generated once unguided and scored; target"
             f" {args.target_fpr:.0%} of generations guided. All {len(safe)} captions: threshold {full:.4f}, held-out"
             f" benign generations guided {results['all_captions_heldout_fpr']:.1%} (the committed embedding's"
-            f" threshold: {results['embedding_threshold']})."
+            f" threshold: {results['embedding_threshold']}). Detection layers:"
+            f" {list(args.layers) if args.layers else 'the embedding' + chr(39) + 's own'}."
         ),
         "",
         "| captions | threshold, median (5–95 %) | held-out benign guided, median (5–95 %) | draws guiding > 2 × target |",
