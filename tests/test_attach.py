@@ -434,7 +434,8 @@ def test_exported_from_the_package():
 
 
 def test_the_readme_snippet_on_the_mini_model(mini_pipe):
-    """The README's `DAGGuidance` example, on the bundled model: text-to-image, then img2img through `from_pipe`."""
+    """The README's `DAGGuidance` examples, on the bundled model: text-to-image, then img2img, inpainting and
+    ControlNet through `from_pipe`."""
     from diffusers import StableDiffusionPipeline
 
     from dag_safety.embeddings import RED_STAR
@@ -450,6 +451,22 @@ def test_the_readme_snippet_on_the_mini_model(mini_pipe):
     img2img.set_progress_bar_config(disable=True)
     with dag.attach(img2img):
         img2img("a red star on a gray background", image=image, strength=0.7, num_inference_steps=8)
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpaint = StableDiffusionInpaintPipeline.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    with dag.attach(inpaint):
+        inpaint("a red star on a white background", image=image, mask_image=mask, num_inference_steps=8)
+    assert len(dag.last_output.unsafe_detected) == 1
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 96))
+    control = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    control.set_progress_bar_config(disable=True)
+    with dag.attach(control):
+        control("a red star on a white background", image=image, num_inference_steps=8)
+    assert len(dag.last_output.unsafe_detected) == 1
     assert_stock_again(pipe)
     again = pipe(PROMPT, num_inference_steps=8, generator=torch.manual_seed(0), output_type="np").images
     assert np.array_equal(again, reference)
