@@ -287,6 +287,23 @@ def test_calibration_size_quick(tmp_path):
         assert low <= row["threshold_median"] <= high
         assert 0 <= row["heldout_fpr_median"] <= 1
     assert "| 16 |" in (tmp_path / "size.md").read_text()
+    pooled, per_kind = data["rules"]
+    assert (pooled["rule"], per_kind["rule"]) == ("pooled", "per look-alike kind")
+    assert per_kind["threshold"] >= pooled["threshold"]  # bounding each kind is stricter than their mix
+    assert len(data["scores"]["safe"]) == len(data["scores"]["safe_kinds"]) == 16
+
+
+def test_detection_layers_quick(tmp_path):
+    """Every candidate layer set scored from one pass, for both embeddings."""
+    from benchmarks import detection_layers
+
+    detection_layers.main(["--quick", "--out", str(tmp_path / "layers")])
+    data = json.loads((tmp_path / "layers.json").read_text())
+    assert {row["embedding"] for row in data["rows"]} == {"committed", "init"}
+    assert len(data["rows"]) == 6 and len(data["kinds"]) == 12
+    for row in data["rows"]:
+        assert 0 <= row["red_stars_guided"] <= 1 and 0 <= row["image auc vs all safe"] <= 1
+    assert "| committed | fraction 1.0 |" in (tmp_path / "layers.md").read_text()
 
 
 def test_base_scale_quick(tmp_path):
