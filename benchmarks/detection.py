@@ -238,12 +238,10 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_folder(Path(tmp) / "filled", filled_only=True)
         started = time.perf_counter()
-        result = optimize_guideline_embedding(
-            pipe,
-            load_annotated_folder(data),
-            OptimizationConfig(init_text=GUIDELINE_INIT_TEXT, layer_fractions=layers),
-            progress=False,
-        )
+        recipe = OptimizationConfig(init_text=GUIDELINE_INIT_TEXT, layer_fractions=layers)
+        if args.quick:  # the smoke test checks the plumbing, not what 500 steps on 10 timesteps learn
+            recipe = replace(recipe, num_timesteps=2, steps=10)
+        result = optimize_guideline_embedding(pipe, load_annotated_folder(data), recipe, progress=False)
         filled_seconds = time.perf_counter() - started
     embeddings["optimized (filled only)"] = result.embedding
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.attention import cross_attention_layers, select_layers
+from dag_safety.attention import attention_blocks, cross_attention_layers, select_layers
 from dag_safety.calibration import _lowest_threshold, presence_scores
 from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH
 from dag_safety.mini.guideline_data import LOOKALIKE_KINDS, write_folder
@@ -46,7 +46,7 @@ def candidate_sets(unet) -> dict[str, list[str]]:
     """Each cross-attention block alone, the up-sampling path's last block pair, and the layers of the paper's
     fractions, the committed embedding's and the full-side ones; as processor names."""
     layers = cross_attention_layers(unet)
-    blocks = sorted({name.split(".transformer_blocks")[0] for name in layers})
+    blocks = attention_blocks(layers)
     sets = {block: list(select_layers(layers, (block,))) for block in blocks}
     sets["up_blocks.2 (both)"] = list(select_layers(layers, ("up_blocks.2",)))
     for label, fractions in (

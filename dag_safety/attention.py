@@ -9,13 +9,21 @@ processors are never replaced, so any processor the user set keeps working.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Self
 
 import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-__all__ = ["CapturedQuery", "CrossAttentionCapture", "QueryStore", "cross_attention_layers", "select_layers"]
+__all__ = [
+    "CapturedQuery",
+    "CrossAttentionCapture",
+    "QueryStore",
+    "attention_blocks",
+    "cross_attention_layers",
+    "select_layers",
+]
 
 
 class CapturedQuery:
@@ -122,6 +130,12 @@ def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, int]:
     return layers
 
 
+def attention_blocks(layers: Iterable[str]) -> tuple[str, ...]:
+    """The UNet modules (`DAGConfig.layers` names, e.g. `"up_blocks.2.attentions.0"`) that hold the cross-attention
+    processors `layers` (names as in [`cross_attention_layers`]), sorted."""
+    return tuple(sorted({name.split(".transformer_blocks")[0] for name in layers}))
+
+
 def select_layers(available: dict[str, int], names: tuple[str, ...]) -> dict[str, int]:
     """The cross-attention layers of `available` ([`cross_attention_layers`]) under the UNet modules `names`: each
     name selects the `attn2` layers whose module path is the name or starts with it, e.g.
@@ -138,10 +152,9 @@ def select_layers(available: dict[str, int], names: tuple[str, ...]) -> dict[str
             if key.removesuffix(".processor") == name or key.startswith(name.rstrip(".") + ".")
         }
         if not found:
-            blocks = sorted({key.split(".transformer_blocks")[0] for key in available})
             raise ValueError(
                 f"The layer name {name!r} selects no cross-attention layer of this UNet; its cross-attention"
-                f" blocks are {blocks}. Pass `layers` with some of those."
+                f" blocks are {list(attention_blocks(available))}. Pass `layers` with some of those."
             )
         selected.update(found)
     return selected

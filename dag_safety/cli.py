@@ -648,21 +648,16 @@ def optimize(args: argparse.Namespace) -> Path:
     return out
 
 
-def _blocks(layers) -> tuple[str, ...]:
-    """The UNet modules (`DAGConfig.layers` names) of cross-attention processor names."""
-    return tuple(sorted({name.split(".transformer_blocks")[0] for name in layers}))
-
-
 def _with_selected_layers(pipe, embedding, validation: list, args: argparse.Namespace):
     """`embedding` carrying the detection layers `select_detection_layers` ranks first on `validation`."""
-    from .attention import cross_attention_layers
+    from .attention import attention_blocks, cross_attention_layers
     from .calibration import select_detection_layers
     from .optimize import replace_metadata
 
     pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
     try:
-        own = _blocks(pipe._dag.capture.layers)
-        blocks = _blocks(cross_attention_layers(pipe.unet))
+        own = attention_blocks(pipe._dag.capture.layers)
+        blocks = attention_blocks(cross_attention_layers(pipe.unet))
         pipe.enable_dag(embedding, detection="paper", layers=blocks)
         choices = select_detection_layers(
             pipe, validation, [*((block,) for block in blocks), own], args.target_fpr, args.calibration_steps
