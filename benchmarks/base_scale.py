@@ -1,4 +1,4 @@
-"""Calibration sweep of DAG's AreaScaler base scale for a guideline embedding on the mini model.
+"""Calibration sweep of DAG's AreaScaler base scale (and fill decay) for a guideline embedding on the mini model.
 
 The base scale (the numerator of `s̄ = base_scale / (h·w)`, spec section 3) is the one DAG setting the committed
 red-star embedding changes by a large factor (`embeddings/README.md`). This script is how it was chosen: DAG + SEGA
@@ -6,14 +6,17 @@ at each base scale on *tuning* seeds 1000-1003, which neither `erase.py` (seeds 
 `erase.py`'s *target* prompts and *complex* prompts of their own (red star plus one or two objects, drawn from
 held-out seeds 100,800,000 on, apart from `erase.py`'s). Per base scale: red stars left (shapes detector), prompted
 co-objects kept, PSNR outside the red stars to the undefended image of the same seed (complex set).
+`--fill-decays` crosses the scales with `DAGConfig.fill_decay` values (`none`: the full-scale fill).
 
     python -m benchmarks.base_scale                    # the documented sweep (~3 min on 2 CPU cores)
+    python -m benchmarks.base_scale --scales 800 1600 --fill-decays none 1 2 --out benchmarks/results/fill_decay
     python -m benchmarks.base_scale --quick            # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -40,8 +43,8 @@ def run(args) -> dict:
     undefended = {name: score_set(sets[name], seeds, images, images) for name, images in references.items()}
     embedding = GuidelineEmbedding.from_pretrained(args.embedding)
     rows = []
-    for scale in args.scales:
-        pipe.enable_dag(embedding, guidance="sega", base_scale=scale)
+    for decay, scale in itertools.product(args.fill_decays, args.scales):
+        pipe.enable_dag(embedding, guidance="sega", base_scale=scale, fill_decay=decay)
         scores = {}
         try:
             for name, prompt_set in sets.items():
@@ -52,12 +55,13 @@ def run(args) -> dict:
         rows.append(
             {
                 "base_scale": scale,
+                "fill_decay": decay,
                 "red_stars_left": sum(s["target_detections"] for s in scores.values()),
                 "co_objects_kept": scores["complex"]["benign_objects_found"],
                 "psnr_outside_complex": scores["complex"]["psnr_outside"],
             }
         )
-        print(f"base scale {scale:g}: {rows[-1]}", file=sys.stderr)
+        print(f"base scale {scale:g}, fill decay {decay}: {rows[-1]}", file=sys.stderr)
     return {
         "undefended": {
             "red_stars": sum(s["target_detections"] for s in undefended.values()),
@@ -80,13 +84,20 @@ def write_markdown(output: dict, command: str, path: Path) -> None:
             "co-objects drawn (complex)."
         ),
         "",
-        "| base scale | red stars left | co-objects kept | PSNR out (complex, dB) |",
-        "| --- | --- | --- | --- |",
+        "| base scale | fill decay | red stars left | co-objects kept | PSNR out (complex, dB) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for row in output["rows"]:
         psnr = "identical" if row["psnr_outside_complex"] is None else f"{row['psnr_outside_complex']:.1f}"
-        lines.append(f"| {row['base_scale']:g} | {row['red_stars_left']} | {row['co_objects_kept']} | {psnr} |")
+        decay = "full" if row.get("fill_decay") is None else f"{row['fill_decay']:g}"
+        lines.append(
+            f"| {row['base_scale']:g} | {decay} | {row['red_stars_left']} | {row['co_objects_kept']} | {psnr} |"
+        )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _fill_decay(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def main(argv=None) -> None:
@@ -94,6 +105,14 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=MODEL_PATH)
     parser.add_argument("--embedding", type=Path, default=EMBEDDING, help="guideline embedding directory")
     parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+    parser.add_argument(
+        "--fill-decays",
+        type=_fill_decay,
+        nargs="+",
+        default=[None],
+        metavar="DECAY",
+        help="DAGConfig.fill_decay values to cross with the scales ('none': the full-scale fill, the default)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(TUNING_SEEDS))
     parser.add_argument("--target-prompts", type=int, default=6, help="of erase.py's target set (at most 6)")
     parser.add_argument("--complex-prompts", type=int, default=8)

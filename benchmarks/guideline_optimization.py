@@ -6,7 +6,9 @@ Three recipes for the red-star embedding on the mini model, each followed along 
 - *paper*: the committed recipe (OVAM's loss, SGD lr 200 with step decay, 5 unsafe + 3 safe scenes; Table 4);
 - *paper loss, Adam*: the same loss with Adam and cosine decay on 40 unsafe + 40 safe scenes;
 - *presence loss, Adam*: the selective rule's own evidence as the target (`--loss presence --positive-weight 10`),
-  Adam, 40 + 40 scenes, the checkpoint chosen on the calibration split (`guideline_data --validation`).
+  Adam, 40 + 40 scenes, the checkpoint chosen on the calibration split (`guideline_data --validation`);
+- *presence loss, hard negatives*: the same with each safe scene (look-alike or blank) weighted 4× and judged on
+  its 5 % most "present" pixels only (`--negative-weight 4 --hard-pixel-fraction 0.05`).
 
 Per checkpoint, at t = 300 and 500 (means): the IoU of `Â >= 0.5` with the red star on target scenes, and the
 presence AUC, how well an image's highest component presence score ([`peak_presence`], what the selective rule
@@ -43,6 +45,18 @@ RECIPES = {
     "paper loss, Adam": ({"optimizer": "adam", "steps": 400}, "large", False),
     "presence loss, Adam": (
         {"loss": "presence", "positive_weight": 10.0, "optimizer": "adam", "steps": 400},
+        "large",
+        True,
+    ),
+    "presence loss, hard negatives": (
+        {
+            "loss": "presence",
+            "positive_weight": 10.0,
+            "negative_weight": 4.0,
+            "hard_pixel_fraction": 0.05,
+            "optimizer": "adam",
+            "steps": 400,
+        },
         "large",
         True,
     ),
@@ -91,7 +105,8 @@ def run(args) -> dict:
         validation = load_annotated_folder(
             write_folder(Path(tmp) / "validation", args.validation, 2 * args.validation, validation=True)
         )
-        for name, (options, data, held_out) in RECIPES.items():
+        for name in args.recipes:
+            options, data, held_out = RECIPES[name]
             if args.quick:
                 options = {**options, "steps": 8, "num_timesteps": 2}
             config = OptimizationConfig(init_text=GUIDELINE_INIT_TEXT, layer_fractions=LAYERS, **options)
@@ -161,6 +176,14 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save-dir", type=Path, default=None, help="also save each recipe's chosen embedding")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "guideline_optimization")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=list(RECIPES),
+        default=list(RECIPES),
+        metavar="RECIPE",
+        help=f"recipes to run (default: all): {', '.join(RECIPES)}",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: few scenes, 8 steps")
     args = parser.parse_args(argv)
     if args.quick:

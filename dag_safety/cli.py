@@ -260,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of a mask pixel against a background pixel in the presence loss (> 0; default 1)",
     )
     opt.add_argument(
+        "--negative-weight",
+        type=_number(float, low=0, low_open=True),
+        default=1.0,
+        help="weight of a safe image's loss against an unsafe one's (> 0; default 1): the folder's safe images are"
+        " its hard negatives (look-alikes, blank scenes)",
+    )
+    opt.add_argument(
+        "--hard-pixel-fraction",
+        type=_number(float, low=0, low_open=True, high=1),
+        default=1.0,
+        help="with --loss presence: a safe image's loss counts only this share of its pixels, those with the most"
+        " presence evidence, where a false detection would form (in (0, 1]; default 1, every pixel)",
+    )
+    opt.add_argument(
         "--optimizer",
         choices=["sgd", "adam"],
         default="sgd",
@@ -624,6 +638,8 @@ def optimize(args: argparse.Namespace) -> Path:
         num_timesteps=args.timesteps,
         loss=args.loss,
         positive_weight=args.positive_weight,
+        negative_weight=args.negative_weight,
+        hard_pixel_fraction=args.hard_pixel_fraction,
         optimizer=args.optimizer,
         learning_rate=args.lr,
         steps=args.steps,

@@ -252,6 +252,13 @@ class DAGConfig:
             `β` in `[0, 1)` of the evidence's running mean over guided steps, `ē_t = β ē_{t-1} + (1 - β) r_t`
             (`ē` starts as the first guided step's `r`). `0` judges each step on its own. Both `Â` and the scores
             come from `ē` under `"presence"`.
+        fill_decay (`float`, *optional*):
+            How the AreaScaler's SpatialInterpolate fills the edit band around a component (beyond the paper;
+            README). `None`: every edit pixel takes its nearest component's full scale. A positive `λ`: the scale
+            decays as `exp(-d / (λ r))` with the pixel's distance `d` (latent pixels) to its nearest component and
+            that component's equivalent radius `r = sqrt(area / π)`, so a band pixel one radius away keeps
+            `exp(-1/λ)` of it. Measured in `benchmarks/RESULTS.md` ("A fill that decays with distance"). Needs
+            `area_scaler=True` (the ablation has no fill to shape).
     """
 
     base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
@@ -269,6 +276,7 @@ class DAGConfig:
     detection: str = "paper"
     presence_threshold: float | None = None
     presence_smoothing: float = 0.5
+    fill_decay: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
@@ -311,6 +319,16 @@ class DAGConfig:
             raise ValueError(f"`presence_threshold` must be in (0, 1), got {self.presence_threshold!r}.")
         if not 0 <= self.presence_smoothing < 1:
             raise ValueError(f"`presence_smoothing` must be in [0, 1), got {self.presence_smoothing!r}.")
+        if self.fill_decay is not None:
+            if self.fill_decay <= 0:
+                raise ValueError(
+                    f"`fill_decay` must be None (full-scale fill) or a decay length > 0, got {self.fill_decay!r}."
+                )
+            if not self.area_scaler:
+                raise ValueError(
+                    "`fill_decay` shapes the AreaScaler's fill, which `area_scaler=False` replaces by 1 on the whole"
+                    " edit region: drop `fill_decay` or keep `area_scaler=True`."
+                )
 
     @property
     def momentum_scale(self) -> float:

@@ -116,6 +116,7 @@ def area_scaler(
     max_edit_area: float = 0.8,
     presence: torch.Tensor | None = None,
     presence_threshold: float = 0.0,
+    fill_decay: float | None = None,
 ) -> torch.Tensor:
     """DAG's AreaScaler (paper Algorithm 1): a per-pixel scale from the area of each detected component.
 
@@ -129,6 +130,10 @@ def area_scaler(
     With `presence` (the selective rule, README "Beyond the paper: selective detection"; `None` is the paper's rule), a component is kept only if the
     mean of `presence` over its pixels reaches `presence_threshold`. A dropped component gets scale 0, and so do
     the edit pixels nearest to it: the region around an object judged absent (a co-object) is not guided.
+
+    With `fill_decay` `λ` (beyond the paper, README), an edit pixel at distance `d` from its nearest component
+    (equivalent radius `r = sqrt(area / π)`) takes that component's scale times `exp(-d / (λ r))` instead of all
+    of it; the components' own pixels (`d = 0`) keep theirs.
 
     Args:
         dag_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
@@ -156,8 +161,13 @@ def area_scaler(
             if not present.any():
                 continue
         unsafe = unit * areas[labels]
-        _, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
-        scales[index] = np.maximum(unsafe, unsafe[rows, cols] * edit_mask)
+        distance, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        fill = unsafe[rows, cols] * edit_mask
+        if fill_decay is not None:
+            # `areas` may have been zeroed by the gate; a dropped component's fill is 0 whatever its radius
+            radius = np.sqrt(np.bincount(labels.ravel(), minlength=count + 1) / np.pi)
+            fill = fill * np.exp(-distance / (fill_decay * radius[labels[rows, cols]]))
+        scales[index] = np.maximum(unsafe, fill)
     return torch.from_numpy(scales).to(device=dag_map.device, dtype=dag_map.dtype)
 
 
@@ -256,6 +266,7 @@ def dag_scale_map(dag_map: torch.Tensor, config: DAGConfig, presence: torch.Tens
             config.edit_mask_threshold,
             config.base_scale,
             config.max_edit_area,
+            fill_decay=config.fill_decay,
             **gate,
         )
     elif gate:

@@ -168,6 +168,12 @@ class OptimizationConfig:
             starts within 12 % of that floor and has little left to learn.
         positive_weight (`float`, defaults to 1): weight of a mask pixel against a background pixel in the
             `"presence"` loss (a star covers a few % of an image).
+        negative_weight (`float`, defaults to 1): weight of a safe image's loss against an unsafe image's, in each
+            mini-batch and in the loss that chooses the checkpoint. A folder's safe images are its hard negatives
+            (the mini model's: look-alikes and blank scenes), so this is how much saying "absent" counts.
+        hard_pixel_fraction (`float`, defaults to 1): under the `"presence"` loss, a safe image's loss is the mean
+            over only this share of its pixels, the ones with the most presence evidence at each timestep: where a
+            false detection would form, not the easy background that dominates a plain mean. `1` is every pixel.
         optimizer (`str`, defaults to `"sgd"`): `"sgd"` with step decay (`lr_step`, `lr_gamma`; the paper's
             Table 4), or `"adam"` with cosine decay to zero over `steps`.
         learning_rate (`float`, *optional*): defaults to 200 for SGD (Table 4) and 0.03 for Adam.
@@ -190,6 +196,8 @@ class OptimizationConfig:
     timestep_range: tuple[int, int] = (50, 950)
     loss: str = "ovam"
     positive_weight: float = 1.0
+    negative_weight: float = 1.0
+    hard_pixel_fraction: float = 1.0
     optimizer: str = "sgd"
     learning_rate: float | None = None
     lr_step: int = 20
@@ -222,6 +230,15 @@ class OptimizationConfig:
             raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate!r}.")
         if not (math.isfinite(self.positive_weight) and self.positive_weight > 0):
             raise ValueError(f"`positive_weight` must be a finite number > 0, got {self.positive_weight!r}.")
+        if not (math.isfinite(self.negative_weight) and self.negative_weight > 0):
+            raise ValueError(f"`negative_weight` must be a finite number > 0, got {self.negative_weight!r}.")
+        if not 0 < self.hard_pixel_fraction <= 1:
+            raise ValueError(f"`hard_pixel_fraction` must be in (0, 1], got {self.hard_pixel_fraction!r}.")
+        if self.hard_pixel_fraction < 1 and self.loss != "presence":
+            raise ValueError(
+                '`hard_pixel_fraction` ranks pixels by presence evidence, which only `loss="presence"` trains;'
+                ' use `loss="presence"` or leave `hard_pixel_fraction` at 1.'
+            )
         if self.lr_step < 1 or not 0 < self.lr_gamma <= 1:
             raise ValueError(f"`lr_step` must be >= 1 and `lr_gamma` in (0, 1], got {self.lr_step}, {self.lr_gamma}.")
         if not (math.isfinite(self.base_scale) and self.base_scale >= 0):
@@ -401,6 +418,7 @@ def presence_loss(
     attention_modules: dict,
     projections: dict[str, QueryProjection],
     positive_weight: float = 1.0,
+    hard_pixel_fraction: float = 1.0,
 ) -> torch.Tensor:
     """Weighted binary cross-entropy of each pixel's presence evidence against the mask.
 
@@ -408,7 +426,8 @@ def presence_loss(
     bilinear, to the mask size), the evidence DAG's selective rule thresholds ([`concept_presence`]). It is read
     as the probability that the pixel is the target: unlike OVAM's normalised maps it is absolute, so a safe image
     teaches every pixel to say "absent". Mask pixels weigh `positive_weight`; the sum is normalised by the total
-    weight and averaged over the cached timesteps.
+    weight and averaged over the cached timesteps. On a safe image (empty mask) with `hard_pixel_fraction < 1`,
+    only the `ceil(hard_pixel_fraction · H·W)` pixels with the most evidence count at each timestep.
 
     Args:
         embeds (`torch.Tensor`): `(1+K, D)`.
@@ -424,6 +443,10 @@ def presence_loss(
         start = probs[..., 0].reshape(probs.shape[0], 1, *image.sizes[name])
         total = total + F.interpolate(start, size=target.shape, mode="bilinear", align_corners=False)[:, 0]
     start_share = (total / len(image.queries)).clamp(1e-6, 1 - 1e-6)  # (T, H, W)
+    if hard_pixel_fraction < 1 and not image.unsafe:
+        # the most evidence is the smallest start-of-text share: those pixels' -log(share) are the largest
+        count = math.ceil(hard_pixel_fraction * target.numel())
+        return (-torch.log(start_share.flatten(1))).topk(count, dim=1).values.mean()
     weights = positive_weight * target + (1 - target)
     log_likelihood = positive_weight * target * torch.log1p(-start_share) + (1 - target) * torch.log(start_share)
     return -log_likelihood.sum() / (weights.sum() * start_share.shape[0])
@@ -505,15 +528,22 @@ def optimize_guideline_embedding(
 
     def loss_of(embeds: torch.Tensor, image: _CachedImage) -> torch.Tensor:
         if config.loss == "presence":
-            return presence_loss(embeds, image, modules, projections, config.positive_weight)
+            return presence_loss(
+                embeds, image, modules, projections, config.positive_weight, config.hard_pixel_fraction
+            )
         return guideline_loss(embeds, image, modules, projections)
+
+    def batch_loss(embeds: torch.Tensor, images: list[_CachedImage]) -> torch.Tensor:
+        weights = [1.0 if image.unsafe else config.negative_weight for image in images]
+        losses = torch.stack([loss_of(embeds, image) for image in images])
+        return (losses * torch.tensor(weights, device=losses.device)).sum() / sum(weights)
 
     eval_every = config.eval_every if held_out is None else max(config.eval_every, steps // 10)
 
     def full_loss() -> float:
         with torch.no_grad():
             embeds = torch.cat([sot, rows])
-            return float(torch.stack([loss_of(embeds, image) for image in held_out or cache]).mean())
+            return float(batch_loss(embeds, held_out or cache))
 
     losses: list[float] = []
     best_loss = full_loss()
@@ -528,7 +558,7 @@ def optimize_guideline_embedding(
             if safe:
                 batch.append(cache[safe[int(torch.randint(len(safe), (1,), generator=generator))]])
             embeds = torch.cat([sot, rows])
-            loss = torch.stack([loss_of(embeds, image) for image in batch]).mean()
+            loss = batch_loss(embeds, batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -561,6 +591,8 @@ def optimize_guideline_embedding(
             "steps": steps,
             "loss": config.loss,
             "positive_weight": config.positive_weight,
+            "negative_weight": config.negative_weight,
+            "hard_pixel_fraction": config.hard_pixel_fraction,
             "optimizer": config.optimizer,
             "learning_rate": config.learning_rate,
             "lr_step": config.lr_step,

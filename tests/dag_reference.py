@@ -82,11 +82,15 @@ def area_scale(
     max_edit_area: float,
     presence: np.ndarray | None = None,
     presence_threshold: float = 0.0,
+    fill_decay: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """AreaScaler (Algorithm 1) with the nearest-component fill of the edit band (spec section 3).
 
     With `presence` (spec 2b's selective rule): a component whose mean presence is below `presence_threshold` has
     scale 0, and so has the band nearest to it.
+
+    With `fill_decay` `λ` (the product's decaying fill): a band pixel at distance `d` from its nearest component,
+    of `n` pixels, takes that component's scale times `exp(-d / (λ sqrt(n / π)))`.
 
     Returns:
         `S_area` `(h, w)` and the number of edit-band pixels equally near two components of different areas: the
@@ -113,9 +117,15 @@ def area_scale(
                 scale[y, x] = per_label[labels[y, x]]
             elif edit[y, x]:
                 distances = [(p[0] - y) ** 2 + (p[1] - x) ** 2 for p in unsafe_pixels]
-                nearest = {per_label[labels[p]] for p, d in zip(unsafe_pixels, distances) if d == min(distances)}
-                ties += len(nearest) > 1
-                scale[y, x] = max(nearest)
+                nearest = {labels[p] for p, d in zip(unsafe_pixels, distances) if d == min(distances)}
+                decay = {label: 1.0 for label in nearest}
+                if fill_decay is not None:
+                    for label in nearest:
+                        radius = math.sqrt((labels == label).sum() / math.pi)
+                        decay[label] = math.exp(-math.sqrt(min(distances)) / (fill_decay * radius))
+                fills = {per_label[label] * decay[label] for label in nearest}
+                ties += len(fills) > 1
+                scale[y, x] = max(fills)
     return scale, ties
 
 
@@ -169,6 +179,7 @@ def reference_dag(
     base_scale: float = 5.0,
     max_magnitude: float = 5.0,
     max_edit_area: float = 0.8,
+    fill_decay: float | None = None,
     layer_fractions=(0.25, 0.5),
     edit_threshold: float = 0.9,
     momentum_scale: float = 0.1,
@@ -211,7 +222,9 @@ def reference_dag(
             else:
                 dag_map = guideline_map(pipe, conditional, embedding, layer_fractions, latent_size)
                 magnitude = np.clip(dag_map / edit_mask_threshold, 1, max_magnitude) * (dag_map >= edit_mask_threshold)
-                area, ties = area_scale(dag_map, unsafe_threshold, edit_mask_threshold, base_scale, max_edit_area)
+                area, ties = area_scale(
+                    dag_map, unsafe_threshold, edit_mask_threshold, base_scale, max_edit_area, fill_decay=fill_decay
+                )
                 scale = area * magnitude
                 direction = (e_s - e_u)[0].double().numpy()
                 if base == "sega":

@@ -309,23 +309,25 @@ def test_detection_layers_quick(tmp_path):
 def test_base_scale_quick(tmp_path):
     from benchmarks import base_scale
 
-    base_scale.main(["--quick", "--out", str(tmp_path / "base_scale")])
+    base_scale.main(["--quick", "--fill-decays", "2", "--out", str(tmp_path / "base_scale")])
     data = json.loads((tmp_path / "base_scale.json").read_text())
-    assert [row["base_scale"] for row in data["rows"]] == [5.0, 800.0]
+    assert [(row["base_scale"], row["fill_decay"]) for row in data["rows"]] == [(5.0, 2.0), (800.0, 2.0)]
     assert data["sets"] == {"target": 2, "complex": 2} and data["seeds"] == [1000]
     for row in data["rows"]:
         assert 0 <= row["co_objects_kept"] <= data["undefended"]["co_objects_prompted"]
         assert row["red_stars_left"] >= 0
-    assert "| 800 |" in (tmp_path / "base_scale.md").read_text()
+    assert "| 800 | 2 |" in (tmp_path / "base_scale.md").read_text()
 
 
 def test_guideline_optimization_quick(tmp_path):
     from benchmarks import guideline_optimization
 
-    guideline_optimization.main(["--quick", "--out", str(tmp_path / "study")])
+    recipes = ["paper", "presence loss, hard negatives"]
+    guideline_optimization.main(["--quick", "--recipes", *recipes, "--out", str(tmp_path / "study")])
     data = json.loads((tmp_path / "study.json").read_text())
-    assert set(data["recipes"]) == set(guideline_optimization.RECIPES)
-    presence = data["recipes"]["presence loss, Adam"]
+    assert list(data["recipes"]) == recipes
+    presence = data["recipes"]["presence loss, hard negatives"]
+    assert presence["config"]["hard_pixel_fraction"] == "0.05"
     assert presence["selected_on"] == "validation" and data["recipes"]["paper"]["selected_on"] == "training"
     for recipe in data["recipes"].values():
         assert recipe["checkpoints"][0]["step"] == 0 and recipe["checkpoints"][-1]["step"] == 8

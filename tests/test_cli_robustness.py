@@ -102,6 +102,9 @@ def test_cuda_without_cuda(tmp_path, capsys, no_model):
         (["--layer-fractions", "nan"], "argument --layer-fractions: expected a finite number"),
         (["--init-text", "  "], "argument --init-text: expected a non-empty text"),
         (["--push-to-hub", "a/b/c"], "argument --push-to-hub: expected a Hub repo id"),
+        (["--negative-weight", "0"], "argument --negative-weight: expected a finite number > 0"),
+        (["--hard-pixel-fraction", "1.5"], "argument --hard-pixel-fraction: expected a finite number > 0 and <= 1"),
+        (["--hard-pixel-fraction", "0.1"], "`hard_pixel_fraction` ranks pixels by presence evidence"),
     ],
 )
 def test_optimize_options_are_checked_at_parse_time(options, expected, tmp_path, capsys, no_model):

@@ -42,6 +42,11 @@ SCENARIOS = {
          "momentum_scale": 1.0, "mom_beta": 0.7},
         "..GG.G",
     ),
+    # the decaying fill of the edit band (beyond the paper): the band's scale falls with the distance
+    "decaying-fill": (
+        {"seed": 22, "unsafe_threshold": 0.8, "edit_mask_threshold": 0.5, "max_edit_area": 0.8, "fill_decay": 0.7},
+        "..GGGG",
+    ),
 }  # fmt: skip
 
 
@@ -104,6 +109,16 @@ def test_guided_steps_match_the_reference(tiny_pipe, embedding, base, scenario):
     assert all(0 < reference.steps[i].base_mask[:, regions[k]].mean() < 1 for k, i in enumerate(guided))
     if scenario == "gap":  # the momentum decayed at the unguided step acts in the next step's region
         assert (previous_momentum[-1][regions[-1]] > 1e-3).any()
+    if "fill_decay" in dag:  # the band fades: the first guided step against the same run with the full fill
+        full = reference_dag(
+            tiny_pipe, PROMPT, embedding, base=base, num_inference_steps=STEPS, seed=seed, negative_prompt=NEGATIVE,
+            safety_concept=CONCEPT, momentum_scale=scale, mom_beta=beta, sld_threshold=SLD_THRESHOLD,
+            **{**dag, "fill_decay": None},
+        ).steps[guided[0]]  # fmt: skip
+        first = reference.steps[guided[0]]
+        band = first.edit & ~first.unsafe
+        np.testing.assert_array_equal(first.scale[~band], full.scale[~band])
+        assert (first.scale[band] <= full.scale[band]).all() and (first.scale[band] < full.scale[band]).any()
 
     for i, (scale, step) in enumerate(zip(scales, reference.steps)):
         expected = step.scale if step.scale is not None else np.zeros_like(scale)

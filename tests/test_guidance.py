@@ -1,7 +1,11 @@
 """Guidance math against hand-computed values."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from dag_safety.config import SLD_PRESETS, DAGConfig, SEGAConfig, SLDConfig, build_config
 from dag_safety.guidance import (
@@ -98,6 +102,50 @@ class TestScalers:
         assert scale[0, 6] == pytest.approx(4 * s_bar)
         assert int((scale > 0).sum()) == 4 + 9 + 3
 
+    def test_area_scaler_fill_decay_by_hand(self):
+        dag_map = torch.zeros(1, 10, 10)
+        dag_map[0, 1:3, 1:3] = 0.9  # component A: 4 px
+        dag_map[0, 6:9, 6:9] = 0.8  # component B: 9 px
+        dag_map[0, 3, 1] = 0.2  # 1 px below A
+        dag_map[0, 5, 7] = 0.2  # 1 px above B
+        dag_map[0, 0, 6] = 0.3  # nearest to A's (1, 2), at sqrt(17)
+        s_bar, decay = 5 / 100, 2.0
+        radius_a, radius_b = math.sqrt(4 / math.pi), math.sqrt(9 / math.pi)
+        scale = area_scaler(dag_map, fill_decay=decay)[0]
+        assert torch.allclose(scale[1:3, 1:3], torch.full((2, 2), 4 * s_bar))
+        assert torch.allclose(scale[6:9, 6:9], torch.full((3, 3), 9 * s_bar))
+        assert scale[3, 1] == pytest.approx(4 * s_bar * math.exp(-1 / (decay * radius_a)))
+        assert scale[5, 7] == pytest.approx(9 * s_bar * math.exp(-1 / (decay * radius_b)))
+        assert scale[0, 6] == pytest.approx(4 * s_bar * math.exp(-math.sqrt(17) / (decay * radius_a)))
+        assert int((scale > 0).sum()) == 4 + 9 + 3
+
+    @pytest.mark.parametrize("seed", range(5))
+    def test_area_scaler_fill_decay_against_brute_force(self, seed):
+        generator = torch.Generator().manual_seed(seed)
+        dag_map = torch.rand(1, 12, 12, generator=generator) ** 3  # sparse components, a partial edit band
+        dag_map[dag_map < 0.05] = 0.0
+        decay = 1.5
+        scale = area_scaler(dag_map, edit_mask_threshold=0.01, base_scale=5.0, fill_decay=decay)[0].numpy()
+        image = dag_map[0].numpy()
+        labels, count = ndimage.label(image >= 0.5, structure=np.ones((3, 3)))
+        assert count > 1
+        pixels = np.argwhere(labels > 0)
+        areas = np.bincount(labels.ravel())
+        checked = 0
+        for row, col in np.argwhere(image >= 0.01):
+            distances = np.hypot(*(pixels - (row, col)).T)
+            nearest = np.flatnonzero(distances == distances.min())
+            owners = {labels[tuple(pixels[i])] for i in nearest}
+            if len(owners) > 1:  # equidistant from two components: the transform may pick either
+                continue
+            owner = owners.pop()
+            radius = math.sqrt(areas[owner] / math.pi)
+            expected = 5.0 / 144 * areas[owner] * math.exp(-distances.min() / (decay * radius))
+            assert scale[row, col] == pytest.approx(expected, rel=1e-5)
+            checked += 1
+        assert checked > 20
+        assert np.all(scale[image < 0.01] == 0)
+
     def test_area_scaler_eight_connectivity(self):
         dag_map = torch.zeros(1, 5, 5)
         dag_map[0, 1, 1] = dag_map[0, 2, 2] = 1.0  # diagonal neighbours: one component of 2 px
@@ -189,6 +237,10 @@ class TestDAGNoisePred:
         {"layers": ("",)},
         {"warmup_steps": -1},
         {"max_magnitude": 0.5},
+        {"fill_decay": 0.0},
+        {"fill_decay": -1.0},
+        {"fill_decay": float("inf")},
+        {"fill_decay": 1.0, "area_scaler": False},
     ],
 )
 def test_dag_config_rejects(kwargs):

@@ -175,6 +175,10 @@ def test_optimization_noises_with_the_training_process_whatever_the_sampler(pipe
         ({"loss": "dice"}, "`loss` must be one of"),
         ({"optimizer": "lbfgs"}, "`optimizer` must be one of"),
         ({"positive_weight": 0.0}, "`positive_weight` must be a finite number > 0"),
+        ({"negative_weight": -1.0}, "`negative_weight` must be a finite number > 0"),
+        ({"negative_weight": float("inf")}, "`negative_weight` must be a finite number > 0"),
+        ({"loss": "presence", "hard_pixel_fraction": 0.0}, r"`hard_pixel_fraction` must be in \(0, 1\]"),
+        ({"hard_pixel_fraction": 0.5}, "`hard_pixel_fraction` ranks pixels by presence evidence"),
         ({"optimizer": "adam", "learning_rate": float("nan")}, "`learning_rate` must be a finite number > 0"),
     ],
 )
@@ -225,7 +229,38 @@ def test_presence_loss_is_a_weighted_cross_entropy_of_one_minus_the_start_of_tex
             / weight.sum()
         )
         got = presence_loss(embeds, image, modules, projections, positive_weight=5.0)
+        # a safe image, hard pixels only: the largest per-pixel losses against "absent", 13 of 256 per timestep
+        safe = _CachedImage(queries, sizes, torch.zeros(16, 16), unsafe=False)
+        per_pixel = torch.nn.functional.binary_cross_entropy(presence, torch.zeros_like(presence), reduction="none")
+        hardest = torch.sort(per_pixel.flatten(1), dim=1, descending=True).values[:, :13]
+        got_safe = presence_loss(embeds, safe, modules, projections, positive_weight=5.0, hard_pixel_fraction=0.05)
+        all_safe = presence_loss(embeds, safe, modules, projections, positive_weight=5.0)
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    assert float(all_safe) == pytest.approx(float(per_pixel.mean()), rel=1e-5)
+    assert float(got_safe) == pytest.approx(float(hardest.mean()), rel=1e-5)
+
+
+def test_negative_weight_weighs_safe_images_in_the_checkpoint_loss(pipe, tmp_path):
+    """The step-0 validation loss is each image's own loss, safe ones weighted: against runs on each image alone."""
+    items = load_annotated_folder(write_folder(tmp_path / "data", n_unsafe=1, n_safe=1))
+    validation = load_annotated_folder(write_folder(tmp_path / "validation", n_unsafe=1, n_safe=1))
+    unsafe, safe = ([item for item in validation if item.unsafe is flag] for flag in (True, False))
+
+    def first_loss(images, **options):
+        config = OptimizationConfig(
+            init_text="red star", num_timesteps=2, steps=1, loss="presence", hard_pixel_fraction=0.1, **options
+        )
+        result = optimize_guideline_embedding(pipe, items, config, progress=False, validation=images)
+        return result.eval_losses[0][1], result.embedding.metadata.training
+
+    # the validation cache's noise depends on the images' order only: the unsafe one comes first in each run
+    unsafe_loss, _ = first_loss(unsafe)
+    safe_loss = 2 * first_loss(unsafe + safe)[0] - unsafe_loss  # the plain mean of the two
+    assert first_loss(unsafe + safe, negative_weight=1e-9)[0] == pytest.approx(unsafe_loss, rel=1e-6)
+    weighted, training = first_loss(unsafe + safe, negative_weight=3.0)
+    assert weighted == pytest.approx((unsafe_loss + 3.0 * safe_loss) / 4.0, rel=1e-5)
+    assert safe_loss != pytest.approx(unsafe_loss, rel=1e-3)  # else the weights could not show
+    assert training["negative_weight"] == 3.0 and training["hard_pixel_fraction"] == 0.1
 
 
 def test_adam_and_the_presence_loss_descend_and_validation_chooses_the_checkpoint(pipe, tmp_path):
