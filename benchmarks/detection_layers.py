@@ -15,17 +15,26 @@ all safe scenes, which is what a gate on whole generations sees. Every score is 
 Scenes: `guideline_data.select_validation_scenes` (training seeds of their own, as `dag-safety calibrate` uses).
 Embeddings: the committed one and its un-optimized init (`encode_init_rows` of "red star").
 
+`--evidence` also tries other per-pixel evidence than the one DAG reads (`sum`: the concept rows' summed share,
+[`concept_presence`]): `min` and `geo` (an AND of the rows: `K` times their minimum or geometric mean) and
+`row<k>` (`K` times row `k` alone, 1-based). The factor `K` keeps every rule on the sum's scale; ranks and the
+components (min-max normalised maps) do not depend on it.
+
     python -m benchmarks.detection_layers              # writes benchmarks/results/detection_layers.{md,json}
     python -m benchmarks.detection_layers --quick      # smoke test
+    python -m benchmarks.detection_layers --embeddings committed --evidence sum min geo row1 row2 \
+        --candidates "fractions (0.5, 1.0) (committed)" up_blocks.2.attentions.1 --out benchmarks/results/concept_rows
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +43,7 @@ import torch
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.attention import attention_blocks, cross_attention_layers, select_layers
 from dag_safety.calibration import _lowest_threshold, presence_scores
+from dag_safety.detection import concept_presence
 from dag_safety.mini import GUIDELINE_INIT_TEXT, MODEL_PATH
 from dag_safety.mini.guideline_data import LOOKALIKE_KINDS, write_folder
 from dag_safety.optimize import encode_init_rows, load_annotated_folder
@@ -58,12 +68,43 @@ def candidate_sets(unet) -> dict[str, list[str]]:
     return sets
 
 
+def evidence_rule(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-pixel evidence named `name` (see the module docstring): `(B, 1+K, h, w) -> (B, h, w)`."""
+    if name == "sum":
+        return concept_presence
+    if name == "min":
+        return lambda maps: (maps.shape[1] - 1) * maps[:, 1:].amin(dim=1)
+    if name == "geo":
+        return lambda maps: (maps.shape[1] - 1) * maps[:, 1:].clamp_min(1e-12).log().mean(dim=1).exp()
+    if name.startswith("row") and name[3:].isdigit() and int(name[3:]) >= 1:
+        row = int(name[3:])
+        return lambda maps: (maps.shape[1] - 1) * maps[:, row]
+    raise argparse.ArgumentTypeError(f"unknown evidence {name!r}; expected sum, min, geo or row<k> (k >= 1)")
+
+
+def _evidence_name(name: str) -> str:
+    evidence_rule(name)
+    return name
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unsafe", type=int, default=100, help="red-star validation scenes")
     parser.add_argument("--safe", type=int, default=300, help="safe validation scenes (half with a look-alike)")
     parser.add_argument("--target-fpr", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--evidence",
+        type=_evidence_name,
+        nargs="+",
+        default=["sum"],
+        metavar="RULE",
+        help="per-pixel evidence rules: sum (DAG's, the default), min, geo, row<k>",
+    )
+    parser.add_argument(
+        "--embeddings", nargs="+", choices=["committed", "init"], default=["committed", "init"], metavar="NAME"
+    )
+    parser.add_argument("--candidates", nargs="+", default=None, metavar="SET", help="layer sets (default: all)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 4 + 8 scenes, 8 steps, 3 layer sets")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection_layers")
     args = parser.parse_args(argv)
@@ -78,16 +119,24 @@ def main(argv: list[str] | None = None) -> None:
         images = load_annotated_folder(write_folder(folder, args.unsafe, args.safe, validation=True))
     unsafe = np.array([item.unsafe for item in images])
     kinds = np.array([item.group or "red star" for item in images])
-    embeddings = {"committed": EMBEDDING, "init": encode_init_rows(pipe, GUIDELINE_INIT_TEXT)}
+    embeddings = {"committed": lambda: EMBEDDING, "init": lambda: encode_init_rows(pipe, GUIDELINE_INIT_TEXT)}
+    rules = {name: evidence_rule(name) for name in args.evidence}
     sets = candidate_sets(pipe.unet)
-    if args.quick:
+    if args.candidates is not None:
+        unknown = sorted(set(args.candidates) - set(sets))
+        if unknown:
+            parser.error(f"unknown --candidates {unknown}; the layer sets are {sorted(sets)}")
+        sets = {name: sets[name] for name in args.candidates}
+    elif args.quick:
         sets = dict(list(sets.items())[-3:])
     rows = []
-    for embedding_name, embedding in embeddings.items():
+    for embedding_name, rule_name in itertools.product(args.embeddings, rules):
         # every layer captured once; each candidate scored from the same passes (`presence_scores(layer_sets=)`)
-        pipe.enable_dag(embedding, detection="paper", layer_fractions=(0.25, 0.5, 1.0))
+        pipe.enable_dag(embeddings[embedding_name](), detection="paper", layer_fractions=(0.25, 0.5, 1.0))
         try:
-            all_scores = presence_scores(pipe, images, num_inference_steps=steps, progress=False, layer_sets=sets)
+            all_scores = presence_scores(
+                pipe, images, num_inference_steps=steps, progress=False, layer_sets=sets, evidence=rules[rule_name]
+            )
         finally:
             pipe.disable_dag()
         for set_name, scores in all_scores.items():
@@ -96,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {
                 "embedding": embedding_name,
                 "layers": set_name,
+                "evidence": rule_name,
                 "red_stars_guided": float((scores.target[unsafe] >= threshold).mean()),
                 "threshold": threshold,
             }
@@ -137,12 +187,14 @@ def main(argv: list[str] | None = None) -> None:
             f" {args.target_fpr:.0%} of each safe kind."
         ),
         "",
-        "| embedding | layers | " + " | ".join(kind_columns) + " | red stars guided |",
-        "| --- " * (3 + len(kind_columns)) + "|",
+        "| embedding | layers | evidence | " + " | ".join(kind_columns) + " | red stars guided |",
+        "| --- " * (4 + len(kind_columns)) + "|",
     ]
     for row in rows:
         aucs = " | ".join(f"{row[key]:.3f}" for key in kind_columns)
-        lines.append(f"| {row['embedding']} | {row['layers']} | {aucs} | {row['red_stars_guided']:.0%} |")
+        lines.append(
+            f"| {row['embedding']} | {row['layers']} | {row['evidence']} | {aucs} | {row['red_stars_guided']:.0%} |"
+        )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.md')}")
 

@@ -7,8 +7,8 @@ Three recipes for the red-star embedding on the mini model, each followed along 
 - *paper loss, Adam*: the same loss with Adam and cosine decay on 40 unsafe + 40 safe scenes;
 - *presence loss, Adam*: the selective rule's own evidence as the target (`--loss presence --positive-weight 10`),
   Adam, 40 + 40 scenes, the checkpoint chosen on the calibration split (`guideline_data --validation`);
-- *presence loss, hard negatives*: the same with each safe scene (look-alike or blank) weighted 4× and judged on
-  its 5 % most "present" pixels only (`--negative-weight 4 --hard-pixel-fraction 0.05`).
+- *presence loss, hard pixels*: the same with each safe scene (look-alike or blank) judged on its 5 % most
+  "present" pixels only (`--hard-pixel-fraction 0.05`); *hard negatives*: and weighted 4× (`--negative-weight 4`).
 
 Per checkpoint, at t = 300 and 500 (means): the IoU of `Â >= 0.5` with the red star on target scenes, and the
 presence AUC, how well an image's highest component presence score ([`peak_presence`], what the selective rule
@@ -45,6 +45,17 @@ RECIPES = {
     "paper loss, Adam": ({"optimizer": "adam", "steps": 400}, "large", False),
     "presence loss, Adam": (
         {"loss": "presence", "positive_weight": 10.0, "optimizer": "adam", "steps": 400},
+        "large",
+        True,
+    ),
+    "presence loss, hard pixels": (
+        {
+            "loss": "presence",
+            "positive_weight": 10.0,
+            "hard_pixel_fraction": 0.05,
+            "optimizer": "adam",
+            "steps": 400,
+        },
         "large",
         True,
     ),

@@ -24,7 +24,7 @@ form one group of their own. A group of fewer than `1 / target_fpr` images may n
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +126,7 @@ def presence_scores(
     batch_size: int = 16,
     progress: bool = True,
     layer_sets: dict[str, Collection[str]] | None = None,
+    evidence: Callable[[torch.Tensor], torch.Tensor] = concept_presence,
 ) -> PresenceScores | dict[str, PresenceScores]:
     """The presence scores DAG's selective rule would see on `images` (see the module docstring).
 
@@ -138,6 +139,9 @@ def presence_scores(
         layer_sets (`dict[str, Collection[str]]`, *optional*): named subsets of DAG's detection layers (processor
             names, as in `CrossAttentionCapture.layers`), scored from the same UNet passes as if each were the
             detection layers: one pass serves every candidate.
+        evidence (`Callable`, *optional*): a pixel's evidence from one concept's layer-averaged token maps,
+            `(B, 1+K, h, w) -> (B, h, w)`. DAG reads [`concept_presence`] (the default); other rules are for
+            studies of what the rule should read (`benchmarks/detection_layers.py --evidence`).
 
     Returns:
         [`PresenceScores`], or with `layer_sets` one per set, by name.
@@ -174,7 +178,7 @@ def presence_scores(
         latent_size = tuple(latents.shape[-2:])
         masks = torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], latent_size)[:, 0].bool()
         best = {set_name: {key: np.full(len(chunk), -np.inf) for key in found[set_name]} for set_name in layer_sets}
-        evidence = dict.fromkeys(layer_sets)
+        smoothed = dict.fromkeys(layer_sets)
         with state.capture:
             for t in timesteps:
                 noisy = forward_process.add_noise(latents, noise, t.expand(len(chunk)))
@@ -184,12 +188,12 @@ def presence_scores(
                 finally:
                     state.capture.store.disarm()
                 for set_name, layers in layer_sets.items():
-                    shares = state.shares(latent_size, concept_presence, layers)
-                    if evidence[set_name] is not None:
+                    shares = state.shares(latent_size, evidence, layers)
+                    if smoothed[set_name] is not None:
                         shares = (
-                            config.presence_smoothing * evidence[set_name] + (1 - config.presence_smoothing) * shares
+                            config.presence_smoothing * smoothed[set_name] + (1 - config.presence_smoothing) * shares
                         )
-                    evidence[set_name] = shares
+                    smoothed[set_name] = shares
                     _update_best(best[set_name], shares, masks, config)
                 state.capture.store.clear()
         for set_name, by_key in found.items():

@@ -1,9 +1,11 @@
 """Smoke runs of the benchmarks' --quick modes on the bundled mini model (the full runs are documented in
 benchmarks/RESULTS.md)."""
 
+import argparse
 import csv
 import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -297,13 +299,27 @@ def test_detection_layers_quick(tmp_path):
     """Every candidate layer set scored from one pass, for both embeddings."""
     from benchmarks import detection_layers
 
-    detection_layers.main(["--quick", "--out", str(tmp_path / "layers")])
+    detection_layers.main(["--quick", "--evidence", "sum", "min", "--out", str(tmp_path / "layers")])
     data = json.loads((tmp_path / "layers.json").read_text())
-    assert {row["embedding"] for row in data["rows"]} == {"committed", "init"}
-    assert len(data["rows"]) == 6 and len(data["kinds"]) == 12
+    assert {(row["embedding"], row["evidence"]) for row in data["rows"]} == {
+        (embedding, rule) for embedding in ("committed", "init") for rule in ("sum", "min")
+    }
+    assert len(data["rows"]) == 12 and len(data["kinds"]) == 12
     for row in data["rows"]:
         assert 0 <= row["red_stars_guided"] <= 1 and 0 <= row["image auc vs all safe"] <= 1
-    assert "| committed | fraction 1.0 |" in (tmp_path / "layers.md").read_text()
+    assert "| committed | fraction 1.0 | sum |" in (tmp_path / "layers.md").read_text()
+
+
+def test_detection_layers_evidence_rules_by_hand():
+    from benchmarks.detection_layers import evidence_rule
+
+    maps = torch.tensor([0.5, 0.2, 0.3]).reshape(1, 3, 1, 1)  # start-of-text, then K = 2 concept rows
+    expected = {"sum": 0.5, "min": 2 * 0.2, "geo": 2 * math.sqrt(0.2 * 0.3), "row1": 0.4, "row2": 0.6}
+    for name, value in expected.items():
+        assert float(evidence_rule(name)(maps)) == pytest.approx(value)
+    for name in ("row0", "max", "rowx"):
+        with pytest.raises(argparse.ArgumentTypeError, match="unknown evidence"):
+            evidence_rule(name)
 
 
 def test_base_scale_quick(tmp_path):
