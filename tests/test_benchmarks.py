@@ -349,3 +349,4 @@ def test_guideline_optimization_quick(tmp_path):
         assert recipe["checkpoints"][0]["step"] == 0 and recipe["checkpoints"][-1]["step"] == 8
         for row in [*recipe["checkpoints"], recipe["selected"]]:
             assert 0.0 <= row["iou"] <= 1.0 and all(0.0 <= row[d] <= 1.0 for d in ("red non-star", "no object"))
+            assert 0.0 <= row["mode_undefined"] <= 1.0
