@@ -24,6 +24,7 @@ components (min-max normalised maps) do not depend on it.
     python -m benchmarks.detection_layers --quick      # smoke test
     python -m benchmarks.detection_layers --embeddings committed --evidence sum min geo row1 row2 \
         --candidates "fractions (0.5, 1.0) (committed)" up_blocks.2.attentions.1 --out benchmarks/results/concept_rows
+    python -m benchmarks.detection_layers --model /root/dag-train/eval/step7500/model --embeddings init  # a model in training
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def _evidence_name(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model",
+        default=MODEL_PATH,
+        help="a mini-model directory (default: the bundled one; the committed embedding fits only that one)",
+    )
     parser.add_argument("--unsafe", type=int, default=100, help="red-star validation scenes")
     parser.add_argument("--safe", type=int, default=300, help="safe validation scenes (half with a look-alike)")
     parser.add_argument("--target-fpr", type=float, default=0.05)
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         args.unsafe, args.safe = 4, 8
     torch.set_num_threads(args.threads)
 
-    pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
+    pipe = DAGStableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as folder:
         images = load_annotated_folder(write_folder(folder, args.unsafe, args.safe, validation=True))
