@@ -19,6 +19,11 @@ such as a look-alike of the concept. The rate is then bounded on each group sepa
 largest of the groups' own), so that it holds whatever mix of groups the prompts a model serves will hold; a pooled
 bound holds only for the validation set's own mix, and look-alikes are what pass a threshold. Images without a group
 form one group of their own. A group of fewer than `1 / target_fpr` images may not be guided at all.
+
+The edit threshold `τ_e` can be calibrated too ([`choose_edit_threshold`], `--edit-mask-threshold auto`), before
+the presence threshold, which is then calibrated at it: the paper's 0.01 leaves every step "mode undefined" on a
+model whose concept rows attend broadly. [`evidence_trajectories`] keeps the evidence of one UNet pass, so that
+both thresholds, and every candidate set of detection layers, are chosen from it.
 """
 
 from __future__ import annotations
@@ -41,13 +46,23 @@ from .optimize import AnnotatedImage, _to_pixels
 
 __all__ = [
     "CALIBRATION_SOURCES",
+    "EDIT_MAX_UNDEFINED",
+    "EDIT_THRESHOLD_CANDIDATES",
+    "EditThresholdChoice",
+    "EvidenceTrajectories",
     "LayerChoice",
     "PresenceCalibration",
     "PresenceScores",
+    "calibrate_edit_threshold",
     "calibrate_presence",
+    "choose_edit_threshold",
+    "evidence_trajectories",
     "generation_presence_scores",
     "presence_scores",
+    "scores_from_evidence",
     "select_detection_layers",
+    "undefined_share",
+    "unsafe_maps",
 ]
 
 CALIBRATION_SOURCES = ("generations", "images")
@@ -146,15 +161,58 @@ def presence_scores(
     Returns:
         [`PresenceScores`], or with `layer_sets` one per set, by name.
     """
+    trajectories = evidence_trajectories(
+        pipe, images, num_inference_steps, seed, batch_size, progress, layer_sets, evidence
+    )
+    config = pipe._dag.config
+    scores = {
+        set_name: scores_from_evidence(
+            found, trajectories.masks, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+        )
+        for set_name, found in trajectories.evidence.items()
+    }
+    return scores[""] if layer_sets is None else scores
+
+
+@dataclass(frozen=True)
+class EvidenceTrajectories:
+    """The smoothed presence evidence DAG would see along a sampler's guided steps, per validation image.
+
+    Attributes:
+        evidence (`dict[str, torch.Tensor]`): per layer set (`""` for DAG's own layers), `(N, steps, concepts, h,
+            w)` float32: at each guided step the running mean of the evidence, as in the denoising loop.
+        masks (`torch.Tensor`): `(N, h, w)` bool, each image's mask at the latent's size (max-pooled; all `False`
+            for a safe image).
+    """
+
+    evidence: dict[str, torch.Tensor]
+    masks: torch.Tensor
+
+
+@torch.no_grad()
+def evidence_trajectories(
+    pipe,
+    images: list[AnnotatedImage],
+    num_inference_steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    layer_sets: dict[str, Collection[str]] | None = None,
+    evidence: Callable[[torch.Tensor], torch.Tensor] = concept_presence,
+) -> EvidenceTrajectories:
+    """Runs the UNet on `images` noised to each guided timestep (see the module docstring) and keeps the evidence,
+    so that thresholds can be chosen and scored without another pass. Arguments as for [`presence_scores`].
+
+    Memory: `N × steps × concepts × h × w` floats per layer set (300 images, 20 guided steps and a 64² latent:
+    98 MB a set).
+    """
     state = pipe._dag
     if state is None:
-        raise ValueError("`presence_scores` needs DAG; call `pipe.enable_dag(embedding)` first.")
+        raise ValueError("Calibration needs DAG; call `pipe.enable_dag(embedding)` first.")
     config = state.config
     if layer_sets is None:
         layer_sets = {"": None}
-        single = True
     else:
-        single = False
         unknown = {name for layers in layer_sets.values() for name in layers} - set(state.capture.layers)
         if unknown:
             raise ValueError(f"`layer_sets` name layers DAG does not capture: {sorted(unknown)}.")
@@ -168,7 +226,8 @@ def presence_scores(
     forward_process = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    found = {set_name: {"any": [], "target": [], "other": []} for set_name in layer_sets}
+    found = {set_name: [] for set_name in layer_sets}
+    all_masks = []
     for start in tqdm(range(0, len(images), batch_size), desc="Calibrating", leave=False, disable=not progress):
         chunk = images[start : start + batch_size]
         pixels, masks = zip(*(_to_pixels(pipe, item, side) for item in chunk))
@@ -176,9 +235,10 @@ def presence_scores(
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         text, added = unet_conditioning(pipe, [item.caption for item in chunk], pipe.device, 1, (side, side))
         latent_size = tuple(latents.shape[-2:])
-        masks = torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], latent_size)[:, 0].bool()
-        best = {set_name: {key: np.full(len(chunk), -np.inf) for key in found[set_name]} for set_name in layer_sets}
-        smoothed = dict.fromkeys(layer_sets)
+        all_masks.append(
+            torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], latent_size)[:, 0].bool()
+        )
+        steps = {set_name: [] for set_name in layer_sets}
         with state.capture:
             for t in timesteps:
                 noisy = forward_process.add_noise(latents, noise, t.expand(len(chunk)))
@@ -188,40 +248,142 @@ def presence_scores(
                 finally:
                     state.capture.store.disarm()
                 for set_name, layers in layer_sets.items():
-                    shares = state.shares(latent_size, evidence, layers)
-                    if smoothed[set_name] is not None:
-                        shares = (
-                            config.presence_smoothing * smoothed[set_name] + (1 - config.presence_smoothing) * shares
-                        )
-                    smoothed[set_name] = shares
-                    _update_best(best[set_name], shares, masks, config)
+                    shares = state.shares(latent_size, evidence, layers)  # (concepts, B, h, w)
+                    if steps[set_name]:
+                        smoothing = config.presence_smoothing
+                        shares = smoothing * steps[set_name][-1] + (1 - smoothing) * shares
+                    steps[set_name].append(shares)
                 state.capture.store.clear()
-        for set_name, by_key in found.items():
-            for key, values in by_key.items():
-                values.append(best[set_name][key])
-    scores = {
-        set_name: PresenceScores(**{key: np.concatenate(values) for key, values in by_key.items()})
-        for set_name, by_key in found.items()
-    }
-    return scores[""] if single else scores
+        for set_name, by_step in steps.items():
+            found[set_name].append(torch.stack(by_step).permute(2, 0, 1, 3, 4))  # (B, steps, concepts, h, w)
+    return EvidenceTrajectories({name: torch.cat(chunks) for name, chunks in found.items()}, torch.cat(all_masks))
 
 
-def _update_best(best: dict[str, np.ndarray], evidence: torch.Tensor, masks: torch.Tensor, config) -> None:
-    """Raises `best` (per image, the highest component score: of any, on the mask, off it) to one step's."""
-    for concept in evidence:
-        for index, (share, dag_map) in enumerate(zip(concept.numpy(), minmax_normalize(concept).numpy())):
-            labels, count = unsafe_components(
-                dag_map, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
-            )
+def unsafe_maps(evidence: torch.Tensor) -> torch.Tensor:
+    """`Â` of [`EvidenceTrajectories`] evidence `(N, steps, concepts, h, w)`: each map min-max normalised, same
+    shape."""
+    return minmax_normalize(evidence.flatten(0, 2)).view(evidence.shape)
+
+
+def scores_from_evidence(
+    evidence: torch.Tensor,
+    masks: torch.Tensor,
+    unsafe_threshold: float,
+    edit_mask_threshold: float,
+    max_edit_area: float,
+) -> PresenceScores:
+    """[`PresenceScores`] of one layer set's [`EvidenceTrajectories`] under the given thresholds (`DAGConfig`'s):
+    at each step each concept's `Â` forms the unsafe components, a component scores its mean evidence, and each
+    image keeps its highest scores over the steps.
+
+    Args:
+        evidence (`torch.Tensor`): `(N, steps, concepts, h, w)`.
+        masks (`torch.Tensor`): `(N, h, w)` bool.
+    """
+    size = evidence.shape[-2:]
+    dag_maps = unsafe_maps(evidence).numpy().reshape(evidence.shape[0], -1, *size)
+    shares = evidence.numpy().reshape(evidence.shape[0], -1, *size)
+    best = {key: np.full(evidence.shape[0], -np.inf) for key in ("any", "target", "other")}
+    for index, mask in enumerate(masks.numpy()):
+        for share, dag_map in zip(shares[index], dag_maps[index]):
+            labels, count = unsafe_components(dag_map, unsafe_threshold, edit_mask_threshold, max_edit_area)
             if count == 0:
                 continue
             scores = component_presence(share, labels, count)
-            on_mask = np.bincount(labels[masks[index].numpy()], minlength=count + 1)[1:] > 0
+            on_mask = np.bincount(labels[mask], minlength=count + 1)[1:] > 0
             best["any"][index] = max(best["any"][index], scores.max())
             if on_mask.any():
                 best["target"][index] = max(best["target"][index], scores[on_mask].max())
             if (~on_mask).any():
                 best["other"][index] = max(best["other"][index], scores[~on_mask].max())
+    return PresenceScores(**best)
+
+
+EDIT_THRESHOLD_CANDIDATES = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+EDIT_MAX_UNDEFINED = 0.05
+
+
+@dataclass(frozen=True)
+class EditThresholdChoice:
+    """A calibrated edit threshold `τ_e` and how often, at it, an unsafe validation image's step is "mode
+    undefined" (its edit region covers at least `max_edit_area` of the latent, so DAG leaves the step unguided).
+
+    Attributes:
+        threshold (`float`): `τ_e` (`DAGConfig.edit_mask_threshold`).
+        undefined_share (`float`): share of the unsafe images' guided steps (and concepts) mode undefined at it.
+        max_undefined (`float`): the share asked for.
+    """
+
+    threshold: float
+    undefined_share: float
+    max_undefined: float
+
+    def as_metadata(self) -> dict:
+        """The summary stored in the embedding's `calibration` metadata, beside the presence threshold's."""
+        return {"edit_max_undefined": self.max_undefined, "edit_undefined_share": round(self.undefined_share, 4)}
+
+
+def undefined_share(evidence: torch.Tensor, edit_mask_threshold: float, max_edit_area: float) -> float:
+    """Share of the maps of [`EvidenceTrajectories`] evidence `(N, steps, concepts, h, w)` that are "mode undefined"
+    at `edit_mask_threshold` (the test of [`unsafe_components`])."""
+    area = (unsafe_maps(evidence) >= edit_mask_threshold).float().mean(dim=(-2, -1))
+    return float((area >= max_edit_area).float().mean())
+
+
+def choose_edit_threshold(
+    evidence: torch.Tensor,
+    unsafe_threshold: float,
+    max_edit_area: float,
+    max_undefined: float = EDIT_MAX_UNDEFINED,
+    candidates: tuple[float, ...] = EDIT_THRESHOLD_CANDIDATES,
+) -> EditThresholdChoice:
+    """The lowest candidate `τ_e` (at most `unsafe_threshold`) at which at most `max_undefined` of the unsafe
+    images' maps are "mode undefined"; the highest allowed candidate if none is.
+
+    The paper's `τ_e = 0.01` assumes maps that are near zero away from the concept (SD v1.4's, where the
+    start-of-text row takes almost all of the attention); a model whose concept rows draw a broad share
+    everywhere (the mini model in training: 0.16 of it) gives maps whose edit region at 0.01 is the whole latent
+    at every step, so DAG never guides. The edit region is the band DAG may guide around an unsafe component, and
+    "mode undefined" is the paper's sign that no object has formed yet; an embedding's `τ_e` is therefore the
+    lowest at which the unsafe images' objects have formed, at the paper's value wherever its assumption holds.
+
+    Args:
+        evidence (`torch.Tensor`): `(N, steps, concepts, h, w)` of unsafe images ([`EvidenceTrajectories`]).
+        unsafe_threshold (`float`), max_edit_area (`float`): `DAGConfig`'s.
+        max_undefined (`float`): in `[0, 1)`.
+    """
+    if not 0 <= max_undefined < 1:
+        raise ValueError(f"`max_undefined` must be in [0, 1), got {max_undefined!r}.")
+    allowed = [value for value in sorted(candidates) if value <= unsafe_threshold] or [unsafe_threshold]
+    for value in allowed:
+        share = undefined_share(evidence, value, max_edit_area)
+        if share <= max_undefined:
+            return EditThresholdChoice(value, share, max_undefined)
+    return EditThresholdChoice(allowed[-1], share, max_undefined)
+
+
+def calibrate_edit_threshold(
+    pipe,
+    images: list[AnnotatedImage],
+    max_undefined: float = EDIT_MAX_UNDEFINED,
+    num_inference_steps: int = 25,
+    seed: int = 0,
+    progress: bool = True,
+) -> EditThresholdChoice:
+    """[`choose_edit_threshold`] on the unsafe `images` along the guided steps (as [`presence_scores`] sees them),
+    with DAG's detection layers, `unsafe_threshold` and `max_edit_area`.
+
+    Raises:
+        `ValueError`: no unsafe image (with a mask) among `images`, or `max_undefined` outside `[0, 1)`.
+    """
+    unsafe = [item for item in images if item.unsafe]
+    if not unsafe:
+        raise ValueError("Calibrating the edit threshold needs unsafe validation images (with a mask); got none.")
+    trajectories = evidence_trajectories(pipe, unsafe, num_inference_steps, seed, progress=progress)
+    config = pipe._dag.config
+    return choose_edit_threshold(
+        trajectories.evidence[""], config.unsafe_threshold, config.max_edit_area, max_undefined
+    )
 
 
 @torch.no_grad()
@@ -378,12 +540,18 @@ class LayerChoice:
         detection_rate (`float`): share of unsafe images whose masked region is guided at some step at `threshold`.
         threshold (`float`): the lowest presence threshold within `target_fpr` (of each group of safe images).
         auc (`float`): ROC AUC of the unsafe images' scores (any component) against the safe ones'.
+        edit_mask_threshold (`float`): the `τ_e` the candidate was scored at: DAG's, or its own
+            [`choose_edit_threshold`] when the selection calibrates it.
+        undefined_share (`float`): at that `τ_e`, the share of the unsafe images' guided steps "mode undefined"
+            ([`undefined_share`]).
     """
 
     blocks: tuple[str, ...]
     detection_rate: float
     threshold: float
     auc: float
+    edit_mask_threshold: float
+    undefined_share: float
 
 
 @torch.no_grad()
@@ -394,6 +562,7 @@ def select_detection_layers(
     target_fpr: float = 0.05,
     num_inference_steps: int = 25,
     progress: bool = True,
+    max_undefined: float | None = None,
 ) -> list[LayerChoice]:
     """Ranks sets of detection layers for DAG's selective rule on annotated validation images.
 
@@ -409,6 +578,9 @@ def select_detection_layers(
             `enable_dag(embedding, layers=<all blocks>)`; its other settings are used.
         images (`list[AnnotatedImage]`): validation images: unsafe ones with a mask, safe ones (with groups).
         candidates (`list[tuple[str, ...]]`): sets of UNet module names (as `DAGConfig.layers`).
+        max_undefined (`float`, *optional*): if given, each candidate is scored at its own edit threshold,
+            [`choose_edit_threshold`] on the unsafe images with this `max_undefined` (layers differ in how broadly
+            their concept rows attend); by default at DAG's.
 
     Returns:
         `list[LayerChoice]`, best first.
@@ -420,19 +592,31 @@ def select_detection_layers(
     state = pipe._dag
     if state is None:
         raise ValueError("`select_detection_layers` needs DAG; call `pipe.enable_dag(embedding)` first.")
+    config = state.config
     unsafe = np.array([item.unsafe for item in images])
     if unsafe.all() or not unsafe.any():
         raise ValueError("Choosing layers needs safe images (no mask) and unsafe images (with a mask).")
     available = cross_attention_layers(getattr(pipe.unet, "_orig_mod", pipe.unet))
     sets = {tuple(blocks): list(select_layers(available, tuple(blocks))) for blocks in candidates}
-    scores = presence_scores(pipe, images, num_inference_steps, progress=progress, layer_sets=sets)
+    trajectories = evidence_trajectories(pipe, images, num_inference_steps, progress=progress, layer_sets=sets)
     groups = np.array([item.group or "" for item in images])[~unsafe]
     positives, negatives = int(unsafe.sum()), int((~unsafe).sum())
     choices = []
-    for blocks, found in scores.items():
+    for blocks, evidence in trajectories.evidence.items():
+        unsafe_evidence = evidence[torch.from_numpy(unsafe)]
+        if max_undefined is None:
+            edit_threshold = config.edit_mask_threshold
+            undefined = undefined_share(unsafe_evidence, edit_threshold, config.max_edit_area)
+        else:
+            edit = choose_edit_threshold(unsafe_evidence, config.unsafe_threshold, config.max_edit_area, max_undefined)
+            edit_threshold, undefined = edit.threshold, edit.undefined_share
+        found = scores_from_evidence(
+            evidence, trajectories.masks, config.unsafe_threshold, edit_threshold, config.max_edit_area
+        )
         threshold = _lowest_threshold(found.any[~unsafe], target_fpr, groups)
         # Mann-Whitney AUC, ties counted half; images without a component score lowest
         ranks = rankdata(np.nan_to_num(np.concatenate([found.any[unsafe], found.any[~unsafe]]), neginf=-1.0))
         auc = (ranks[:positives].sum() - positives * (positives + 1) / 2) / (positives * negatives)
-        choices.append(LayerChoice(blocks, float((found.target[unsafe] >= threshold).mean()), threshold, float(auc)))
+        detection_rate = float((found.target[unsafe] >= threshold).mean())
+        choices.append(LayerChoice(blocks, detection_rate, threshold, float(auc), edit_threshold, undefined))
     return sorted(choices, key=lambda choice: (-choice.detection_rate, -choice.auc))

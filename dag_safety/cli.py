@@ -91,6 +91,16 @@ IMAGE_SIDE = _number(int, low=8, multiple_of=8)
 FRACTION = _number(float, low=0, low_open=True, high=1)
 
 
+def _edit_threshold(text: str) -> float | str:
+    """`auto`, or a number in (0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        return FRACTION(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or a finite number > 0 and <= 1, got {text!r}") from None
+
+
 def _text(text: str) -> str:
     """A non-blank text."""
     if not text.strip():
@@ -364,6 +374,16 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         " keeps the best (its `layers`)",
     )
     parser.add_argument(
+        "--edit-mask-threshold",
+        type=_edit_threshold,
+        default=None,
+        help="DAG's edit threshold (tau_e) to save with the embedding: a number in (0, 1] (the paper: 0.01), or auto"
+        " (needs --validation-data): the lowest of 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5 at which at most"
+        " 5%% of the unsafe validation images' guided steps are 'mode undefined' (for a model whose concept rows"
+        " attend broadly), with --select-layers for each candidate; default: the embedding's own, 0.01 for a new"
+        " one",
+    )
+    parser.add_argument(
         "--calibrate-on",
         choices=["generations", "images"],
         default="generations",
@@ -469,10 +489,30 @@ def check_generate(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+# the options that choose something on --validation-data, and whether `args` uses them
+_VALIDATION_OPTIONS = {
+    "--select-layers": lambda args: args.select_layers,
+    "--edit-mask-threshold auto": lambda args: args.edit_mask_threshold == "auto",
+}
+
+
 def check_optimize(args: argparse.Namespace) -> Path:
-    """`--model` can be loaded, and `--out` is a directory to be or an empty one (any with `--overwrite`) that can
-    be written; returns `--out`."""
+    """`--model` can be loaded, the options that choose on validation images have them, `--edit-mask-threshold`
+    fits a new embedding, and `--out` is a directory to be or an empty one (any with `--overwrite`) that can be
+    written; returns `--out`."""
     _check_model(args.model)
+    if args.validation_data is None:
+        needing = [name for name, used in _VALIDATION_OPTIONS.items() if used(args)]
+        if needing:
+            raise CommandError(
+                f"{' and '.join(needing)} {'chooses' if len(needing) == 1 else 'choose'} on validation images: pass"
+                " --validation-data (an annotated folder of safe and unsafe images), or leave it out."
+            )
+    if not hasattr(args, "embedding") and isinstance(args.edit_mask_threshold, float):
+        from .guideline_embedding import EmbeddingMetadata
+
+        # a new embedding's unsafe threshold is the default one: refused before a long optimization, not after
+        _check_edit_threshold(args.edit_mask_threshold, EmbeddingMetadata.unsafe_threshold)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {args.out!r} is a file; name a new or empty directory.")
@@ -655,6 +695,8 @@ def optimize(args: argparse.Namespace) -> Path:
     embedding = result.embedding
     if validation is not None:
         embedding = _calibrated(pipe, embedding, validation, args)
+    else:
+        embedding, _ = _with_edit_threshold(pipe, embedding, None, args)  # a number (auto needs validation)
     embedding.save_pretrained(out, overwrite=args.overwrite)
     first, best = result.eval_losses[0][1], embedding.metadata.final_loss
     print(f"loss {first:.4f} -> {best:.4f}; wrote {out}")
@@ -665,37 +707,96 @@ def optimize(args: argparse.Namespace) -> Path:
 
 
 def _with_selected_layers(pipe, embedding, validation: list, args: argparse.Namespace):
-    """`embedding` carrying the detection layers `select_detection_layers` ranks first on `validation`."""
+    """`embedding` carrying the detection layers `select_detection_layers` ranks first on `validation` (with
+    `--edit-mask-threshold auto`, each scored at its own edit threshold, which the embedding then carries), and the
+    edit threshold's calibration summary for the metadata."""
     from .attention import attention_blocks, cross_attention_layers
-    from .calibration import select_detection_layers
+    from .calibration import EDIT_MAX_UNDEFINED, EditThresholdChoice, select_detection_layers
     from .optimize import replace_metadata
 
+    auto = args.edit_mask_threshold == "auto"
+    if not auto:
+        embedding, _ = _with_edit_threshold(pipe, embedding, validation, args)
     pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
     try:
         own = attention_blocks(pipe._dag.capture.layers)
         blocks = attention_blocks(cross_attention_layers(pipe.unet))
         pipe.enable_dag(embedding, detection="paper", layers=blocks)
         choices = select_detection_layers(
-            pipe, validation, [*((block,) for block in blocks), own], args.target_fpr, args.calibration_steps
+            pipe,
+            validation,
+            [*((block,) for block in blocks), own],
+            args.target_fpr,
+            args.calibration_steps,
+            max_undefined=EDIT_MAX_UNDEFINED if auto else None,
         )
     finally:
         pipe.disable_dag()
     print("detection layers, on the validation images (unsafe regions guided at the target rate; AUC):")
     for choice in choices:
         mark = " (the embedding's own)" if choice.blocks == own else ""
-        print(f"  {', '.join(choice.blocks)}{mark}: {choice.detection_rate:.1%}; {choice.auc:.3f}")
+        edit = f"; edit threshold {choice.edit_mask_threshold:g}" if auto else ""
+        print(f"  {', '.join(choice.blocks)}{mark}: {choice.detection_rate:.1%}; {choice.auc:.3f}{edit}")
     print(f"chose {', '.join(choices[0].blocks)}")
-    return replace_metadata(embedding, layers=choices[0].blocks)
+    best = choices[0]
+    embedding = replace_metadata(embedding, layers=best.blocks)
+    if not auto:
+        return embedding, {}
+    return _with_edit_choice(
+        embedding, EditThresholdChoice(best.edit_mask_threshold, best.undefined_share, EDIT_MAX_UNDEFINED)
+    )
+
+
+def _with_edit_choice(embedding, choice):
+    """`embedding` with a calibrated edit threshold (reported), and the calibration's summary for the metadata."""
+    from .optimize import replace_metadata
+
+    print(
+        f"edit threshold {choice.threshold:g}: unsafe validation images' guided steps mode undefined"
+        f" {choice.undefined_share:.1%} (at most {choice.max_undefined:.0%} asked)"
+    )
+    return replace_metadata(embedding, edit_mask_threshold=choice.threshold), choice.as_metadata()
+
+
+def _check_edit_threshold(value: float, unsafe_threshold: float) -> None:
+    if value > unsafe_threshold:
+        raise CommandError(
+            f"--edit-mask-threshold {value} exceeds the embedding's unsafe threshold ({unsafe_threshold}): the edit"
+            " region has to contain the unsafe components. Pass a value at most that, or auto."
+        )
+
+
+def _with_edit_threshold(pipe, embedding, validation: list | None, args: argparse.Namespace):
+    """`embedding` with `--edit-mask-threshold` (a number, or `auto`: calibrated on `validation`), and the
+    calibration's summary for the metadata (empty unless `auto`)."""
+    from .calibration import calibrate_edit_threshold
+    from .optimize import replace_metadata
+
+    value = args.edit_mask_threshold
+    if value is None:
+        return embedding, {}
+    if value != "auto":
+        _check_edit_threshold(value, embedding.metadata.unsafe_threshold)
+        return replace_metadata(embedding, edit_mask_threshold=value), {}
+    pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
+    try:
+        choice = calibrate_edit_threshold(pipe, validation, num_inference_steps=args.calibration_steps)
+    finally:
+        pipe.disable_dag()
+    return _with_edit_choice(embedding, choice)
 
 
 def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
     """`embedding` with the presence threshold calibrated on `validation` for `--target-fpr`, and its report (with
-    `--select-layers`, on the detection layers chosen on `validation` first)."""
+    `--select-layers`, on the detection layers chosen on `validation` first; with `--edit-mask-threshold`, at that
+    edit threshold, chosen with the layers under `--select-layers`)."""
     from .calibration import calibrate_presence
     from .optimize import replace_metadata
 
     if args.select_layers:
-        embedding = _with_selected_layers(pipe, embedding, validation, args)
+        embedding, edit_summary = _with_selected_layers(pipe, embedding, validation, args)
+    else:
+        embedding, edit_summary = _with_edit_threshold(pipe, embedding, validation, args)
     pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
     try:
         calibration = calibrate_presence(
@@ -729,7 +830,7 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
         detection=args.default_detection,
         presence_threshold=calibration.threshold,
         presence_smoothing=smoothing,
-        calibration=calibration.as_metadata(),
+        calibration={**calibration.as_metadata(), **edit_summary},
     )
 
 

@@ -105,6 +105,14 @@ def test_cuda_without_cuda(tmp_path, capsys, no_model):
         (["--negative-weight", "0"], "argument --negative-weight: expected a finite number > 0"),
         (["--hard-pixel-fraction", "1.5"], "argument --hard-pixel-fraction: expected a finite number > 0 and <= 1"),
         (["--hard-pixel-fraction", "0.1"], "`hard_pixel_fraction` ranks pixels by presence evidence"),
+        (["--edit-mask-threshold", "0"], "argument --edit-mask-threshold: expected auto or a finite number > 0"),
+        (["--edit-mask-threshold", "automatic"], "argument --edit-mask-threshold: expected auto or a finite number"),
+        (["--edit-mask-threshold", "0.7"], "--edit-mask-threshold 0.7 exceeds the embedding's unsafe threshold (0.5)"),
+        (["--select-layers"], "--select-layers chooses on validation images: pass --validation-data"),
+        (
+            ["--select-layers", "--edit-mask-threshold", "auto"],
+            "--select-layers and --edit-mask-threshold auto choose on validation images: pass --validation-data",
+        ),
     ],
 )
 def test_optimize_options_are_checked_at_parse_time(options, expected, tmp_path, capsys, no_model):
@@ -223,8 +231,11 @@ def test_optimize_overwrites_only_with_overwrite(tmp_path, capsys, tiny_model):
     assert "is not empty" in refused([*argv, "--lr", "1"], capsys)
     assert (out / EMBEDDING_FILE).read_bytes() == first
     main([*argv, "--lr", "1", "--overwrite"])
-    assert GuidelineEmbedding.from_pretrained(out).metadata.training["learning_rate"] == 1.0
+    metadata = GuidelineEmbedding.from_pretrained(out).metadata
+    assert metadata.training["learning_rate"] == 1.0 and metadata.edit_mask_threshold == 0.01
     assert f"wrote {out}" in capsys.readouterr().out
+    main([*argv, "--overwrite", "--edit-mask-threshold", "0.2"])
+    assert GuidelineEmbedding.from_pretrained(out).metadata.edit_mask_threshold == 0.2
 
 
 # 4. Library errors during the command: one line, exit status 2; --debug re-raises

@@ -393,3 +393,182 @@ def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(mi
         assert np.array(detected)[in_group].sum() <= 0.25 * (safe & (groups == group)).sum()
     assert_lowest_within(unguided[safe], groups[safe], threshold, 0.25, tolerance=1e-5)
     assert calibration["false_detection_rate"] <= 0.25
+
+
+def brute_force_undefined_share(evidence: np.ndarray, edit_threshold: float, max_edit_area: float) -> float:
+    """Share of maps `(..., h, w)` whose min-max normalised edit region covers `max_edit_area` of the latent."""
+    maps = evidence.reshape(-1, *evidence.shape[-2:])
+    undefined = 0
+    for raw in maps:
+        span = raw.max() - raw.min()
+        normalised = (raw - raw.min()) / span if span > 0 else np.zeros_like(raw)
+        undefined += (normalised >= edit_threshold).mean() >= max_edit_area
+    return undefined / len(maps)
+
+
+def broad_and_sparse_maps(seed: int, floor: float) -> np.ndarray:
+    """`(6, 5, 1, 8, 8)` evidence: an object of share 0.6 on a background of `floor` plus noise of half of it, the
+    object growing over the steps (absent at the first)."""
+    rng = np.random.default_rng(seed)
+    evidence = floor * (1 + 0.5 * rng.random((6, 5, 1, 8, 8)))
+    for step in range(1, 5):
+        evidence[:, step, 0, 2 : 3 + step, 2 : 3 + step] = 0.6
+    return evidence.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("max_undefined", [0.0, 0.2, 0.5])
+def test_the_edit_threshold_is_the_lowest_candidate_within_the_undefined_share(seed, max_undefined):
+    from dag_safety.calibration import EDIT_THRESHOLD_CANDIDATES, choose_edit_threshold
+
+    rng = np.random.default_rng(seed)
+    evidence = np.concatenate([broad_and_sparse_maps(seed, floor) for floor in (0.002, 0.1, 0.3)])
+    evidence[rng.random(len(evidence)) < 0.3, 0] = 0.25  # some flat first steps
+    for unsafe_threshold in (0.5, 0.15):
+        choice = choose_edit_threshold(torch.from_numpy(evidence), unsafe_threshold, 0.8, max_undefined)
+        allowed = [value for value in EDIT_THRESHOLD_CANDIDATES if value <= unsafe_threshold]
+        shares = {value: brute_force_undefined_share(evidence, value, 0.8) for value in allowed}
+        expected = next((value for value in allowed if shares[value] <= max_undefined), allowed[-1])
+        assert choice.threshold == expected
+        assert choice.undefined_share == pytest.approx(shares[expected])
+        assert choice.max_undefined == max_undefined
+
+
+def test_sparse_maps_keep_the_papers_edit_threshold_and_broad_ones_raise_it():
+    """Maps near zero away from the object (SD v1.4's, the paper's assumption) keep `τ_e = 0.01`; a floor of
+    concept share everywhere (the stronger mini model's) would leave every step "mode undefined" at 0.01."""
+    from dag_safety.calibration import choose_edit_threshold
+
+    sparse = torch.from_numpy(broad_and_sparse_maps(0, floor=0.001))[:, 1:]
+    broad = torch.from_numpy(broad_and_sparse_maps(0, floor=0.16))[:, 1:]
+    assert choose_edit_threshold(sparse, 0.5, 0.8).threshold == 0.01
+    assert brute_force_undefined_share(broad.numpy(), 0.01, 0.8) == 1.0
+    raised = choose_edit_threshold(broad, 0.5, 0.8)
+    assert raised.threshold > 0.01 and raised.undefined_share <= 0.05
+    with pytest.raises(ValueError, match="max_undefined"):
+        choose_edit_threshold(broad, 0.5, 0.8, max_undefined=1.0)
+
+
+def lowest_edit_threshold_by_brute_force(evidence: np.ndarray, unsafe_threshold: float = 0.5) -> float:
+    from dag_safety.calibration import EDIT_MAX_UNDEFINED, EDIT_THRESHOLD_CANDIDATES
+
+    allowed = [value for value in EDIT_THRESHOLD_CANDIDATES if value <= unsafe_threshold]
+    shares = [brute_force_undefined_share(evidence, value, 0.8) for value in allowed]
+    return next((value for value, share in zip(allowed, shares) if share <= EDIT_MAX_UNDEFINED), allowed[-1])
+
+
+def broad_embedding(path):
+    """The committed embedding with its concept rows pulled most of the way to the start-of-text row: they attend
+    broadly, as the stronger mini model's do, so that at the paper's 0.01 every step is mode undefined and each layer
+    set needs its own edit threshold. Saved to `path`; returns it."""
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.guideline_embedding import GuidelineEmbedding
+
+    committed = GuidelineEmbedding.from_pretrained(RED_STAR)
+    rows = committed.embeds.clone()
+    rows[1:] = 0.8 * rows[0] + 0.2 * rows[1:]
+    GuidelineEmbedding(rows, committed.metadata).save_pretrained(path)
+    return path
+
+
+def test_select_layers_with_edit_thresholds_scores_each_candidate_at_its_own(mini_pipe, tmp_path, capsys):
+    """`select_detection_layers(max_undefined=)`: each candidate at the lowest edit threshold (brute force over its
+    own evidence) and, at it, the detection rate of DAG enabled on it alone; `calibrate --select-layers
+    --edit-mask-threshold auto` saves the first with its threshold."""
+    from dag_safety.calibration import (
+        EDIT_MAX_UNDEFINED,
+        evidence_trajectories,
+        presence_scores,
+        select_detection_layers,
+    )
+    from dag_safety.cli import main
+    from dag_safety.guideline_embedding import GuidelineEmbedding
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+
+    folder = write_folder(tmp_path / "v", 4, 8, validation=True)
+    images = load_annotated_folder(folder)
+    unsafe = np.array([item.unsafe for item in images])
+    broad = broad_embedding(tmp_path / "broad")
+    candidates = [("up_blocks.2.attentions.0",), ("mid_block",), ("down_blocks.1", "up_blocks.1")]
+    mini_pipe.enable_dag(broad, layers=("up_blocks.2", "mid_block", "down_blocks.1", "up_blocks.1"))
+    try:
+        choices = select_detection_layers(mini_pipe, images, candidates, 0.25, 8, progress=False, max_undefined=0.05)
+    finally:
+        mini_pipe.disable_dag()
+    thresholds = set()
+    for choice in choices:
+        mini_pipe.enable_dag(broad, layers=choice.blocks)
+        try:
+            evidence = evidence_trajectories(mini_pipe, images, 8, progress=False).evidence[""].numpy()[unsafe]
+            assert choice.edit_mask_threshold == lowest_edit_threshold_by_brute_force(evidence)
+            assert choice.undefined_share == pytest.approx(
+                brute_force_undefined_share(evidence, choice.edit_mask_threshold, 0.8)
+            )
+            mini_pipe.enable_dag(broad, layers=choice.blocks, edit_mask_threshold=choice.edit_mask_threshold)
+            alone = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False)
+        finally:
+            mini_pipe.disable_dag()
+        assert choice.detection_rate == (alone.target[unsafe] >= choice.threshold).mean()
+        thresholds.add(choice.edit_mask_threshold)
+    assert len(thresholds) > 1, "the candidates should need different edit thresholds for this test to mean much"
+
+    out = tmp_path / "selected"
+    assert main(["calibrate", str(broad), "--validation-data", str(folder), "--target-fpr", "0.25",
+                 "--calibrate-on", "images", "--calibration-steps", "8", "--select-layers",
+                 "--edit-mask-threshold", "auto", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    saved = GuidelineEmbedding.from_pretrained(out).metadata
+    assert f"chose {', '.join(saved.layers)}" in printed and f"edit threshold {saved.edit_mask_threshold:g}" in printed
+    mini_pipe.enable_dag(broad, layers=saved.layers)
+    try:
+        evidence = evidence_trajectories(mini_pipe, images, 8, progress=False).evidence[""].numpy()[unsafe]
+    finally:
+        mini_pipe.disable_dag()
+    assert saved.edit_mask_threshold == lowest_edit_threshold_by_brute_force(evidence)
+    assert saved.calibration["edit_max_undefined"] == EDIT_MAX_UNDEFINED
+    assert saved.calibration["edit_undefined_share"] == pytest.approx(
+        brute_force_undefined_share(evidence, saved.edit_mask_threshold, 0.8), abs=1e-4
+    )
+
+
+def test_calibrate_with_an_edit_threshold_calibrates_presence_at_it(mini_pipe, tmp_path):
+    """`calibrate --edit-mask-threshold auto`: the lowest edit threshold on the unsafe validation images (brute
+    force), and the presence threshold the lowest within the target at it; a number is saved as given."""
+    from dag_safety.calibration import evidence_trajectories, presence_scores
+    from dag_safety.cli import main
+    from dag_safety.guideline_embedding import GuidelineEmbedding
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+
+    folder = write_folder(tmp_path / "validation", n_unsafe=4, n_safe=10, validation=True)
+    images = load_annotated_folder(folder)
+    common = ["--validation-data", str(folder), "--target-fpr", "0.2", "--calibrate-on", "images",
+              "--calibration-steps", "8"]  # fmt: skip
+    broad = broad_embedding(tmp_path / "broad")
+    out = tmp_path / "auto"
+    assert main(["calibrate", str(broad), *common, "--edit-mask-threshold", "auto", "--out", str(out)]) == 0
+    saved = GuidelineEmbedding.from_pretrained(out).metadata
+    mini_pipe.enable_dag(broad)
+    try:
+        unsafe_images = [item for item in images if item.unsafe]
+        evidence = evidence_trajectories(mini_pipe, unsafe_images, 8, progress=False).evidence[""].numpy()
+    finally:
+        mini_pipe.disable_dag()
+    assert saved.edit_mask_threshold == lowest_edit_threshold_by_brute_force(evidence) > 0.01
+
+    fixed = tmp_path / "fixed"
+    assert main(["calibrate", str(broad), *common, "--edit-mask-threshold", "0.3", "--out", str(fixed)]) == 0
+    for path, edit_threshold in ((out, saved.edit_mask_threshold), (fixed, 0.3)):
+        metadata = GuidelineEmbedding.from_pretrained(path).metadata
+        assert metadata.edit_mask_threshold == edit_threshold
+        mini_pipe.enable_dag(path, detection="paper")
+        try:
+            assert mini_pipe.dag_config.edit_mask_threshold == edit_threshold
+            scores = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False)
+        finally:
+            mini_pipe.disable_dag()
+        safe = np.array([not item.unsafe for item in images])
+        groups = np.array([item.group for item in images])[safe]
+        assert_lowest_within(scores.any[safe], groups, metadata.presence_threshold, 0.2)
+    assert "edit_undefined_share" not in GuidelineEmbedding.from_pretrained(fixed).metadata.calibration
