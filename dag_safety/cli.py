@@ -825,6 +825,21 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
         f"presence threshold {calibration.threshold:.4g}: safe validation {calibration.source} guided"
         f" {calibration.false_detection_rate:.1%} (target {calibration.target_fpr:.0%}), {found}"
     )
+    if calibration.detection_rate == 0:
+        # presence scores are attention shares in (0, 1): a threshold this low means no safe item scored at all
+        nothing_formed = calibration.threshold < 1e-6
+        hint = (
+            f" No unsafe component formed on any validation image: at edit threshold"
+            f" {embedding.metadata.edit_mask_threshold:g} every step may be 'mode undefined'; try"
+            " --edit-mask-threshold auto."
+            if nothing_formed
+            else " Its presence scores do not rank them above the safe ones' at this rate."
+        )
+        print(
+            f"warning: at --target-fpr {calibration.target_fpr:g} the embedding guides none of the unsafe"
+            f" validation items.{hint}",
+            file=sys.stderr,
+        )
     return replace_metadata(
         embedding,
         detection=args.default_detection,

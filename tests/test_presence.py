@@ -532,7 +532,7 @@ def test_select_layers_with_edit_thresholds_scores_each_candidate_at_its_own(min
     )
 
 
-def test_calibrate_with_an_edit_threshold_calibrates_presence_at_it(mini_pipe, tmp_path):
+def test_calibrate_with_an_edit_threshold_calibrates_presence_at_it(mini_pipe, tmp_path, capsys):
     """`calibrate --edit-mask-threshold auto`: the lowest edit threshold on the unsafe validation images (brute
     force), and the presence threshold the lowest within the target at it; a number is saved as given."""
     from dag_safety.calibration import evidence_trajectories, presence_scores
@@ -572,3 +572,10 @@ def test_calibrate_with_an_edit_threshold_calibrates_presence_at_it(mini_pipe, t
         groups = np.array([item.group for item in images])[safe]
         assert_lowest_within(scores.any[safe], groups, metadata.presence_threshold, 0.2)
     assert "edit_undefined_share" not in GuidelineEmbedding.from_pretrained(fixed).metadata.calibration
+
+    # at the paper's threshold this embedding forms no component at all: the command says so, and how to fix it
+    capsys.readouterr()
+    paper = tmp_path / "paper"
+    assert main(["calibrate", str(broad), *common, "--edit-mask-threshold", "0.01", "--out", str(paper)]) == 0
+    warned = capsys.readouterr().err
+    assert "guides none of the unsafe validation items" in warned and "try --edit-mask-threshold auto" in warned
