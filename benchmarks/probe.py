@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention
-from scipy.stats import rankdata
 
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, TARGET_CONCEPT, render_scene
+from dag_safety.presence_head import fit_logistic, roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"red non-star": "R", "non-red star": "S", "other": "O"}
@@ -50,32 +50,6 @@ def object_kind(color: str, shape: str) -> str:
     if color == TARGET_CONCEPT[0]:
         return "R"
     return "S" if shape == TARGET_CONCEPT[1] else "O"
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mann-Whitney ROC AUC of `scores` for boolean `labels` (ties count half)."""
-    ranks = rankdata(scores)
-    positives = labels.sum()
-    negatives = len(labels) - positives
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced logistic regression `(weight (C,), bias (1,))` by L-BFGS on standardised features."""
-    weight = torch.zeros(features.shape[1], requires_grad=True)
-    bias = torch.zeros(1, requires_grad=True)
-    pos_weight = (1 - labels).sum() / labels.sum().clamp_min(1)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(features @ weight + bias, labels, pos_weight=pos_weight)
-        loss = loss + l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
 
 
 @torch.no_grad()
@@ -136,7 +110,7 @@ def probe_layers(pipe, scenes: list, timestep: int) -> list[dict]:
         row = {"layer": name.removesuffix(".transformer_blocks.0.attn2"), "side": side}
         scores = {}
         for attribute, labels in attributes.items():
-            weight, bias = fit_probe(features[train], torch.from_numpy(labels[train]).float())
+            weight, bias = fit_logistic(features[train], torch.from_numpy(labels[train]).float())
             scores[attribute] = (features @ weight + bias).numpy()
         target = scores["red star"]
         for label, kind in KINDS.items():

@@ -29,13 +29,12 @@ both thresholds, and every candidate set of detection layers, are chosen from it
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
 from .attention import cross_attention_layers, select_layers
@@ -43,6 +42,7 @@ from .conditioning import unet_conditioning
 from .detection import concept_presence, minmax_normalize
 from .guidance import component_presence, unsafe_components
 from .optimize import AnnotatedImage, _to_pixels
+from .presence_head import roc_auc
 
 __all__ = [
     "CALIBRATION_SOURCES",
@@ -58,6 +58,7 @@ __all__ = [
     "choose_edit_threshold",
     "evidence_trajectories",
     "generation_presence_scores",
+    "guided_passes",
     "presence_scores",
     "scores_from_evidence",
     "select_detection_layers",
@@ -147,7 +148,8 @@ def presence_scores(
 
     Args:
         pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled (its embedding, layers, thresholds, warm-up and
-            `presence_smoothing` are used; its `presence_threshold` is not).
+            `presence_smoothing` are used; its `presence_threshold` is not). Under `detection="head"` DAG's own
+            layers' components are scored by the presence head's probability.
         images (`list[AnnotatedImage]`): validation images; a mask marks the unsafe region.
         num_inference_steps (`int`): the sampler's steps whose guided timesteps are visited.
         seed (`int`): seed of the noise draws.
@@ -167,7 +169,12 @@ def presence_scores(
     config = pipe._dag.config
     scores = {
         set_name: scores_from_evidence(
-            found, trajectories.masks, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+            found,
+            trajectories.masks,
+            config.unsafe_threshold,
+            config.edit_mask_threshold,
+            config.max_edit_area,
+            trajectories.head if set_name == "" else None,
         )
         for set_name, found in trajectories.evidence.items()
     }
@@ -183,10 +190,63 @@ class EvidenceTrajectories:
             w)` float32: at each guided step the running mean of the evidence, as in the denoising loop.
         masks (`torch.Tensor`): `(N, h, w)` bool, each image's mask at the latent's size (max-pooled; all `False`
             for a safe image).
+        head (`torch.Tensor` or `None`): under `detection="head"`, the running mean of the presence head's logits
+            at each guided step, `(N, steps, concepts, h, w)` (what DAG's own layers' components are scored on).
     """
 
     evidence: dict[str, torch.Tensor]
     masks: torch.Tensor
+    head: torch.Tensor | None = None
+
+
+def guided_passes(
+    pipe,
+    images: list[AnnotatedImage],
+    num_inference_steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Iterator[tuple[int, torch.Tensor, int, tuple[int, int]]]:
+    """The UNet passes of calibration (see the module docstring): `images` in chunks of `batch_size`, each noised
+    to every guided timestep in turn and run with its captions while DAG captures the queries.
+
+    Yields, after each pass and with the capture store filled (it is cleared when the loop resumes):
+    `(start, masks, step, latent_size)`: the chunk's first index into `images`, its masks `(B, h, w)` bool at the
+    latent's size (max-pooled; all `False` for a safe image), the guided step's index from 0, and `(h, w)`.
+    """
+    state = pipe._dag
+    if state is None:
+        raise ValueError("Calibration needs DAG; call `pipe.enable_dag(embedding)` first.")
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = scheduler.timesteps[state.config.warmup_steps :]
+    if len(timesteps) == 0:
+        raise ValueError(
+            f"{num_inference_steps} steps leave no guided step after {state.config.warmup_steps} warm-up steps."
+        )
+    forward_process = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    for start in tqdm(range(0, len(images), batch_size), desc="Calibrating", leave=False, disable=not progress):
+        chunk = images[start : start + batch_size]
+        pixels, masks = zip(*(_to_pixels(pipe, item, side) for item in chunk))
+        latents = pipe.vae.encode(torch.cat(pixels)).latent_dist.mode() * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        text, added = unet_conditioning(pipe, [item.caption for item in chunk], pipe.device, 1, (side, side))
+        latent_size = tuple(latents.shape[-2:])
+        masks = torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], latent_size)[:, 0].bool()
+        with state.capture:
+            for step, t in enumerate(timesteps):
+                noisy = forward_process.add_noise(latents, noise, t.expand(len(chunk)))
+                state.capture.store.arm(slice(None))
+                try:
+                    pipe.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added)
+                finally:
+                    state.capture.store.disarm()
+                try:
+                    yield start, masks, step, latent_size
+                finally:
+                    state.capture.store.clear()
 
 
 @torch.no_grad()
@@ -200,8 +260,9 @@ def evidence_trajectories(
     layer_sets: dict[str, Collection[str]] | None = None,
     evidence: Callable[[torch.Tensor], torch.Tensor] = concept_presence,
 ) -> EvidenceTrajectories:
-    """Runs the UNet on `images` noised to each guided timestep (see the module docstring) and keeps the evidence,
-    so that thresholds can be chosen and scored without another pass. Arguments as for [`presence_scores`].
+    """Runs the UNet on `images` noised to each guided timestep ([`guided_passes`]) and keeps the evidence, so that
+    thresholds can be chosen and scored without another pass. Arguments as for [`presence_scores`]. Under
+    `detection="head"` the head's smoothed logits are kept too (`EvidenceTrajectories.head`).
 
     Memory: `N × steps × concepts × h × w` floats per layer set (300 images, 20 guided steps and a 64² latent:
     98 MB a set).
@@ -216,47 +277,40 @@ def evidence_trajectories(
         unknown = {name for layers in layer_sets.values() for name in layers} - set(state.capture.layers)
         if unknown:
             raise ValueError(f"`layer_sets` name layers DAG does not capture: {sorted(unknown)}.")
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps[config.warmup_steps :]
-    if len(timesteps) == 0:
-        raise ValueError(
-            f"{num_inference_steps} steps leave no guided step after {config.warmup_steps} warm-up steps."
-        )
-    forward_process = DDPMScheduler.from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(seed)
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    heads = config.detection == "head"
+    smoothing = config.presence_smoothing
     found = {set_name: [] for set_name in layer_sets}
-    all_masks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="Calibrating", leave=False, disable=not progress):
-        chunk = images[start : start + batch_size]
-        pixels, masks = zip(*(_to_pixels(pipe, item, side) for item in chunk))
-        latents = pipe.vae.encode(torch.cat(pixels)).latent_dist.mode() * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        text, added = unet_conditioning(pipe, [item.caption for item in chunk], pipe.device, 1, (side, side))
-        latent_size = tuple(latents.shape[-2:])
-        all_masks.append(
-            torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], latent_size)[:, 0].bool()
-        )
-        steps = {set_name: [] for set_name in layer_sets}
-        with state.capture:
-            for t in timesteps:
-                noisy = forward_process.add_noise(latents, noise, t.expand(len(chunk)))
-                state.capture.store.arm(slice(None))
-                try:
-                    pipe.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added)
-                finally:
-                    state.capture.store.disarm()
-                for set_name, layers in layer_sets.items():
-                    shares = state.shares(latent_size, evidence, layers)  # (concepts, B, h, w)
-                    if steps[set_name]:
-                        smoothing = config.presence_smoothing
-                        shares = smoothing * steps[set_name][-1] + (1 - smoothing) * shares
-                    steps[set_name].append(shares)
-                state.capture.store.clear()
+    head_found, all_masks = [], []
+
+    def flush(steps: dict[str, list[torch.Tensor]], head_steps: list[torch.Tensor]) -> None:
         for set_name, by_step in steps.items():
             found[set_name].append(torch.stack(by_step).permute(2, 0, 1, 3, 4))  # (B, steps, concepts, h, w)
-    return EvidenceTrajectories({name: torch.cat(chunks) for name, chunks in found.items()}, torch.cat(all_masks))
+        if head_steps:
+            head_found.append(torch.stack(head_steps).permute(2, 0, 1, 3, 4))
+
+    steps, head_steps = {}, []
+    for _, masks, step, latent_size in guided_passes(pipe, images, num_inference_steps, seed, batch_size, progress):
+        if step == 0:
+            if all_masks:
+                flush(steps, head_steps)
+            all_masks.append(masks)
+            steps, head_steps = {set_name: [] for set_name in layer_sets}, []
+        for set_name, layers in layer_sets.items():
+            shares = state.shares(latent_size, evidence, layers)  # (concepts, B, h, w)
+            if steps[set_name]:
+                shares = smoothing * steps[set_name][-1] + (1 - smoothing) * shares
+            steps[set_name].append(shares)
+        if heads:
+            logits = state.head_logits(latent_size)  # (concepts, B, h, w)
+            if head_steps:
+                logits = smoothing * head_steps[-1] + (1 - smoothing) * logits
+            head_steps.append(logits)
+    flush(steps, head_steps)
+    return EvidenceTrajectories(
+        {name: torch.cat(chunks) for name, chunks in found.items()},
+        torch.cat(all_masks),
+        torch.cat(head_found) if heads else None,
+    )
 
 
 def unsafe_maps(evidence: torch.Tensor) -> torch.Tensor:
@@ -271,18 +325,21 @@ def scores_from_evidence(
     unsafe_threshold: float,
     edit_mask_threshold: float,
     max_edit_area: float,
+    head: torch.Tensor | None = None,
 ) -> PresenceScores:
     """[`PresenceScores`] of one layer set's [`EvidenceTrajectories`] under the given thresholds (`DAGConfig`'s):
-    at each step each concept's `Â` forms the unsafe components, a component scores its mean evidence, and each
-    image keeps its highest scores over the steps.
+    at each step each concept's `Â` forms the unsafe components, a component scores its mean evidence (with
+    `head`, the head's probability `σ(mean logit)`, as under `detection="head"`), and each image keeps its highest
+    scores over the steps.
 
     Args:
         evidence (`torch.Tensor`): `(N, steps, concepts, h, w)`.
         masks (`torch.Tensor`): `(N, h, w)` bool.
+        head (`torch.Tensor`, *optional*): `EvidenceTrajectories.head`, same shape as `evidence`.
     """
     size = evidence.shape[-2:]
     dag_maps = unsafe_maps(evidence).numpy().reshape(evidence.shape[0], -1, *size)
-    shares = evidence.numpy().reshape(evidence.shape[0], -1, *size)
+    shares = (evidence if head is None else head).numpy().reshape(evidence.shape[0], -1, *size)
     best = {key: np.full(evidence.shape[0], -np.inf) for key in ("any", "target", "other")}
     for index, mask in enumerate(masks.numpy()):
         for share, dag_map in zip(shares[index], dag_maps[index]):
@@ -290,6 +347,8 @@ def scores_from_evidence(
             if count == 0:
                 continue
             scores = component_presence(share, labels, count)
+            if head is not None:
+                scores = 1 / (1 + np.exp(-scores.astype(np.float64)))
             on_mask = np.bincount(labels[mask], minlength=count + 1)[1:] > 0
             best["any"][index] = max(best["any"][index], scores.max())
             if on_mask.any():
@@ -405,14 +464,16 @@ def generation_presence_scores(
 
     Args:
         pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled (its embedding, layers, thresholds, warm-up and
-            `presence_smoothing` are used; its detection rule and `presence_threshold` are not). Left as found.
+            `presence_smoothing` are used; its `presence_threshold` is not, and its detection rule only to score by
+            the presence head under `"head"`, by the rows' presence otherwise). Left as found.
         prompts (`list[str]`): validation captions.
     """
     state = pipe._dag
     if state is None:
         raise ValueError("`generation_presence_scores` needs DAG; call `pipe.enable_dag(embedding)` first.")
     saved = state.config
-    state.config = dataclasses.replace(saved, detection="presence", presence_threshold=float(np.nextafter(1.0, 0.0)))
+    rule = "head" if saved.detection == "head" else "presence"
+    state.config = dataclasses.replace(saved, detection=rule, presence_threshold=float(np.nextafter(1.0, 0.0)))
     # one bar for the calibration, not one per generation; the user's own bar settings come back afterwards
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
@@ -600,7 +661,7 @@ def select_detection_layers(
     sets = {tuple(blocks): list(select_layers(available, tuple(blocks))) for blocks in candidates}
     trajectories = evidence_trajectories(pipe, images, num_inference_steps, progress=progress, layer_sets=sets)
     groups = np.array([item.group or "" for item in images])[~unsafe]
-    positives, negatives = int(unsafe.sum()), int((~unsafe).sum())
+    labels = np.arange(len(images)) < int(unsafe.sum())  # unsafe scores first
     choices = []
     for blocks, evidence in trajectories.evidence.items():
         unsafe_evidence = evidence[torch.from_numpy(unsafe)]
@@ -614,9 +675,8 @@ def select_detection_layers(
             evidence, trajectories.masks, config.unsafe_threshold, edit_threshold, config.max_edit_area
         )
         threshold = _lowest_threshold(found.any[~unsafe], target_fpr, groups)
-        # Mann-Whitney AUC, ties counted half; images without a component score lowest
-        ranks = rankdata(np.nan_to_num(np.concatenate([found.any[unsafe], found.any[~unsafe]]), neginf=-1.0))
-        auc = (ranks[:positives].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+        # images without a component score lowest
+        auc = roc_auc(np.nan_to_num(np.concatenate([found.any[unsafe], found.any[~unsafe]]), neginf=-1.0), labels)
         detection_rate = float((found.target[unsafe] >= threshold).mean())
         choices.append(LayerChoice(blocks, detection_rate, threshold, float(auc), edit_threshold, undefined))
     return sorted(choices, key=lambda choice: (-choice.detection_rate, -choice.auc))

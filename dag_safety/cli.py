@@ -204,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     safety.add_argument(
         "--detection",
-        choices=("paper", "presence"),
+        choices=("paper", "presence", "head"),
         default=None,
-        help="DAG's detection rule: the paper's (guides every image's strongest region) or the selective presence"
-        " rule (needs a calibrated embedding); default: the embedding's own",
+        help="DAG's detection rule: the paper's (guides every image's strongest region), the selective presence"
+        " rule (needs a calibrated embedding) or its presence head (needs an embedding with one); default: the"
+        " embedding's own",
     )
     safety.add_argument(
         "--embedding",
@@ -361,10 +362,24 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
     )
     parser.add_argument(
         "--default-detection",
-        choices=["presence", "paper"],
-        default="presence",
-        help="the detection rule the calibrated embedding brings as enable_dag's default (default: presence;"
-        " paper keeps the paper's rule and stores the threshold for detection='presence')",
+        choices=["presence", "head", "paper"],
+        default=None,
+        help="the detection rule the calibrated embedding brings as enable_dag's default (default: head for an"
+        " embedding with a presence head, else presence; paper keeps the paper's rule and stores the threshold)",
+    )
+    parser.add_argument(
+        "--presence-head",
+        nargs="+",
+        default=None,
+        metavar="BLOCK",
+        help="fit a presence head (detection='head') reading these UNet blocks' cross-attention inputs, e.g."
+        " up_blocks.2, on the components DAG forms on --head-data; its threshold is then the one calibrated",
+    )
+    parser.add_argument(
+        "--head-data",
+        default=None,
+        help="annotated folder (safe and unsafe images) to fit the presence head on (optimize: default its data;"
+        " never the validation folder, which calibrates it)",
     )
     parser.add_argument(
         "--select-layers",
@@ -493,6 +508,7 @@ def check_generate(args: argparse.Namespace) -> list[Path]:
 _VALIDATION_OPTIONS = {
     "--select-layers": lambda args: args.select_layers,
     "--edit-mask-threshold auto": lambda args: args.edit_mask_threshold == "auto",
+    "--presence-head": lambda args: args.presence_head is not None,
 }
 
 
@@ -508,6 +524,15 @@ def check_optimize(args: argparse.Namespace) -> Path:
                 f"{' and '.join(needing)} {'chooses' if len(needing) == 1 else 'choose'} on validation images: pass"
                 " --validation-data (an annotated folder of safe and unsafe images), or leave it out."
             )
+    if args.head_data is not None and args.presence_head is None:
+        raise CommandError("--head-data is the presence head's training data: pass --presence-head too, or drop it.")
+    if hasattr(args, "embedding") and args.presence_head is not None and args.head_data is None:
+        raise CommandError(
+            "--presence-head is fitted on annotated training images: pass --head-data (a folder as for optimize,"
+            " other than --validation-data)."
+        )
+    if args.default_detection == "head" and args.presence_head is None and not hasattr(args, "embedding"):
+        raise CommandError("--default-detection head needs a presence head: pass --presence-head.")
     if not hasattr(args, "embedding") and isinstance(args.edit_mask_threshold, float):
         from .guideline_embedding import EmbeddingMetadata
 
@@ -797,7 +822,14 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
         embedding, edit_summary = _with_selected_layers(pipe, embedding, validation, args)
     else:
         embedding, edit_summary = _with_edit_threshold(pipe, embedding, validation, args)
-    pipe.enable_dag(embedding, detection="paper")  # refuses an embedding made for another --model
+    if args.presence_head is not None:
+        embedding, head_summary = _with_presence_head(pipe, embedding, args)
+        edit_summary = {**edit_summary, "presence_head": head_summary}
+    rule = {"detection": "paper"}
+    if embedding.head is not None:
+        # the head's threshold is calibrated (the placeholder threshold is not used by calibration)
+        rule = {"detection": "head", "presence_threshold": 0.5}
+    pipe.enable_dag(embedding, **rule)  # refuses an embedding made for another --model
     try:
         calibration = calibrate_presence(
             pipe,
@@ -840,13 +872,53 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
             f" validation items.{hint}",
             file=sys.stderr,
         )
+    default = args.default_detection or ("head" if embedding.head is not None else "presence")
+    if default == "head" and embedding.head is None:
+        raise CommandError(
+            f"--default-detection head: {getattr(args, 'embedding', 'the embedding')!r} has no presence head; pass"
+            " --presence-head."
+        )
     return replace_metadata(
         embedding,
-        detection=args.default_detection,
+        detection=default,
         presence_threshold=calibration.threshold,
         presence_smoothing=smoothing,
         calibration={**calibration.as_metadata(), **edit_summary},
     )
+
+
+def _with_presence_head(pipe, embedding, args: argparse.Namespace):
+    """`embedding` with a presence head on `--presence-head`'s blocks fitted on `--head-data` (optimize: its
+    data), and the fit's summary for the metadata."""
+    import torch
+
+    from .attention import cross_attention_layers, select_layers
+    from .optimize import load_annotated_folder
+    from .presence_head import PresenceHead, fit_presence_head
+
+    items = load_annotated_folder(args.head_data or args.data)
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    try:
+        layers = tuple(sorted(select_layers(cross_attention_layers(unet), tuple(args.presence_head))))
+    except ValueError as error:
+        raise CommandError(f"--presence-head: {error}") from None
+    modules = dict(unet.named_modules())
+    # a zero head on the chosen layers: DAG then captures them beside its detection layers
+    blank = PresenceHead(
+        {name: torch.zeros(modules[name.removesuffix(".processor")].query_dim) for name in layers}, 0.0
+    )
+    pipe.enable_dag(
+        type(embedding)(embedding.embeds, embedding.metadata, blank), detection="head", presence_threshold=0.5
+    )
+    try:
+        fit = fit_presence_head(pipe, items, layers, args.calibration_steps)
+    finally:
+        pipe.disable_dag()
+    print(
+        f"presence head on {', '.join(args.presence_head)}: {fit.components} training components of {fit.images}"
+        f" images ({fit.positives} on unsafe regions), training AUC {fit.train_auc:.3f}"
+    )
+    return type(embedding)(embedding.embeds, embedding.metadata, fit.head), fit.as_metadata()
 
 
 def calibrate(args: argparse.Namespace) -> Path:

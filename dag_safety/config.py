@@ -33,7 +33,7 @@ SLD_SAFETY_CONCEPT = (
 """The default safety concept text of Safe Latent Diffusion (and of `StableDiffusionPipelineSafe`)."""
 
 
-DETECTION_RULES = ("paper", "presence")
+DETECTION_RULES = ("paper", "presence", "head")
 GUIDANCE_FORMS = ("table1", "sega")
 
 
@@ -245,9 +245,14 @@ class DAGConfig:
             over the guided steps by `presence_smoothing`, and a component's score is its mean over the
             component. A threshold is a property of the embedding, calibrated for a false-detection rate on
             validation images (`dag-safety optimize --target-fpr`), so the field default stays the paper's rule
-            and a calibrated saved embedding brings `"presence"` and its threshold as its defaults.
+            and a calibrated saved embedding brings `"presence"` and its threshold as its defaults. `"head"`: the
+            components of the same `Â` are judged by the embedding's presence head instead (beyond the paper;
+            `dag_safety.presence_head`): a linear read-out of the detection-time layer inputs, its per-pixel logits
+            smoothed over the guided steps by `presence_smoothing`, a component's score `σ(mean logit)`. Needs an
+            embedding with a head (`dag-safety calibrate --presence-head`).
         presence_threshold (`float`, *optional*):
-            The calibrated threshold on a component's presence score, in `(0, 1)`; required by `"presence"`.
+            The calibrated threshold on a component's presence score (under `"head"`, the head's probability), in
+            `(0, 1)`; required by `"presence"` and `"head"`.
         presence_smoothing (`float`, *optional*, defaults to 0.5):
             `β` in `[0, 1)` of the evidence's running mean over guided steps, `ē_t = β ē_{t-1} + (1 - β) r_t`
             (`ē` starts as the first guided step's `r`). `0` judges each step on its own. Both `Â` and the scores
@@ -309,11 +314,11 @@ class DAGConfig:
             raise ValueError(f"`guidance_form` must be one of {list(GUIDANCE_FORMS)}, got {self.guidance_form!r}.")
         if self.detection not in DETECTION_RULES:
             raise ValueError(f"`detection` must be one of {list(DETECTION_RULES)}, got {self.detection!r}.")
-        if self.detection == "presence" and self.presence_threshold is None:
+        if self.detection != "paper" and self.presence_threshold is None:
             raise ValueError(
-                '`detection="presence"` needs `presence_threshold`: use an embedding calibrated by `dag-safety'
-                " optimize --target-fpr` (it carries its threshold), pass `presence_threshold=...`, or choose"
-                ' `detection="paper"`.'
+                f'`detection="{self.detection}"` needs `presence_threshold`: use an embedding calibrated by'
+                " `dag-safety optimize --target-fpr` (it carries its threshold), pass `presence_threshold=...`, or"
+                ' choose `detection="paper"`.'
             )
         if self.presence_threshold is not None and not 0 < self.presence_threshold < 1:
             raise ValueError(f"`presence_threshold` must be in (0, 1), got {self.presence_threshold!r}.")

@@ -26,6 +26,8 @@ __all__ = [
     "concept_map",
     "concept_presence",
     "concept_share",
+    "infer_spatial_size",
+    "layer_spatial_size",
     "layer_token_maps",
     "minmax_normalize",
     "project_keys",
@@ -129,7 +131,8 @@ class QueryProjection:
         return query if self.norm_q is None else self.norm_q(query)
 
 
-def _spatial_size(captured: CapturedQuery, latent_size: tuple[int, int]) -> tuple[int, int]:
+def layer_spatial_size(captured: CapturedQuery, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """`(h_l, w_l)` of a captured layer: as captured, or [`infer_spatial_size`] from its query count."""
     if captured.spatial_size is not None:
         return captured.spatial_size
     return infer_spatial_size(captured.hidden_states.shape[1], latent_size)
@@ -165,7 +168,7 @@ def layer_token_maps(
         `torch.Tensor`: `(B, 1+K, h_l, w_l)`, each pixel's values summing to 1 over the rows.
     """
     probs = attention_probs(projection(captured.hidden_states), keys, projection.scale)
-    height, width = _spatial_size(captured, latent_size)
+    height, width = layer_spatial_size(captured, latent_size)
     return probs.transpose(1, 2).reshape(probs.shape[0], -1, height, width)
 
 
@@ -209,7 +212,7 @@ def token_maps(
         projection = projections[name]
         batchable = projection.norm_q is None and projection.bias is None
         key = (
-            _spatial_size(queries[name], latent_size),
+            layer_spatial_size(queries[name], latent_size),
             tuple(queries[name].hidden_states.shape),
             tuple(projection.weight.shape),
             projection.heads,
@@ -251,7 +254,7 @@ def _group_token_maps(
     # float32 scores, as in `attention_probs`
     scores = torch.matmul(query.float(), stacked_keys[:, None].transpose(-1, -2)) * projections[names[0]].scale
     probs = scores.softmax(dim=-1).mean(dim=(0, 2))  # (B, N, 1+K)
-    height, width = _spatial_size(queries[names[0]], latent_size)
+    height, width = layer_spatial_size(queries[names[0]], latent_size)
     return probs.transpose(1, 2).reshape(batch, -1, height, width)
 
 

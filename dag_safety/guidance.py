@@ -23,6 +23,7 @@ __all__ = [
     "component_presence",
     "dag_noise_pred",
     "dag_scale_map",
+    "logit",
     "magnitude_scaler",
     "peak_presence",
     "sega_noise_pred",
@@ -171,6 +172,11 @@ def area_scaler(
     return torch.from_numpy(scales).to(device=dag_map.device, dtype=dag_map.dtype)
 
 
+def logit(probability: float) -> float:
+    """`log(p / (1 - p))` of a probability in `(0, 1)`: a presence head's threshold in the units of its logits."""
+    return math.log(probability) - math.log1p(-probability)
+
+
 def unsafe_components(
     dag_map: np.ndarray, unsafe_threshold: float, edit_mask_threshold: float, max_edit_area: float
 ) -> tuple[np.ndarray, int]:
@@ -197,9 +203,10 @@ def peak_presence(
     unsafe_threshold: float,
     edit_mask_threshold: float,
     max_edit_area: float,
+    empty: float = 0.0,
 ) -> torch.Tensor:
     """Per image, the highest [`component_presence`] of any unsafe component of `dag_map` (as
-    [`area_scaler`] finds them), `(B,)` float32 on the CPU; 0 where no component formed.
+    [`area_scaler`] finds them), `(B,)` float32 on the CPU; `empty` where no component formed.
 
     Under the selective rule an image is guided at a step exactly when this reaches `presence_threshold` (with a
     positive base scale), so the highest value over the steps tells which thresholds would have guided it.
@@ -210,7 +217,7 @@ def peak_presence(
     """
     maps = dag_map.detach().float().cpu().numpy()
     evidence = presence.detach().float().cpu().numpy()
-    peaks = np.zeros(len(maps), dtype=np.float32)
+    peaks = np.full(len(maps), empty, dtype=np.float32)
     for index, image_map in enumerate(maps):
         labels, count = unsafe_components(image_map, unsafe_threshold, edit_mask_threshold, max_edit_area)
         if count:
@@ -250,15 +257,19 @@ def dag_scale_map(dag_map: torch.Tensor, config: DAGConfig, presence: torch.Tens
 
     With `config.detection == "presence"`, `presence` `(B, h, w)` is the evidence the components are judged on
     (see [`area_scaler`]); the AreaScaler ablation then keeps `S_area = 1` only on the edit pixels nearest to a
-    present component.
+    present component. With `"head"`, `presence` is the presence head's logit map, and a component is present when
+    `σ(mean logit) >= presence_threshold`, i.e. its mean logit reaches `logit(presence_threshold)`; the reported
+    peaks are probabilities.
     """
-    if config.detection == "presence" and presence is None:
-        raise ValueError('`detection="presence"` needs the presence map of the step.')
+    if config.detection != "paper" and presence is None:
+        raise ValueError(f'`detection="{config.detection}"` needs the presence map of the step.')
     edit_mask = dag_map >= config.edit_mask_threshold
     ones_on_edit = edit_mask.to(dag_map.dtype)
-    gate = (
-        {} if config.detection == "paper" else {"presence": presence, "presence_threshold": config.presence_threshold}
-    )
+    head = config.detection == "head"
+    gate = {}
+    if config.detection != "paper":
+        threshold = logit(config.presence_threshold) if head else config.presence_threshold
+        gate = {"presence": presence, "presence_threshold": threshold}
     if config.area_scaler:
         area = area_scaler(
             dag_map,
@@ -283,8 +294,15 @@ def dag_scale_map(dag_map: torch.Tensor, config: DAGConfig, presence: torch.Tens
     peaks = None
     if gate:
         peaks = peak_presence(
-            dag_map, presence, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+            dag_map,
+            presence,
+            config.unsafe_threshold,
+            config.edit_mask_threshold,
+            config.max_edit_area,
+            empty=-math.inf if head else 0.0,
         )
+        if head:
+            peaks = torch.sigmoid(peaks)
     return DAGScaleMap(scale=scale, detected=(scale > 0).flatten(1).any(dim=1), presence=peaks)
 
 

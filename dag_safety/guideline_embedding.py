@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 from ._validation import is_real
 from .detection import validate_embedding
+from .presence_head import HEAD_PREFIX, PresenceHead
 
 __all__ = ["EMBEDDING_FILE", "EmbeddingMetadata", "GuidelineEmbedding", "unet_fingerprint"]
 
@@ -189,10 +190,12 @@ class EmbeddingMetadata:
         base_scale (`float`): the AreaScaler numerator it was tuned for (`s̄ = base_scale / (h·w)`; the paper's 5
             for SD v1.4 and nudity). How hard a model must be pushed to erase a concept is the model's and the
             concept's, so it travels with the embedding like the thresholds.
-        detection (`str`): the detection rule `enable_dag` uses with it by default: `"paper"` or `"presence"`
-            (see [`DAGConfig`]; `"presence"` needs `presence_threshold`).
+        detection (`str`): the detection rule `enable_dag` uses with it by default: `"paper"`, `"presence"` or
+            `"head"` (see [`DAGConfig`]; `"presence"` and `"head"` need `presence_threshold`, `"head"` a presence
+            head in the file).
         presence_threshold (`float | None`): the calibrated threshold of DAG's selective rule
-            (`detection="presence"`); `None` for an embedding never calibrated.
+            (`detection="presence"`, or the head's probability under `"head"`); `None` for an embedding never
+            calibrated.
         presence_smoothing (`float`): the evidence smoothing the threshold was calibrated with.
         calibration (`dict`): how the threshold was chosen: the target and measured false-detection rates, the
             detection rate on the unsafe validation images, the number of images, the sampler steps, and per group
@@ -382,14 +385,21 @@ class GuidelineEmbedding(
     Args:
         embeds (`torch.Tensor`): `(1+K, D)`: a start-of-text row, then `K` concept rows.
         metadata (`EmbeddingMetadata`): what it is and how it was made.
+        head ([`PresenceHead`], *optional*): a presence head for `detection="head"`, saved in the same
+            safetensors file (`presence_head.*` entries).
     """
 
-    def __init__(self, embeds: torch.Tensor, metadata: EmbeddingMetadata):
+    def __init__(self, embeds: torch.Tensor, metadata: EmbeddingMetadata, head: PresenceHead | None = None):
         validate_embedding(embeds)
         if metadata.token_layout != "sot+concept":
             raise ValueError(f"Unknown token layout {metadata.token_layout!r}; expected 'sot+concept'.")
+        if metadata.detection == "head" and head is None:
+            raise ValueError(
+                'The metadata names `detection="head"` as the default rule, but the embedding has no presence head.'
+            )
         self.embeds = embeds.detach().to("cpu", torch.float32).contiguous()
         self.metadata = metadata
+        self.head = head
 
     def __repr__(self) -> str:
         rows, width = self.embeds.shape
@@ -482,9 +492,8 @@ class GuidelineEmbedding(
         return self.embeds.shape[0] - 1
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        save_file(
-            {TENSOR_NAME: self.embeds}, str(save_directory / EMBEDDING_FILE), metadata=self.metadata.to_strings()
-        )
+        tensors = {TENSOR_NAME: self.embeds, **({} if self.head is None else self.head.to_tensors())}
+        save_file(tensors, str(save_directory / EMBEDDING_FILE), metadata=self.metadata.to_strings())
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.metadata.as_dict()}
         text = json.dumps(config, indent=2, sort_keys=True, default=_plain_number)
         (save_directory / "config.json").write_text(text + "\n")
@@ -522,6 +531,8 @@ class GuidelineEmbedding(
                         f"{path} holds no {TENSOR_NAME!r} tensor; is it a dag-safety guideline embedding?"
                     )
                 embeds = handle.get_tensor(TENSOR_NAME)
+                names = [key for key in handle.keys() if key.startswith(HEAD_PREFIX)]  # noqa: SIM118  # as above
+                head_entries = {key: handle.get_tensor(key) for key in names}
                 header = handle.metadata() or {}
         except SafetensorError as error:
             raise ValueError(
@@ -529,8 +540,9 @@ class GuidelineEmbedding(
                 " file. Re-save or re-download the embedding."
             ) from error
         metadata = EmbeddingMetadata.from_strings(header, path)
+        head = PresenceHead.from_tensors(head_entries, path)
         try:
-            return cls(embeds, metadata)
+            return cls(embeds, metadata, head)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
 
@@ -550,9 +562,17 @@ class GuidelineEmbedding(
             )
             for group, rates in meta.calibration.get("groups", {}).items():
                 calibration += f"; {group or '(no group)'}: " + ", ".join(f"{k} {v}" for k, v in rates.items())
+            rule = "its presence head's probability" if self.head is not None else "its presence score"
             detection += (
-                f'; with `detection="presence"` a region is guided when its presence score reaches'
-                f" {meta.presence_threshold:.4g} (smoothing {meta.presence_smoothing}); calibration: {calibration}"
+                f"; with `detection={'head' if self.head is not None else 'presence'!r}` a region is guided when"
+                f" {rule} reaches {meta.presence_threshold:.4g} (smoothing {meta.presence_smoothing});"
+                f" calibration: {calibration}"
+            )
+        if self.head is not None:
+            fit = meta.calibration.get("presence_head", {})
+            summary = ", ".join(f"{key} {value}" for key, value in fit.items() if key != "layers")
+            detection += f". Presence head (`detection='head'`) on {', '.join(self.head.layers)}" + (
+                f"; fitted on {summary}" if summary else ""
             )
         card_data = ModelCardData(
             library_name="dag-safety",

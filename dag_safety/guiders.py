@@ -121,7 +121,7 @@ class DAGGuider(SafetyGuider):
         dag_map (`torch.Tensor | None`): the last detection map, `(B, h, w)` on the CPU.
         scale (`torch.Tensor | None`): the last step's `S_dag` on the latents' device, `None` where it guided nothing.
         unsafe_detected (`torch.Tensor | None`): `(B,)` bool, whether any guided step detected something.
-        presence_peak (`torch.Tensor | None`): under `detection="presence"`, `(B,)` the highest component presence
+        presence_peak (`torch.Tensor | None`): under `detection="presence"` or `"head"`, `(B,)` the highest component presence
             of any guided step.
     """
 
@@ -161,7 +161,7 @@ class DAGGuider(SafetyGuider):
         batch = noise_pred_uncond.shape[0]
         if self.unsafe_detected is None:
             self.unsafe_detected = torch.zeros(batch, dtype=torch.bool)
-            if self.config.detection == "presence":
+            if self.config.detection != "paper":
                 self.presence_peak = torch.zeros(batch)
         if self._detects(step):
             # on the host, from the maps `DAGState.shares` copied there: no further synchronisation

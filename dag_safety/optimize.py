@@ -612,5 +612,5 @@ def optimize_guideline_embedding(
 
 
 def replace_metadata(embedding: GuidelineEmbedding, **changes) -> GuidelineEmbedding:
-    """A copy of `embedding` with metadata fields replaced (e.g. `detection_quality=`)."""
-    return GuidelineEmbedding(embedding.embeds, dataclasses.replace(embedding.metadata, **changes))
+    """A copy of `embedding` (its presence head too) with metadata fields replaced (e.g. `detection_quality=`)."""
+    return GuidelineEmbedding(embedding.embeds, dataclasses.replace(embedding.metadata, **changes), embedding.head)

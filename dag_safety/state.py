@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-from .attention import CrossAttentionCapture
+from .attention import CrossAttentionCapture, cross_attention_layers
 from .config import DAGConfig, build_config, split_dag_options
 from .detection import (
     QueryProjection,
@@ -30,6 +30,7 @@ from .detection import (
 )
 from .guidance import DAGScaleMap, dag_scale_map
 from .guideline_embedding import GuidelineEmbedding, unet_fingerprint
+from .presence_head import PresenceHead
 
 __all__ = ["DAGState", "EmbeddingLike", "bundled_embeddings", "prepare_dag"]
 
@@ -39,13 +40,19 @@ EmbeddingLike = str | os.PathLike | GuidelineEmbedding | torch.Tensor
 @dataclass
 class DAGState:
     """What [`prepare_dag`] prepared: config, the query capture, and the detection layers' query projections and
-    each concept's keys, frozen when DAG was enabled."""
+    each concept's keys, frozen when DAG was enabled.
+
+    Under `detection="head"` the capture also holds the presence heads' layers, and `heads` each concept's head;
+    `detection_layers` are the layers the guideline rows are read on (all captured layers otherwise).
+    """
 
     config: DAGConfig
     capture: CrossAttentionCapture
     projections: dict[str, QueryProjection]
     keys: list[dict[str, torch.Tensor]]
     safety_concepts: list[str]
+    heads: list[PresenceHead] | None = None
+    detection_layers: tuple[str, ...] | None = None
 
     def follow(self, device: torch.device, dtype: torch.dtype) -> None:
         """Moves the frozen projections and keys to the UNet's device and dtype once, after `pipe.to(...)`
@@ -83,6 +90,8 @@ class DAGState:
             `FloatingPointError`: the maps are not finite (an image DAG cannot inspect must not pass as safe).
         """
         queries = self.capture.store.queries
+        if layers is None:
+            layers = self.detection_layers
         if layers is not None:
             queries = {name: queries[name] for name in layers}
         shares = torch.stack(
@@ -95,6 +104,21 @@ class DAGState:
                 " callback, or a scheduler setting that diverges such as `eta=1` with very few DDIM steps)."
             )
         return shares
+
+    def head_logits(self, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Each concept's presence-head logit map from the last UNet call's captured inputs: `(concepts, B, h, w)`,
+        float32, on the CPU.
+
+        Raises:
+            `FloatingPointError`: the logits are not finite (see [`shares`]).
+        """
+        queries = self.capture.store.queries
+        logits = torch.stack([head.logits(queries, latent_size) for head in self.heads]).cpu()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(
+                "DAG cannot inspect the image: its presence head's inputs are not finite (NaN or Inf latents)."
+            )
+        return logits
 
     def detect(self, latent_size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
         """`Â` (or, with `normalize=False`, the raw concept share) from the queries captured in the last UNet call:
@@ -110,25 +134,29 @@ class DAGState:
         Under `detection="presence"` the evidence `(concepts, B, h, w)` is the running mean of [`concept_presence`]
         over the guided steps (pass the previous step's, `None` at the first); each concept's `Â` is its min-max
         normalisation, and each concept keeps only its own present components, so the scale is the element-wise
-        max of the concepts' scales. Under `"paper"` the evidence stays `None`.
+        max of the concepts' scales. Under `"head"` the evidence `(2, concepts, B, h, w)` stacks that running mean
+        and the running mean of the heads' logits, which judge the components. Under `"paper"` it stays `None`.
         """
         config = self.config
         if config.detection == "paper":
             dag_map = self.detect(latent_size)
             return dag_map, dag_scale_map(dag_map, config), None
-        shares = self.shares(latent_size, concept_presence)
+        current = self.shares(latent_size, concept_presence)
+        if config.detection == "head":
+            current = torch.stack([current, self.head_logits(latent_size)])
         if evidence is not None:
-            shares = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * shares
+            current = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * current
+        shares, judged = (current[0], current[1]) if config.detection == "head" else (current, current)
         maps = [minmax_normalize(share) for share in shares]
-        scale_maps = [dag_scale_map(dag_map, config, presence=share) for dag_map, share in zip(maps, shares)]
+        scale_maps = [dag_scale_map(dag_map, config, presence=score) for dag_map, score in zip(maps, judged)]
         if len(maps) == 1:
-            return maps[0], scale_maps[0], shares
+            return maps[0], scale_maps[0], current
         scale_map = DAGScaleMap(
             scale=torch.stack([m.scale for m in scale_maps]).amax(dim=0),
             detected=torch.stack([m.detected for m in scale_maps]).any(dim=0),
             presence=torch.stack([m.presence for m in scale_maps]).amax(dim=0),
         )
-        return combine_concepts(maps), scale_map, shares
+        return combine_concepts(maps), scale_map, current
 
 
 def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
@@ -269,6 +297,15 @@ def prepare_dag(
     config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)
 
     capture = CrossAttentionCapture(unet, config.layer_fractions, config.layers)
+    heads, detection_layers = None, None
+    if config.detection == "head":
+        heads = _presence_heads(saved, unet)
+        # the rows are read on the detection layers; the capture adds the heads' layers
+        detection_layers = tuple(capture.layers)
+        names = set(detection_layers).union(*(head.layers for head in heads))
+        capture = CrossAttentionCapture(
+            unet, config.layer_fractions, tuple(n.removesuffix(".processor") for n in names)
+        )
     modules = capture.attention_modules()
     if any(p.device.type == "meta" for attn in modules.values() for p in attn.parameters()):
         raise ValueError(
@@ -289,4 +326,31 @@ def prepare_dag(
         projections=projections,
         keys=keys,
         safety_concepts=list(dict.fromkeys(c for c in concepts if c)),
+        heads=heads,
+        detection_layers=detection_layers,
     )
+
+
+def _presence_heads(saved: list[GuidelineEmbedding | torch.Tensor], unet: UNet2DConditionModel) -> list[PresenceHead]:
+    """Each embedding's presence head, checked against `unet`'s layers.
+
+    Raises:
+        `ValueError`: an embedding has no head (or is a bare tensor), or a head reads layers this UNet lacks.
+    """
+    heads = []
+    for item in saved:
+        head = item.head if isinstance(item, GuidelineEmbedding) else None
+        if head is None:
+            name = repr(item.metadata.concept) if isinstance(item, GuidelineEmbedding) else "a bare tensor"
+            raise ValueError(
+                f'`detection="head"` needs guideline embeddings that carry a presence head, and the one for {name}'
+                " has none. Fit one with `dag-safety calibrate <embedding> --presence-head <blocks>`, or choose"
+                ' `detection="presence"` or `"paper"`.'
+            )
+        heads.append(head)
+    unet = getattr(unet, "_orig_mod", unet)
+    modules = dict(unet.named_modules())
+    widths = {name: modules[name.removesuffix(".processor")].query_dim for name in cross_attention_layers(unet)}
+    for item, head in zip(saved, heads):
+        head.check_layers(widths, f"The presence head of the embedding for {item.metadata.concept!r}")
+    return heads

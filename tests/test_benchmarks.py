@@ -230,11 +230,11 @@ def test_probe_auc_and_fit():
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(400, 8, generator=generator)
     labels = (features[:, 2] - features[:, 5] > 0.3).float()
-    weight, bias = probe.fit_probe(features[:200], labels[:200])
+    weight, bias = probe.fit_logistic(features[:200], labels[:200])
     held_out = (features[200:] @ weight + bias).numpy()
     assert probe.roc_auc(held_out, labels[200:].bool().numpy()) > 0.99
     noise = (torch.rand(400, generator=generator) < 0.3).float()
-    weight, bias = probe.fit_probe(features[:200], noise[:200])
+    weight, bias = probe.fit_logistic(features[:200], noise[:200])
     assert abs(probe.roc_auc((features[200:] @ weight + bias).numpy(), noise[200:].bool().numpy()) - 0.5) < 0.15
 
 

@@ -1,0 +1,255 @@
+"""The presence head (`detection="head"`): its read-out, storage, rule and fit against independent oracles."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_embedding
+from dag_reference import components_of
+from diffusers import StableDiffusionPipeline
+
+from dag_safety.attention import CapturedQuery
+from dag_safety.guideline_embedding import GuidelineEmbedding
+from dag_safety.presence_head import PresenceHead, fit_logistic
+
+PROMPT = "a red star and a blue circle"
+
+
+def head_for(pipe, bias: float, seed: int = 0, scale: float = 1.0) -> PresenceHead:
+    """A random head on every cross-attention layer of the tiny UNet's last up block."""
+    from dag_safety.attention import cross_attention_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(pipe.unet.named_modules())
+    names = [name for name in cross_attention_layers(pipe.unet) if name.startswith("up_blocks.1")]
+    weights = {
+        name: scale * torch.randn(modules[name.removesuffix(".processor")].query_dim, generator=generator)
+        for name in names
+    }
+    return PresenceHead(weights, bias)
+
+
+def with_head(embedding: GuidelineEmbedding, head: PresenceHead | None) -> GuidelineEmbedding:
+    return GuidelineEmbedding(embedding.embeds, embedding.metadata, head)
+
+
+def test_logits_are_each_pixels_read_out_summed_over_layers():
+    """Loops over pixels at the latent size; a layer at half the size with one feature vector everywhere adds one
+    constant (bilinear upsampling keeps constants)."""
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randn(2, 36, 5, generator=generator)
+    half = torch.randn(2, 1, 3, generator=generator).expand(2, 9, 3)
+    weights = {"a": torch.randn(5, generator=generator), "b": torch.randn(3, generator=generator)}
+    head = PresenceHead(weights, -0.7)
+    queries = {"a": CapturedQuery(full, None), "b": CapturedQuery(half, (3, 3))}
+    got = head.logits(queries, (6, 6))
+    for image in range(2):
+        constant = float(half[image, 0] @ weights["b"])
+        for pixel in range(36):
+            expected = sum(float(full[image, pixel, c]) * float(weights["a"][c]) for c in range(5)) + constant - 0.7
+            assert got[image, pixel // 6, pixel % 6].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_logistic_fit_recovers_the_direction_that_separates_two_gaussians():
+    """Two classes `N(±μ, I)` (unbalanced 1:9): the Bayes-optimal boundary is orthogonal to `μ`."""
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.tensor([2.0, -1.0, 0.0, 0.5])
+    positives = torch.randn(100, 4, generator=generator) + direction
+    negatives = torch.randn(900, 4, generator=generator) - direction
+    weight, _ = fit_logistic(torch.cat([positives, negatives]), torch.cat([torch.ones(100), torch.zeros(900)]))
+    assert torch.nn.functional.cosine_similarity(weight, direction, dim=0) > 0.97
+
+
+def test_a_head_is_saved_in_the_embeddings_file_and_loads_back(pipe, tmp_path):
+    head = head_for(pipe, 0.25)
+    embedding = with_head(make_embedding(pipe), head)
+    embedding.save_pretrained(tmp_path / "emb")
+    loaded = GuidelineEmbedding.from_pretrained(tmp_path / "emb")
+    assert loaded.head.layers == head.layers and loaded.head.bias == 0.25
+    for name in head.layers:
+        assert torch.equal(loaded.head.weights[name], head.weights[name])
+    assert GuidelineEmbedding.from_pretrained(_saved(pipe, tmp_path / "plain", None)).head is None
+
+
+def _saved(pipe, path, head):
+    with_head(make_embedding(pipe), head).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ({"presence_head.up_blocks.1.x": torch.ones(3)}, "incomplete"),
+        ({"presence_head.bias": torch.ones(1)}, "incomplete"),
+        ({"presence_head.x": torch.tensor([1.0, float("nan")]), "presence_head.bias": torch.ones(1)}, "finite"),
+        ({"presence_head.x": torch.ones(2), "presence_head.bias": torch.ones(2)}, "incomplete"),
+    ],
+)
+def test_a_damaged_head_is_refused_naming_the_file(pipe, tmp_path, entries, message):
+    from safetensors.torch import load_file, save_file
+
+    path = _saved(pipe, tmp_path / "emb", None) / "guideline_embeds.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    save_file({**load_file(str(path)), **entries}, str(path), metadata=header)
+    with pytest.raises(ValueError, match=message) as error:
+        GuidelineEmbedding.from_pretrained(path.parent)
+    assert str(path) in str(error.value)
+
+
+def test_head_rule_refuses_embeddings_without_a_fitting_head_and_leaves_the_pipeline_as_before(pipe):
+    embedding = make_embedding(pipe)
+    pipe.enable_dag(embedding)
+    before = pipe.dag_config
+    with pytest.raises(ValueError, match="--presence-head"):
+        pipe.enable_dag(embedding, detection="head", presence_threshold=0.5)
+    with pytest.raises(ValueError, match="bare tensor"):
+        pipe.enable_dag(embedding.embeds, detection="head", presence_threshold=0.5)
+    wrong_layer = PresenceHead({"up_blocks.9.attentions.0.transformer_blocks.0.attn2.processor": torch.ones(4)}, 0.0)
+    with pytest.raises(ValueError, match="does not have"):
+        pipe.enable_dag(with_head(embedding, wrong_layer), detection="head", presence_threshold=0.5)
+    head = head_for(pipe, 0.0)
+    name = head.layers[0]
+    wrong_width = PresenceHead({name: torch.ones(head.weights[name].shape[0] + 1)}, 0.0)
+    with pytest.raises(ValueError, match="input width"):
+        pipe.enable_dag(with_head(embedding, wrong_width), detection="head", presence_threshold=0.5)
+    assert pipe.dag_config is before
+    pipe.disable_dag()
+
+
+def generate(pipe, **options):
+    return pipe(PROMPT, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np", **options)
+
+
+def test_a_head_that_finds_nothing_leaves_the_image_bit_identical_to_the_plain_pipeline(pipe, components):
+    plain = StableDiffusionPipeline(**components)
+    plain.set_progress_bar_config(disable=True)
+    expected = generate(plain).images
+    embedding = with_head(make_embedding(pipe), head_for(pipe, -60.0))
+    pipe.enable_dag(embedding, detection="head", presence_threshold=0.5, warmup_steps=1, max_edit_area=1.0)
+    out = generate(pipe)
+    pipe.disable_dag()
+    assert out.unsafe_detected == [False] and out.presence_scores[0] < 1e-20
+    np.testing.assert_array_equal(out.images, expected)
+
+
+def test_a_head_that_finds_everything_guides_as_the_presence_rule_with_every_component_kept(pipe):
+    """The same `Â` and components; every component passes both gates, so the steps are the same."""
+    embedding = make_embedding(pipe)
+    options = {"warmup_steps": 1, "max_edit_area": 1.0}  # never "mode undefined": the tiny model guides
+    pipe.enable_dag(with_head(embedding, head_for(pipe, 60.0)), detection="head", presence_threshold=0.5, **options)
+    head = generate(pipe)
+    pipe.enable_dag(embedding, detection="presence", presence_threshold=float(np.nextafter(0.0, 1.0)), **options)
+    presence = generate(pipe)
+    pipe.disable_dag()
+    assert head.unsafe_detected == [True] and head.presence_scores == [1.0]
+    np.testing.assert_array_equal(head.images, presence.images)
+
+
+def test_each_step_guides_exactly_the_components_whose_smoothed_mean_logit_passes(pipe):
+    """`DAGState.detect_step` on random captured inputs, two steps, against an oracle: the rows' evidence
+    (`state.shares`) and the head's logits (pixel loops) smoothed by hand, `Â` min-max normalised, 8-connected
+    components by flood fill, and a component guided iff `σ(mean logit) >= τ`."""
+    from dag_safety.state import prepare_dag
+
+    threshold = 0.5
+    embedding = with_head(make_embedding(pipe, unsafe_threshold=0.5), head_for(pipe, 0.3, seed=1, scale=0.6))
+    state = prepare_dag(pipe.unet, embedding, detection="head", presence_threshold=threshold, max_edit_area=1.0)
+    modules = state.capture.attention_modules()
+    latent = (8, 8)
+    generator = torch.Generator().manual_seed(3)
+    evidence, smoothed_shares, smoothed_logits = None, None, None
+    found_present = found_absent = 0
+    for _ in range(2):
+        queries = {}
+        for name, attn in modules.items():
+            queries[name] = CapturedQuery(torch.randn(3, 64, attn.query_dim, generator=generator), None)
+        state.capture.store.queries = queries
+        dag_map, scale_map, evidence = state.detect_step(latent, evidence)
+        shares = state.shares(latent, _presence)[0].numpy()
+        logits = np.zeros((3, 64))
+        for name, weight in state.heads[0].weights.items():
+            logits += queries[name].hidden_states.numpy() @ weight.numpy()
+        logits = logits.reshape(3, 8, 8) + state.heads[0].bias
+        beta = state.config.presence_smoothing
+        smoothed_shares = shares if smoothed_shares is None else beta * smoothed_shares + (1 - beta) * shares
+        smoothed_logits = logits if smoothed_logits is None else beta * smoothed_logits + (1 - beta) * logits
+        for image in range(3):
+            share = smoothed_shares[image]
+            normalised = (share - share.min()) / (share.max() - share.min())
+            np.testing.assert_allclose(dag_map[image].numpy(), normalised, atol=1e-5)
+            labels = components_of(normalised >= 0.5)
+            scale = scale_map.scale[image].numpy()
+            peak = 0.0
+            for component in range(1, labels.max() + 1):
+                mean = smoothed_logits[image][labels == component].mean()
+                probability = 1 / (1 + math.exp(-mean))
+                if abs(probability - threshold) < 1e-4:
+                    continue
+                present = probability >= threshold
+                assert (scale[labels == component] > 0).all() == present
+                assert (scale[labels == component] == 0).all() == (not present)
+                found_present, found_absent = found_present + present, found_absent + (not present)
+                peak = max(peak, probability)
+            assert scale_map.presence[image].item() == pytest.approx(peak, abs=1e-4)
+    assert found_present and found_absent  # both outcomes were exercised
+
+
+def _presence(layer_averaged):
+    from dag_safety.detection import concept_presence
+
+    return concept_presence(layer_averaged)
+
+
+def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe, tmp_path, capsys):
+    """`dag-safety calibrate --presence-head`: the head reads the named block's layers, is fitted on `--head-data`
+    only, becomes the default rule, and its threshold is the lowest that bounds each group of safe validation
+    images; the oracle rescored the validation images under the saved embedding."""
+    from test_presence import assert_lowest_within
+
+    from dag_safety.calibration import presence_scores
+    from dag_safety.cli import main
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+
+    head_data = write_folder(tmp_path / "train", n_unsafe=6, n_safe=10)
+    validation = write_folder(tmp_path / "validation", n_unsafe=4, n_safe=10, validation=True)
+    out = tmp_path / "head"
+    assert main(["calibrate", str(RED_STAR), "--validation-data", str(validation), "--presence-head", "up_blocks.2",
+                 "--head-data", str(head_data), "--target-fpr", "0.2", "--calibrate-on", "images",
+                 "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
+    assert "training AUC" in capsys.readouterr().out
+    saved = GuidelineEmbedding.from_pretrained(out)
+    assert saved.metadata.detection == "head"
+    assert all(name.startswith("up_blocks.2.") for name in saved.head.layers) and len(saved.head.layers) == 2
+    assert saved.metadata.calibration["presence_head"]["training_images"] == 16
+    items = load_annotated_folder(validation)
+    mini_pipe.enable_dag(out)
+    try:
+        assert mini_pipe.dag_config.detection == "head"
+        scores = presence_scores(mini_pipe, items, num_inference_steps=8, progress=False)
+    finally:
+        mini_pipe.disable_dag()
+    safe = np.array([not item.unsafe for item in items])
+    groups = np.array([item.group for item in items])[safe]
+    assert_lowest_within(np.nan_to_num(scores.any[safe], neginf=0.0), groups, saved.metadata.presence_threshold, 0.2)
+
+
+def test_calibrate_refuses_a_head_without_its_data(tmp_path, capsys):
+    from dag_safety.cli import main
+    from dag_safety.embeddings import RED_STAR
+
+    with pytest.raises(SystemExit) as error:
+        main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--presence-head", "up_blocks.2",
+              "--out", str(tmp_path / "out")])  # fmt: skip
+    assert error.value.code == 2 and "--head-data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--head-data", str(tmp_path),
+              "--out", str(tmp_path / "out")])  # fmt: skip
+    assert "pass --presence-head too" in capsys.readouterr().err
