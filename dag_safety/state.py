@@ -292,6 +292,16 @@ def prepare_dag(
     embeddings = [item.embeds if isinstance(item, GuidelineEmbedding) else item for item in saved]
     for item in embeddings:
         validate_embedding(item, unet.config.cross_attention_dim)
+    if options.get("detection") == "presence" and options.get("presence_threshold") is None:
+        for item in saved:
+            if isinstance(item, GuidelineEmbedding) and item.head is not None and item.metadata.presence_threshold:
+                # the saved threshold is a probability of the head, not a share of the rows
+                raise ValueError(
+                    f"The guideline embedding for {item.metadata.concept!r} was calibrated for its presence head"
+                    ' (`detection="head"`); its threshold does not apply to the rows\' presence scores. Use'
+                    ' `detection="head"`, pass `presence_threshold=` for `"presence"`, or calibrate it without'
+                    " `--presence-head`."
+                )
     options = {**_saved_defaults([item for item in saved if isinstance(item, GuidelineEmbedding)]), **options}
     dag_options, base_options = split_dag_options(options)
     config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)

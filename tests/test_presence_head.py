@@ -118,7 +118,18 @@ def test_head_rule_refuses_embeddings_without_a_fitting_head_and_leaves_the_pipe
     wrong_width = PresenceHead({name: torch.ones(head.weights[name].shape[0] + 1)}, 0.0)
     with pytest.raises(ValueError, match="input width"):
         pipe.enable_dag(with_head(embedding, wrong_width), detection="head", presence_threshold=0.5)
+    calibrated = GuidelineEmbedding(
+        embedding.embeds,
+        type(embedding.metadata)(**{**embedding.metadata.as_dict(), "detection": "head", "presence_threshold": 0.9}),
+        head,
+    )
+    with pytest.raises(ValueError, match="calibrated for its presence head"):
+        pipe.enable_dag(calibrated, detection="presence")
     assert pipe.dag_config is before
+    pipe.enable_dag(calibrated, detection="presence", presence_threshold=0.2)  # a threshold of its own is fine
+    assert pipe.dag_config.presence_threshold == 0.2
+    pipe.enable_dag(calibrated)
+    assert pipe.dag_config.detection == "head" and pipe.dag_config.presence_threshold == 0.9
     pipe.disable_dag()
 
 
