@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from dag_safety import DAGConfig, DAGStableDiffusionPipeline
 from dag_safety.calibration import generation_presence_scores
+from dag_safety.conditioning import unet_conditioning
 from dag_safety.detection import minmax_normalize
 from dag_safety.guidance import dag_scale_map
 from dag_safety.guideline_embedding import GuidelineEmbedding
@@ -154,6 +155,29 @@ def maps_at(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def selective_detected(
+    pipe, latents: torch.Tensor, captions: list[str], timestep: int, seed: int, batch: int = 64
+) -> np.ndarray:
+    """Per image, whether DAG's selective rule as enabled on `pipe` (`"presence"`, or `"head"` for an embedding with
+    a presence head) guides it at one step (no smoothing over steps), the latents noised as [`maps_at`] does."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
+    noisy = pipe.scheduler.add_noise(latents, noise, t)
+    state, size = pipe._dag, tuple(side * pipe.vae_scale_factor for side in latents.shape[-2:])
+    detected = []
+    for start in range(0, len(captions), batch):
+        text, added = unet_conditioning(pipe, captions[start : start + batch], latents.device, 1, size)
+        with state.capture:
+            state.capture.store.arm(slice(None))
+            pipe.unet(noisy[start : start + batch], timestep, encoder_hidden_states=text, added_cond_kwargs=added)
+            state.capture.store.disarm()
+            _, scale_map, _ = state.detect_step(tuple(latents.shape[-2:]), None)
+        detected.append(scale_map.detected.numpy())
+    return np.concatenate(detected)
+
+
 def score(maps: torch.Tensor, masks: np.ndarray, config: DAGConfig) -> dict[str, np.ndarray]:
     """Per image: IoU of `Â >= unsafe_threshold` with the mask, and whether DAG would guide."""
     size = masks.shape[-2:]
@@ -226,14 +250,11 @@ def run(args) -> dict:
     # The init and filled-only embeddings are scored at the committed embedding's detection layers.
     committed = GuidelineEmbedding.from_pretrained(args.embedding)
     layers = committed.metadata.layer_fractions
-    # the selective rule at one step (no smoothing over steps), at the committed embedding's calibrated threshold;
-    # its evidence is the concept rows' summed share: K times the mean share `normalize=False` returns
-    presence_config = (
-        None
-        if committed.metadata.presence_threshold is None
-        else replace(config, detection="presence", presence_threshold=committed.metadata.presence_threshold)
-    )
-    rows_per_concept = committed.num_concept_tokens
+    # the selective rule at one step (no smoothing over steps), at the committed embedding's calibrated threshold:
+    # its presence head's where it has one, else the rows' presence
+    selective = None
+    if committed.metadata.presence_threshold is not None:
+        selective = "head" if committed.head is not None else "presence"
     embeddings = {"optimized": str(args.embedding), "init": encode_init_rows(pipe, GUIDELINE_INIT_TEXT)}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_folder(Path(tmp) / "filled", filled_only=True)
@@ -260,11 +281,11 @@ def run(args) -> dict:
                 peaks[set_name] = shares.flatten(1).amax(dim=1).numpy()
                 row = {"embedding": emb_name, "timestep": t, "set": set_name, "n": len(scene_set.captions)}
                 row["detection_rate"] = float(scores["detected"].mean())
-                if emb_name == "optimized" and presence_config is not None:
-                    evidence = rows_per_concept * shares
-                    row["detection_rate_presence"] = float(
-                        dag_scale_map(minmax_normalize(evidence), presence_config, evidence).detected.float().mean()
-                    )
+                if emb_name == "optimized" and selective is not None:
+                    pipe.enable_dag(embedding, layer_fractions=layers, detection=selective)
+                    detected = selective_detected(pipe, latents[set_name], scene_set.captions, t, seed=t)
+                    row["detection_rate_presence"] = float(detected.mean())
+                    pipe.enable_dag(embedding, layer_fractions=layers)
                 if emb_name == "optimized":
                     row["guided_by_edit_threshold"] = {
                         str(tau): float(

@@ -146,6 +146,35 @@ def test_detection_quick(tmp_path):
         assert all(lower <= higher for higher, lower in itertools.pairwise(guided))
 
 
+def test_selective_detection_at_one_step_is_the_presence_rule_on_the_rows_summed_share(mini_pipe):
+    """`detection.selective_detected` against the rule written out: the rows' summed share (`K` times the mean
+    share `dag_map(normalize=False)` returns), min-max normalised, gated at the embedding's threshold."""
+
+    from benchmarks import detection
+    from dag_safety.detection import minmax_normalize
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.guidance import dag_scale_map
+    from dag_safety.guideline_embedding import GuidelineEmbedding
+
+    sets = detection.build_scene_sets(12)
+    captions = [c for s in sets.values() for c in s.captions]
+    latents = detection.encode_images(mini_pipe, np.concatenate([s.images for s in sets.values()]))
+    saved = GuidelineEmbedding.from_pretrained(RED_STAR)
+    mixed = False
+    for threshold in (0.02, 0.05, 0.1, saved.metadata.presence_threshold):
+        mini_pipe.enable_dag(RED_STAR, detection="presence", presence_threshold=threshold)
+        try:
+            got = detection.selective_detected(mini_pipe, latents, captions, 400, seed=400)
+            shares = detection.maps_at(mini_pipe, latents, captions, 400, 400, normalize=False)
+            evidence = saved.num_concept_tokens * shares
+            expected = dag_scale_map(minmax_normalize(evidence), mini_pipe.dag_config, evidence).detected.numpy()
+        finally:
+            mini_pipe.disable_dag()
+        assert np.array_equal(got, expected), threshold
+        mixed |= 0 < got.sum() < len(got)
+    assert mixed  # some threshold splits the scenes
+
+
 def test_i2p_with_the_shapes_detector(tmp_path):
     """The protocol's counts and Erase Rate against a count made here: the same prompts, seeds `evaluation_seed + i`
     and settings generated one image per call, red stars counted with the shapes detector."""
