@@ -199,6 +199,7 @@ class EvidenceTrajectories:
     head: torch.Tensor | None = None
 
 
+@torch.no_grad()
 def guided_passes(
     pipe,
     images: list[AnnotatedImage],

@@ -264,3 +264,59 @@ def test_calibrate_refuses_a_head_without_its_data(tmp_path, capsys):
         main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--head-data", str(tmp_path),
               "--out", str(tmp_path / "out")])  # fmt: skip
     assert "pass --presence-head too" in capsys.readouterr().err
+
+
+def annotated_images(count: int, side: int = 32) -> list:
+    """Random RGB images, the first half unsafe with a square mask."""
+    from PIL import Image
+
+    from dag_safety.optimize import AnnotatedImage
+
+    rng = np.random.default_rng(0)
+    items = []
+    for index in range(count):
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        mask = None
+        if index < count // 2:
+            mask = np.zeros((side, side), dtype=bool)
+            top, left = rng.integers(0, side - 12, 2)
+            mask[top : top + 12, left : left + 12] = True
+        items.append(AnnotatedImage(f"{index}.png", Image.fromarray(pixels), mask, PROMPT))
+    return items
+
+
+def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_masks(pipe):
+    """`fit_presence_head`'s training AUC against one recomputed on the inference path: the same passes
+    (`guided_passes`), `Â` from the hand-smoothed rows' evidence, components by flood fill, each scored by the mean
+    of the fitted head's logit map over it, labelled by overlap with an unsafe image's (max-pooled) mask, and a
+    pairwise AUC. A fit on other features or labels than inference sees would not reproduce it."""
+    from dag_safety.calibration import guided_passes
+    from dag_safety.detection import concept_presence
+    from dag_safety.presence_head import fit_presence_head
+
+    images = annotated_images(8)
+    blank = head_for(pipe, 0.0)
+    pipe.enable_dag(with_head(make_embedding(pipe), blank), detection="head", presence_threshold=0.5,
+                    max_edit_area=1.0, warmup_steps=3)  # fmt: skip
+    try:
+        fit = fit_presence_head(pipe, images, blank.layers, num_inference_steps=6, batch_size=4, progress=False)
+        state = pipe._dag
+        beta = state.config.presence_smoothing
+        scores, positive, smoothed = [], [], {}
+        for start, masks, step, latent_size in guided_passes(pipe, images, 6, 0, 4, progress=False):
+            shares = state.shares(latent_size, concept_presence)[0].numpy()
+            smoothed[start] = shares if step == 0 else beta * smoothed[start] + (1 - beta) * shares
+            logits = fit.head.logits(state.capture.store.queries, latent_size).numpy()
+            for offset in range(len(shares)):
+                share = smoothed[start][offset]
+                labels = components_of((share - share.min()) / (share.max() - share.min()) >= 0.6)
+                for component in range(1, labels.max() + 1):
+                    scores.append(logits[offset][labels == component].mean())
+                    positive.append(images[start + offset].unsafe and masks[offset][labels == component].any())
+    finally:
+        pipe.disable_dag()
+    scores, positive = np.array(scores), np.array(positive)
+    assert len(scores) == fit.components and positive.sum() == fit.positives > 0
+    pairs = scores[positive][:, None] - scores[~positive][None, :]
+    auc = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
+    assert fit.train_auc == pytest.approx(auc, abs=1e-6)
