@@ -531,6 +531,12 @@ def check_optimize(args: argparse.Namespace) -> Path:
             "--presence-head is fitted on annotated training images: pass --head-data (a folder as for optimize,"
             " other than --validation-data)."
         )
+    same = args.head_data is not None and args.validation_data is not None
+    if same and Path(args.head_data).resolve() == Path(args.validation_data).resolve():
+        raise CommandError(
+            "--head-data and --validation-data are the same folder: the head would be calibrated on what it was"
+            " fitted to, and its false-detection rate would not hold. Pass a folder of other images."
+        )
     if args.default_detection == "head" and args.presence_head is None and not hasattr(args, "embedding"):
         raise CommandError("--default-detection head needs a presence head: pass --presence-head.")
     if not hasattr(args, "embedding") and isinstance(args.edit_mask_threshold, float):

@@ -264,6 +264,10 @@ def test_calibrate_refuses_a_head_without_its_data(tmp_path, capsys):
         main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--head-data", str(tmp_path),
               "--out", str(tmp_path / "out")])  # fmt: skip
     assert "pass --presence-head too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--presence-head", "up_blocks.2",
+              "--head-data", str(tmp_path / "."), "--out", str(tmp_path / "out")])  # fmt: skip
+    assert "the same folder" in capsys.readouterr().err
 
 
 def annotated_images(count: int, side: int = 32) -> list:
