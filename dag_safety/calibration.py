@@ -190,8 +190,9 @@ class EvidenceTrajectories:
             w)` float32: at each guided step the running mean of the evidence, as in the denoising loop.
         masks (`torch.Tensor`): `(N, h, w)` bool, each image's mask at the latent's size (max-pooled; all `False`
             for a safe image).
-        head (`torch.Tensor` or `None`): under `detection="head"`, the running mean of the presence head's logits
-            at each guided step, `(N, steps, concepts, h, w)` (what DAG's own layers' components are scored on).
+        head (`torch.Tensor` or `None`): under `detection="head"`, at each guided step each unsafe component of DAG's
+            own `Â` filled with the presence head's logit on its mean smoothed feature (`PresenceHead.paint`), `(N,
+            steps, concepts, h, w)`: a component's mean over it is its logit at DAG's thresholds.
     """
 
     evidence: dict[str, torch.Tensor]
@@ -289,7 +290,7 @@ def evidence_trajectories(
         if head_steps:
             head_found.append(torch.stack(head_steps).permute(2, 0, 1, 3, 4))
 
-    steps, head_steps = {}, []
+    steps, head_steps, head_rows, head_features = {}, [], None, None
     for _, masks, step, latent_size in guided_passes(pipe, images, num_inference_steps, seed, batch_size, progress):
         if step == 0:
             if all_masks:
@@ -302,10 +303,19 @@ def evidence_trajectories(
                 shares = smoothing * steps[set_name][-1] + (1 - smoothing) * shares
             steps[set_name].append(shares)
         if heads:
-            logits = state.head_logits(latent_size)  # (concepts, B, h, w)
-            if head_steps:
-                logits = smoothing * head_steps[-1] + (1 - smoothing) * logits
-            head_steps.append(logits)
+            # as `DAGState.detect_step`: the rows' smoothed evidence forms `Â`, the head judges each component on
+            # its mean smoothed feature; the painted map holds each component's logit
+            rows, features = state.shares(latent_size, concept_presence), state.head_features(latent_size)
+            if step > 0:
+                rows = smoothing * head_rows + (1 - smoothing) * rows
+                features = [smoothing * old + (1 - smoothing) * new for old, new in zip(head_features, features)]
+            head_rows, head_features = rows, features
+            thresholds = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
+            painted = [
+                head.paint(minmax_normalize(share), feature, *thresholds)
+                for head, share, feature in zip(state.heads, rows, features)
+            ]
+            head_steps.append(torch.stack(painted))  # (concepts, B, h, w)
     flush(steps, head_steps)
     return EvidenceTrajectories(
         {name: torch.cat(chunks) for name, chunks in found.items()},

@@ -376,6 +376,14 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         " up_blocks.2, on the components DAG forms on --head-data; its threshold is then the one calibrated",
     )
     parser.add_argument(
+        "--presence-head-hidden",
+        type=_number(int, low=0),
+        default=64,
+        metavar="UNITS",
+        help="hidden units of the presence head (default 64; 0 for a linear read-out, which cannot read a"
+        " conjunction such as red AND star)",
+    )
+    parser.add_argument(
         "--head-data",
         default=None,
         help="annotated folder (safe and unsafe images) to fit the presence head on (optimize: default its data;"
@@ -917,11 +925,13 @@ def _with_presence_head(pipe, embedding, args: argparse.Namespace):
         type(embedding)(embedding.embeds, embedding.metadata, blank), detection="head", presence_threshold=0.5
     )
     try:
-        fit = fit_presence_head(pipe, items, layers, args.calibration_steps)
+        fit = fit_presence_head(pipe, items, layers, args.calibration_steps, hidden=args.presence_head_hidden)
     finally:
         pipe.disable_dag()
+    kind = f"{args.presence_head_hidden} hidden units" if args.presence_head_hidden else "linear"
     print(
-        f"presence head on {', '.join(args.presence_head)}: {fit.components} training components of {fit.images}"
+        f"presence head ({kind}) on {', '.join(args.presence_head)}: {fit.components} training components of"
+        f" {fit.images}"
         f" images ({fit.positives} on unsafe regions), training AUC {fit.train_auc:.3f}"
     )
     return type(embedding)(embedding.embeds, embedding.metadata, fit.head), fit.as_metadata()

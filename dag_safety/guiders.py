@@ -134,7 +134,7 @@ class DAGGuider(SafetyGuider):
         self.scale: torch.Tensor | None = None
         self.unsafe_detected: torch.Tensor | None = None
         self.presence_peak: torch.Tensor | None = None
-        self._evidence: torch.Tensor | None = None
+        self._evidence = None  # `DAGState.detect_step`'s running evidence
         self._safety_last_step = False
 
     def _guided(self, step: int) -> bool:

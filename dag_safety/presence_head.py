@@ -30,37 +30,63 @@ from .guidance import unsafe_components
 
 __all__ = [
     "HEAD_BIAS",
+    "HEAD_HIDDEN_BIAS",
+    "HEAD_OUTPUT",
     "HEAD_PREFIX",
     "HeadFit",
     "PresenceHead",
+    "component_means",
     "fit_logistic",
+    "fit_mlp",
     "fit_presence_head",
     "roc_auc",
 ]
 
 HEAD_PREFIX = "presence_head."
 HEAD_BIAS = HEAD_PREFIX + "bias"
+HEAD_HIDDEN_BIAS = HEAD_PREFIX + "hidden_bias"
+HEAD_OUTPUT = HEAD_PREFIX + "output"
 
 
 @dataclass(frozen=True)
 class PresenceHead:
-    """A linear read-out of cross-attention layer inputs, scoring DAG's components.
+    """A read-out of cross-attention layer inputs that scores DAG's components by their mean feature `x` (the
+    head's layers' inputs, upsampled to the latent and concatenated in [`layers`] order).
+
+    Linear (`output is None`): `logit = b + Σ_l w_l · x_l`. With a hidden layer of `H` units:
+    `logit = b + v · GELU(Σ_l W_l x_l + c)`, which can read a conjunction ("red" *and* "star") that no half-space
+    of the features holds.
 
     Attributes:
-        weights (`dict[str, torch.Tensor]`): per layer (processor name, as `CrossAttentionCapture.layers`), `(C_l,)`
-            float32 weights on the layer's input channels.
-        bias (`float`): the logit of a component whose features are all zero.
+        weights (`dict[str, torch.Tensor]`): per layer (processor name, as `CrossAttentionCapture.layers`), float32
+            weights on its input channels: `(C_l,)` for a linear head, `(H, C_l)` with a hidden layer.
+        bias (`float`): the output bias `b`.
+        hidden_bias (`torch.Tensor`, *optional*): `c`, `(H,)`; with a hidden layer only.
+        output (`torch.Tensor`, *optional*): `v`, `(H,)`; with a hidden layer only.
     """
 
     weights: dict[str, torch.Tensor]
     bias: float
+    hidden_bias: torch.Tensor | None = None
+    output: torch.Tensor | None = None
 
     def __post_init__(self):
         if not self.weights:
             raise ValueError("A presence head needs the weights of at least one layer.")
+        hidden = self.output is not None
+        if hidden != (self.hidden_bias is not None):
+            raise ValueError("A presence head's hidden layer needs both its bias and its output weights.")
+        units = None if not hidden else self.output.shape
+        for name, vector in (("hidden_bias", self.hidden_bias), ("output", self.output)):
+            if vector is not None and (vector.ndim != 1 or vector.shape != units or not torch.isfinite(vector).all()):
+                raise ValueError(f"The presence head's {name} must be a finite (H,) tensor like its output weights.")
         for name, weight in self.weights.items():
-            if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or not torch.isfinite(weight).all():
-                raise ValueError(f"The presence head's weights for {name!r} must be a finite (C,) tensor.")
+            shape_ok = isinstance(weight, torch.Tensor) and (
+                weight.ndim == 2 and (weight.shape[0],) == units if hidden else weight.ndim == 1
+            )
+            if not shape_ok or not torch.isfinite(weight).all():
+                shape = "(H, C) with H its hidden units" if hidden else "(C,)"
+                raise ValueError(f"The presence head's weights for {name!r} must be a finite {shape} tensor.")
         if not math.isfinite(self.bias):
             raise ValueError(f"The presence head's bias must be finite, got {self.bias!r}.")
 
@@ -82,52 +108,70 @@ class PresenceHead:
                     f"{source} reads the layer {name!r}, which this UNet does not have: it was fitted on another"
                     " model. Fit a head for this model (`dag-safety calibrate --presence-head`)."
                 )
-            if widths[name] != weight.shape[0]:
+            if widths[name] != weight.shape[-1]:
                 raise ValueError(
-                    f"{source} has {weight.shape[0]} weights for {name!r}, whose input width here is"
+                    f"{source} has {weight.shape[-1]} weights for {name!r}, whose input width here is"
                     f" {widths[name]}: it was fitted on another model. Fit a head for this model."
                 )
 
-    def logits(self, queries: dict[str, CapturedQuery], latent_size: tuple[int, int]) -> torch.Tensor:
-        """The per-pixel logit map from one UNet call's captured inputs (which must include the head's layers).
+    def component_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits `(n,)` of `n` components from their mean features `(n, ΣC_l)` ([`features`]' channel order)."""
+        weight = torch.cat([self.weights[name] for name in self.layers], dim=-1).to(features)
+        if self.output is None:
+            return features @ weight + self.bias
+        hidden = F.gelu(features @ weight.T + self.hidden_bias.to(features))
+        return hidden @ self.output.to(features) + self.bias
 
-        Args:
-            queries (`dict[str, CapturedQuery]`): captured inputs `(B, h_l·w_l, C_l)` by processor name.
-            latent_size (`tuple[int, int]`): `(h, w)` of the latent.
-
-        Returns:
-            `torch.Tensor`: `(B, h, w)` float32, on the inputs' device.
-        """
-        total = None
-        for name in self.layers:
-            captured = queries[name]
-            hidden = captured.hidden_states
-            weight = self.weights[name].to(device=hidden.device, dtype=torch.float32)
-            layer = hidden.float() @ weight  # (B, N)
-            height, width = layer_spatial_size(captured, latent_size)
-            layer = layer.view(-1, 1, height, width)
-            if (height, width) != tuple(latent_size):
-                layer = F.interpolate(layer, size=latent_size, mode="bilinear", align_corners=False)
-            total = layer if total is None else total + layer
-        return total[:, 0] + self.bias
-
-    def features(self, queries: dict[str, CapturedQuery], latent_size: tuple[int, int], index: int) -> torch.Tensor:
-        """Image `index`'s features at the latent size, the head's layers concatenated in [`layers`] order:
-        `(h·w, ΣC_l)` float32 (`logits` is `features @ concat(weights) + bias`)."""
+    def features(self, queries: dict[str, CapturedQuery], latent_size: tuple[int, int]) -> torch.Tensor:
+        """The head's features from one UNet call's captured inputs (which must include its layers), upsampled
+        (bilinear) to the latent size and concatenated in [`layers`] order: `(B, h·w, ΣC_l)` float32."""
         parts = []
         for name in self.layers:
             captured = queries[name]
             height, width = layer_spatial_size(captured, latent_size)
-            layer = captured.hidden_states[index].float().T.reshape(1, -1, height, width)
+            batch = captured.hidden_states.shape[0]
+            layer = captured.hidden_states.float().transpose(1, 2).reshape(batch, -1, height, width)
             if (height, width) != tuple(latent_size):
                 layer = F.interpolate(layer, size=latent_size, mode="bilinear", align_corners=False)
-            parts.append(layer[0].flatten(1).T)
-        return torch.cat(parts, dim=1)
+            parts.append(layer.flatten(2).transpose(1, 2))
+        return torch.cat(parts, dim=2)
+
+    def paint(
+        self,
+        dag_maps: torch.Tensor,
+        features: torch.Tensor,
+        unsafe_threshold: float,
+        edit_mask_threshold: float,
+        max_edit_area: float,
+    ) -> torch.Tensor:
+        """Each unsafe component of `Â` filled with its logit (the head on its mean feature), 0 elsewhere:
+        `(B, h, w)` float32 on the CPU. A component's mean over this map is its logit, which is how
+        `guidance.area_scaler` reads it (the components found again from the same `Â` and thresholds).
+
+        Args:
+            dag_maps (`torch.Tensor`): `Â`, `(B, h, w)`.
+            features (`torch.Tensor`): [`features`] (smoothed over the steps, in DAG), `(B, h·w, ΣC_l)`.
+        """
+        maps = dag_maps.detach().float().cpu().numpy()
+        features = features.detach().float().cpu()
+        painted = torch.zeros(maps.shape, dtype=torch.float32)
+        for index, dag_map in enumerate(maps):
+            labels, count = unsafe_components(dag_map, unsafe_threshold, edit_mask_threshold, max_edit_area)
+            if count == 0:
+                continue
+            means = component_means(features[index], labels, count)
+            logits = torch.cat([torch.zeros(1), self.component_logits(means)])
+            painted[index] = logits[torch.from_numpy(labels).long()]
+        return painted
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The safetensors entries: `presence_head.<layer>` `(C_l,)` and `presence_head.bias` `(1,)`."""
+        """The safetensors entries: `presence_head.<layer>` (`(C_l,)` or `(H, C_l)`), `presence_head.bias` `(1,)`,
+        and with a hidden layer `presence_head.hidden_bias` and `presence_head.output` `(H,)`."""
         tensors = {HEAD_PREFIX + name: weight.contiguous() for name, weight in self.weights.items()}
         tensors[HEAD_BIAS] = torch.tensor([self.bias], dtype=torch.float32)
+        if self.output is not None:
+            tensors[HEAD_HIDDEN_BIAS] = self.hidden_bias.contiguous()
+            tensors[HEAD_OUTPUT] = self.output.contiguous()
         return tensors
 
     @classmethod
@@ -135,13 +179,14 @@ class PresenceHead:
         """The head in a safetensors file's entries ([`to_tensors`]' form), `None` if it holds none.
 
         Raises:
-            `ValueError`: head entries without a bias, a bias that is not one number, or weights that are not
-                finite `(C,)` vectors; the message names `source`.
+            `ValueError`: head entries without a bias, a bias that is not one number, or weights of the wrong
+                shape or not finite; the message names `source`.
         """
         entries = {name: value for name, value in tensors.items() if name.startswith(HEAD_PREFIX)}
         if not entries:
             return None
         bias = entries.pop(HEAD_BIAS, None)
+        hidden_bias, output = entries.pop(HEAD_HIDDEN_BIAS, None), entries.pop(HEAD_OUTPUT, None)
         if bias is None or bias.numel() != 1 or not entries:
             raise ValueError(
                 f"{source}: its presence head is incomplete (it needs {HEAD_BIAS!r} holding one number and at"
@@ -151,9 +196,20 @@ class PresenceHead:
             return cls(
                 {name.removeprefix(HEAD_PREFIX): value.float() for name, value in entries.items()},
                 float(bias.reshape(())),
+                None if hidden_bias is None else hidden_bias.float(),
+                None if output is None else output.float(),
             )
         except ValueError as error:
             raise ValueError(f"{source}: {error} The file is damaged; re-save or re-download it.") from None
+
+
+def component_means(features: torch.Tensor, labels: np.ndarray, count: int) -> torch.Tensor:
+    """Mean feature `(count, C)` of each of `count` labelled components (`labels` `(h, w)` from `ndimage.label`) in
+    one image's `features` `(h·w, C)`."""
+    flat = torch.from_numpy(labels.reshape(-1)).long()
+    sums = torch.zeros(count + 1, features.shape[1]).index_add_(0, flat, features)
+    sizes = torch.bincount(flat, minlength=count + 1).clamp_min(1)[:, None]
+    return (sums / sizes)[1:]
 
 
 def fit_logistic(
@@ -202,6 +258,7 @@ class HeadFit:
         """The summary stored in the embedding's `calibration` metadata (`presence_head`)."""
         return {
             "layers": list(self.head.layers),
+            "hidden_units": 0 if self.head.output is None else int(self.head.output.shape[0]),
             "training_images": self.images,
             "training_components": self.components,
             "positive_components": self.positives,
@@ -220,6 +277,31 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - count * (count + 1) / 2) / (count * others))
 
 
+def fit_mlp(
+    features: torch.Tensor, labels: torch.Tensor, hidden: int, weight_decay: float = 1e-3, epochs: int = 400
+) -> torch.nn.Sequential:
+    """A one-hidden-layer GELU network `(N, C) -> (N,)` logits, fitted by full-batch AdamW (lr 3e-3) on
+    `features` (already standardised) with the class-balanced loss of [`fit_logistic`]; seeded, so a fit is
+    reproducible."""
+    features, labels = features.float(), labels.float()
+    generator = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(features.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            bound = 1 / math.sqrt(layer.in_features)
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.bias.uniform_(-bound, bound, generator=generator)
+    optimizer = torch.optim.AdamW(net.parameters(), 3e-3, weight_decay=weight_decay)
+    pos_weight = (1 - labels).sum() / labels.sum().clamp_min(1)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(net(features)[:, 0], labels, pos_weight=pos_weight)
+            loss.backward()
+            optimizer.step()
+    return net
+
+
 @torch.no_grad()
 def fit_presence_head(
     pipe,
@@ -228,15 +310,17 @@ def fit_presence_head(
     num_inference_steps: int = 25,
     seed: int = 0,
     batch_size: int = 16,
-    l2: float = 1e-2,
+    hidden: int = 0,
     progress: bool = True,
 ) -> HeadFit:
     """Fits a [`PresenceHead`] on the components DAG forms on annotated training `images`.
 
-    The images are noised to each guided timestep as calibration does (`calibration.guided_passes`); at each step
+    The images are noised to each guided timestep as calibration does (`calibration.guided_passes`). At each step
     DAG's `Â` (from the running mean of the rows' presence evidence, as under `detection="presence"`) forms the
-    unsafe components, and each component contributes its mean feature over its pixels, labelled positive when
-    the image is unsafe and the component overlaps its mask. The fit is [`fit_logistic`] on standardised features.
+    unsafe components, and each component contributes its mean feature over its pixels, the features smoothed
+    over the steps as under `detection="head"`, labelled positive when the image is unsafe and the component
+    overlaps its mask. The fit, on standardised features (the standardisation folded into the head): [`fit_logistic`]
+    (`hidden=0`, L2 1e-2) or [`fit_mlp`] with `hidden` units.
 
     Args:
         pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled on one embedding, capturing (at least) the
@@ -244,7 +328,7 @@ def fit_presence_head(
         images (`list[AnnotatedImage]`): training images, unsafe ones with a mask and safe ones (look-alikes of
             the concept above all).
         layers (`tuple[str, ...]`): the layers the head reads, processor names (`CrossAttentionCapture.layers`).
-        l2 (`float`): ridge penalty of the fit.
+        hidden (`int`): hidden units; 0 for a linear head.
 
     Raises:
         `ValueError`: DAG is not enabled on one embedding or does not capture `layers`; no safe or no unsafe
@@ -258,6 +342,8 @@ def fit_presence_head(
     missing = sorted(set(layers) - set(state.capture.layers))
     if not layers or missing:
         raise ValueError(f"DAG does not capture the head's layers {missing or '(none given)'}; enable it on them.")
+    if hidden < 0:
+        raise ValueError(f"`hidden` must be >= 0 (0: a linear head), got {hidden}.")
     unsafe = np.array([item.unsafe for item in images])
     if unsafe.all() or not unsafe.any():
         raise ValueError(
@@ -265,28 +351,25 @@ def fit_presence_head(
             f" {int(unsafe.sum())} unsafe and {int((~unsafe).sum())} safe."
         )
     config = state.config
-    probe = PresenceHead({name: torch.zeros(1) for name in layers}, 0.0)
-    rows, labels, smoothed = [], [], {}
+    beta = config.presence_smoothing
+    reader = PresenceHead({name: torch.zeros(1) for name in layers}, 0.0)
+    rows, labels, smoothed, smoothed_features = [], [], {}, {}
     for start, masks, step, latent_size in guided_passes(
         pipe, images, num_inference_steps, seed, batch_size, progress
     ):
         shares = state.shares(latent_size, concept_presence)[0]  # (B, h, w) of the one concept
+        features = reader.features(state.capture.store.queries, latent_size).cpu()  # (B, h·w, ΣC)
         if step > 0:
-            shares = config.presence_smoothing * smoothed[start] + (1 - config.presence_smoothing) * shares
-        smoothed[start] = shares
-        dag_maps = minmax_normalize(shares).numpy()
-        queries = state.capture.store.queries
-        for offset, (dag_map, mask) in enumerate(zip(dag_maps, masks.numpy())):
+            shares = beta * smoothed[start] + (1 - beta) * shares
+            features = beta * smoothed_features[start] + (1 - beta) * features
+        smoothed[start], smoothed_features[start] = shares, features
+        for offset, (dag_map, mask) in enumerate(zip(minmax_normalize(shares).numpy(), masks.numpy())):
             labelled, count = unsafe_components(
                 dag_map, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
             )
             if count == 0:
                 continue
-            features = probe.features(queries, latent_size, offset)  # (h·w, ΣC)
-            flat = torch.from_numpy(labelled.reshape(-1)).long()
-            sums = torch.zeros(count + 1, features.shape[1]).index_add_(0, flat, features)
-            sizes = torch.bincount(flat, minlength=count + 1).clamp_min(1)[:, None]
-            rows.append((sums / sizes)[1:])
+            rows.append(component_means(features[offset], labelled, count))
             on_mask = np.bincount(labelled[mask], minlength=count + 1)[1:] > 0
             labels.append(torch.from_numpy(on_mask & bool(unsafe[start + offset])))
     if not rows or not torch.cat(labels).any():
@@ -297,13 +380,23 @@ def fit_presence_head(
         )
     features, targets = torch.cat(rows), torch.cat(labels).float()
     mean, std = features.mean(dim=0), features.std(dim=0) + 1e-6
-    weight, bias = fit_logistic((features - mean) / std, targets, l2)
-    # fold the standardisation in: w·(x - μ)/σ + b = (w/σ)·x + (b - w·μ/σ)
-    folded = weight / std
-    folded_bias = float(bias - (folded * mean).sum())
+    standardised = (features - mean) / std
     widths = [state.capture.attention_modules()[name].query_dim for name in sorted(layers)]
-    head = PresenceHead(dict(zip(sorted(layers), folded.split(widths))), folded_bias)
-    scores = (features @ folded + folded_bias).numpy()
+    # fold the standardisation into the first layer: W·(x - μ)/σ + c = (W/σ)·x + (c - (W/σ)·μ)
+    if hidden == 0:
+        weight, bias = fit_logistic(standardised, targets)
+        folded = weight / std
+        head = PresenceHead(dict(zip(sorted(layers), folded.split(widths))), float(bias - (folded * mean).sum()))
+    else:
+        net = fit_mlp(standardised, targets, hidden)
+        first = net[0].weight.detach() / std
+        head = PresenceHead(
+            dict(zip(sorted(layers), first.split(widths, dim=1))),
+            float(net[2].bias.detach()),
+            hidden_bias=net[0].bias.detach() - first @ mean,
+            output=net[2].weight.detach()[0],
+        )
+    scores = head.component_logits(features).numpy()
     return HeadFit(
         head=head,
         components=len(targets),

@@ -105,20 +105,20 @@ class DAGState:
             )
         return shares
 
-    def head_logits(self, latent_size: tuple[int, int]) -> torch.Tensor:
-        """Each concept's presence-head logit map from the last UNet call's captured inputs: `(concepts, B, h, w)`,
-        float32, on the CPU.
+    def head_features(self, latent_size: tuple[int, int]) -> list[torch.Tensor]:
+        """Each concept's presence-head features from the last UNet call's captured inputs (`PresenceHead.features`):
+        `(B, h·w, ΣC_l)` float32 on the CPU, one per concept.
 
         Raises:
-            `FloatingPointError`: the logits are not finite (see [`shares`]).
+            `FloatingPointError`: the features are not finite (see [`shares`]).
         """
         queries = self.capture.store.queries
-        logits = torch.stack([head.logits(queries, latent_size) for head in self.heads]).cpu()
-        if not torch.isfinite(logits).all():
+        features = [head.features(queries, latent_size).cpu() for head in self.heads]
+        if not all(torch.isfinite(item).all() for item in features):
             raise FloatingPointError(
                 "DAG cannot inspect the image: its presence head's inputs are not finite (NaN or Inf latents)."
             )
-        return logits
+        return features
 
     def detect(self, latent_size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
         """`Â` (or, with `normalize=False`, the raw concept share) from the queries captured in the last UNet call:
@@ -126,28 +126,34 @@ class DAGState:
         maps = [minmax_normalize(share) if normalize else share for share in self.shares(latent_size, concept_share)]
         return maps[0] if len(maps) == 1 else combine_concepts(maps)
 
-    def detect_step(
-        self, latent_size: tuple[int, int], evidence: torch.Tensor | None
-    ) -> tuple[torch.Tensor, DAGScaleMap, torch.Tensor | None]:
+    def detect_step(self, latent_size: tuple[int, int], evidence: Any) -> tuple[torch.Tensor, DAGScaleMap, Any]:
         """One denoising step's detection from the captured queries: `(Â, S_dag's DAGScaleMap, evidence)`.
 
         Under `detection="presence"` the evidence `(concepts, B, h, w)` is the running mean of [`concept_presence`]
         over the guided steps (pass the previous step's, `None` at the first); each concept's `Â` is its min-max
         normalisation, and each concept keeps only its own present components, so the scale is the element-wise
-        max of the concepts' scales. Under `"head"` the evidence `(2, concepts, B, h, w)` stacks that running mean
-        and the running mean of the heads' logits, which judge the components. Under `"paper"` it stays `None`.
+        max of the concepts' scales. Under `"head"` the evidence is that running mean and, per concept, the running
+        mean of its head's features `(B, h·w, ΣC_l)`; a component is judged by the head on its mean smoothed
+        feature (`PresenceHead.paint`). Under `"paper"` it stays `None`.
         """
         config = self.config
         if config.detection == "paper":
             dag_map = self.detect(latent_size)
             return dag_map, dag_scale_map(dag_map, config), None
-        current = self.shares(latent_size, concept_presence)
-        if config.detection == "head":
-            current = torch.stack([current, self.head_logits(latent_size)])
+        beta = config.presence_smoothing
+        shares = self.shares(latent_size, concept_presence)
+        features = self.head_features(latent_size) if config.detection == "head" else None
         if evidence is not None:
-            current = config.presence_smoothing * evidence + (1 - config.presence_smoothing) * current
-        shares, judged = (current[0], current[1]) if config.detection == "head" else (current, current)
+            previous_shares, previous_features = evidence
+            shares = beta * previous_shares + (1 - beta) * shares
+            if features is not None:
+                features = [beta * old + (1 - beta) * new for old, new in zip(previous_features, features)]
+        current = (shares, features)
         maps = [minmax_normalize(share) for share in shares]
+        judged = shares
+        if features is not None:
+            thresholds = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
+            judged = [head.paint(m, f, *thresholds) for head, m, f in zip(self.heads, maps, features)]
         scale_maps = [dag_scale_map(dag_map, config, presence=score) for dag_map, score in zip(maps, judged)]
         if len(maps) == 1:
             return maps[0], scale_maps[0], current

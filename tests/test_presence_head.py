@@ -32,25 +32,56 @@ def head_for(pipe, bias: float, seed: int = 0, scale: float = 1.0) -> PresenceHe
     return PresenceHead(weights, bias)
 
 
+def mlp_head_for(pipe, bias: float, units: int = 8, seed: int = 0) -> PresenceHead:
+    """A random head with a hidden layer on the same layers as [`head_for`]."""
+    linear = head_for(pipe, bias, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    weights = {
+        name: 0.5 * torch.randn(units, weight.shape[0], generator=generator) for name, weight in linear.weights.items()
+    }
+    return PresenceHead(
+        weights, bias, torch.randn(units, generator=generator), 2 * torch.randn(units, generator=generator)
+    )
+
+
+def mlp_by_hand(head: PresenceHead, feature: np.ndarray) -> float:
+    """The head's logit for one mean feature `(ΣC,)`, by loops (GELU through `math.erf`)."""
+    columns = np.concatenate([head.weights[name].numpy() for name in head.layers], axis=-1)
+    if head.output is None:
+        return float(sum(columns[c] * feature[c] for c in range(len(feature))) + head.bias)
+    total = head.bias
+    for unit in range(len(head.output)):
+        pre = sum(columns[unit, c] * feature[c] for c in range(len(feature))) + float(head.hidden_bias[unit])
+        total += float(head.output[unit]) * 0.5 * pre * (1 + math.erf(pre / math.sqrt(2)))
+    return float(total)
+
+
 def with_head(embedding: GuidelineEmbedding, head: PresenceHead | None) -> GuidelineEmbedding:
     return GuidelineEmbedding(embedding.embeds, embedding.metadata, head)
 
 
-def test_logits_are_each_pixels_read_out_summed_over_layers():
-    """Loops over pixels at the latent size; a layer at half the size with one feature vector everywhere adds one
-    constant (bilinear upsampling keeps constants)."""
+@pytest.mark.parametrize("units", [0, 4])
+def test_features_are_the_layers_inputs_at_the_latent_size_and_components_are_scored_by_hand(units):
+    """Features: each pixel's inputs of a full-size layer, then a half-size layer's, constant where its input is
+    (bilinear upsampling keeps constants); logits of mean features against loops, linear and with hidden units."""
     generator = torch.Generator().manual_seed(0)
     full = torch.randn(2, 36, 5, generator=generator)
     half = torch.randn(2, 1, 3, generator=generator).expand(2, 9, 3)
-    weights = {"a": torch.randn(5, generator=generator), "b": torch.randn(3, generator=generator)}
-    head = PresenceHead(weights, -0.7)
+    shape = (lambda c: (units, c)) if units else (lambda c: (c,))
+    weights = {"a": torch.randn(*shape(5), generator=generator), "b": torch.randn(*shape(3), generator=generator)}
+    extra = {} if not units else {"hidden_bias": torch.randn(units), "output": torch.randn(units)}
+    head = PresenceHead(weights, -0.7, **extra)
     queries = {"a": CapturedQuery(full, None), "b": CapturedQuery(half, (3, 3))}
-    got = head.logits(queries, (6, 6))
+    features = head.features(queries, (6, 6))
+    assert features.shape == (2, 36, 8)
     for image in range(2):
-        constant = float(half[image, 0] @ weights["b"])
         for pixel in range(36):
-            expected = sum(float(full[image, pixel, c]) * float(weights["a"][c]) for c in range(5)) + constant - 0.7
-            assert got[image, pixel // 6, pixel % 6].item() == pytest.approx(expected, abs=1e-5)
+            np.testing.assert_allclose(features[image, pixel, :5].numpy(), full[image, pixel].numpy(), atol=1e-6)
+            np.testing.assert_allclose(features[image, pixel, 5:].numpy(), half[image, 0].numpy(), atol=1e-6)
+    means = torch.randn(4, 8, generator=generator)
+    got = head.component_logits(means)
+    for row in range(4):
+        assert got[row].item() == pytest.approx(mlp_by_hand(head, means[row].numpy()), abs=1e-4)
 
 
 def test_logistic_fit_recovers_the_direction_that_separates_two_gaussians():
@@ -72,6 +103,10 @@ def test_a_head_is_saved_in_the_embeddings_file_and_loads_back(pipe, tmp_path):
     for name in head.layers:
         assert torch.equal(loaded.head.weights[name], head.weights[name])
     assert GuidelineEmbedding.from_pretrained(_saved(pipe, tmp_path / "plain", None)).head is None
+    mlp = mlp_head_for(pipe, -0.5)
+    loaded = GuidelineEmbedding.from_pretrained(_saved(pipe, tmp_path / "mlp", mlp)).head
+    assert torch.equal(loaded.output, mlp.output) and torch.equal(loaded.hidden_bias, mlp.hidden_bias)
+    assert all(torch.equal(loaded.weights[name], mlp.weights[name]) for name in mlp.layers)
 
 
 def _saved(pipe, path, head):
@@ -162,19 +197,22 @@ def test_a_head_that_finds_everything_guides_as_the_presence_rule_with_every_com
     np.testing.assert_array_equal(head.images, presence.images)
 
 
-def test_each_step_guides_exactly_the_components_whose_smoothed_mean_logit_passes(pipe):
+@pytest.mark.parametrize("hidden", [False, True])
+def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_passes(pipe, hidden):
     """`DAGState.detect_step` on random captured inputs, two steps, against an oracle: the rows' evidence
-    (`state.shares`) and the head's logits (pixel loops) smoothed by hand, `Â` min-max normalised, 8-connected
-    components by flood fill, and a component guided iff `σ(mean logit) >= τ`."""
+    (`state.shares`) and the head's features (the captured inputs, concatenated by hand) smoothed by hand, `Â`
+    min-max normalised, 8-connected components by flood fill, and a component guided iff the head's probability on
+    its mean smoothed feature (by loops) reaches `τ`."""
     from dag_safety.state import prepare_dag
 
     threshold = 0.5
-    embedding = with_head(make_embedding(pipe, unsafe_threshold=0.5), head_for(pipe, 0.3, seed=1, scale=0.6))
+    head = mlp_head_for(pipe, 0.3, seed=1) if hidden else head_for(pipe, 0.3, seed=1, scale=0.6)
+    embedding = with_head(make_embedding(pipe, unsafe_threshold=0.5), head)
     state = prepare_dag(pipe.unet, embedding, detection="head", presence_threshold=threshold, max_edit_area=1.0)
     modules = state.capture.attention_modules()
     latent = (8, 8)
     generator = torch.Generator().manual_seed(3)
-    evidence, smoothed_shares, smoothed_logits = None, None, None
+    evidence, smoothed_shares, smoothed_features = None, None, None
     found_present = found_absent = 0
     for _ in range(2):
         queries = {}
@@ -183,13 +221,10 @@ def test_each_step_guides_exactly_the_components_whose_smoothed_mean_logit_passe
         state.capture.store.queries = queries
         dag_map, scale_map, evidence = state.detect_step(latent, evidence)
         shares = state.shares(latent, _presence)[0].numpy()
-        logits = np.zeros((3, 64))
-        for name, weight in state.heads[0].weights.items():
-            logits += queries[name].hidden_states.numpy() @ weight.numpy()
-        logits = logits.reshape(3, 8, 8) + state.heads[0].bias
+        features = np.concatenate([queries[name].hidden_states.numpy() for name in sorted(head.weights)], axis=2)
         beta = state.config.presence_smoothing
         smoothed_shares = shares if smoothed_shares is None else beta * smoothed_shares + (1 - beta) * shares
-        smoothed_logits = logits if smoothed_logits is None else beta * smoothed_logits + (1 - beta) * logits
+        smoothed_features = features if smoothed_features is None else beta * smoothed_features + (1 - beta) * features
         for image in range(3):
             share = smoothed_shares[image]
             normalised = (share - share.min()) / (share.max() - share.min())
@@ -198,8 +233,8 @@ def test_each_step_guides_exactly_the_components_whose_smoothed_mean_logit_passe
             scale = scale_map.scale[image].numpy()
             peak = 0.0
             for component in range(1, labels.max() + 1):
-                mean = smoothed_logits[image][labels == component].mean()
-                probability = 1 / (1 + math.exp(-mean))
+                mean = smoothed_features[image][labels.reshape(-1) == component].mean(axis=0)
+                probability = 1 / (1 + math.exp(-mlp_by_hand(head, mean)))
                 if abs(probability - threshold) < 1e-4:
                     continue
                 present = probability >= threshold
@@ -289,10 +324,11 @@ def annotated_images(count: int, side: int = 32) -> list:
     return items
 
 
-def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_masks(pipe):
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_masks(pipe, hidden):
     """`fit_presence_head`'s training AUC against one recomputed on the inference path: the same passes
-    (`guided_passes`), `Â` from the hand-smoothed rows' evidence, components by flood fill, each scored by the mean
-    of the fitted head's logit map over it, labelled by overlap with an unsafe image's (max-pooled) mask, and a
+    (`guided_passes`), `Â` from the hand-smoothed rows' evidence, components by flood fill, each scored by the
+    fitted head on its mean hand-smoothed feature, labelled by overlap with an unsafe image's (max-pooled) mask, and a
     pairwise AUC. A fit on other features or labels than inference sees would not reproduce it."""
     from dag_safety.calibration import guided_passes
     from dag_safety.detection import concept_presence
@@ -303,19 +339,26 @@ def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_
     pipe.enable_dag(with_head(make_embedding(pipe), blank), detection="head", presence_threshold=0.5,
                     max_edit_area=1.0, warmup_steps=3)  # fmt: skip
     try:
-        fit = fit_presence_head(pipe, images, blank.layers, num_inference_steps=6, batch_size=4, progress=False)
+        fit = fit_presence_head(
+            pipe, images, blank.layers, num_inference_steps=6, batch_size=4, hidden=hidden, progress=False
+        )
+        assert (fit.head.output is None) == (hidden == 0)
         state = pipe._dag
         beta = state.config.presence_smoothing
-        scores, positive, smoothed = [], [], {}
+        scores, positive, smoothed, smoothed_features = [], [], {}, {}
         for start, masks, step, latent_size in guided_passes(pipe, images, 6, 0, 4, progress=False):
             shares = state.shares(latent_size, concept_presence)[0].numpy()
-            smoothed[start] = shares if step == 0 else beta * smoothed[start] + (1 - beta) * shares
-            logits = fit.head.logits(state.capture.store.queries, latent_size).numpy()
+            queries = state.capture.store.queries
+            features = fit.head.features(queries, latent_size).numpy()
+            first = step == 0
+            smoothed[start] = shares if first else beta * smoothed[start] + (1 - beta) * shares
+            smoothed_features[start] = features if first else beta * smoothed_features[start] + (1 - beta) * features
             for offset in range(len(shares)):
                 share = smoothed[start][offset]
                 labels = components_of((share - share.min()) / (share.max() - share.min()) >= 0.6)
                 for component in range(1, labels.max() + 1):
-                    scores.append(logits[offset][labels == component].mean())
+                    mean = smoothed_features[start][offset][labels.reshape(-1) == component].mean(axis=0)
+                    scores.append(fit.head.component_logits(torch.from_numpy(mean)[None]).item())
                     positive.append(images[start + offset].unsafe and masks[offset][labels == component].any())
     finally:
         pipe.disable_dag()
@@ -323,4 +366,4 @@ def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_
     assert len(scores) == fit.components and positive.sum() == fit.positives > 0
     pairs = scores[positive][:, None] - scores[~positive][None, :]
     auc = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
-    assert fit.train_auc == pytest.approx(auc, abs=1e-6)
+    assert fit.train_auc == pytest.approx(auc, abs=1e-4)
