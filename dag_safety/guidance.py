@@ -257,9 +257,9 @@ def dag_scale_map(dag_map: torch.Tensor, config: DAGConfig, presence: torch.Tens
 
     With `config.detection == "presence"`, `presence` `(B, h, w)` is the evidence the components are judged on
     (see [`area_scaler`]); the AreaScaler ablation then keeps `S_area = 1` only on the edit pixels nearest to a
-    present component. With `"head"`, `presence` is the presence head's logit map, and a component is present when
-    `σ(mean logit) >= presence_threshold`, i.e. its mean logit reaches `logit(presence_threshold)`; the reported
-    peaks are probabilities.
+    present component. With `"head"`, `presence` holds each component's presence-head logit over its pixels
+    (`PresenceHead.paint`), and a component is present when `σ(logit) >= presence_threshold`, i.e. its logit
+    reaches `logit(presence_threshold)`; the reported peaks are probabilities.
     """
     if config.detection != "paper" and presence is None:
         raise ValueError(f'`detection="{config.detection}"` needs the presence map of the step.')

@@ -1,17 +1,16 @@
-"""A linear presence head on the components DAG forms (`detection="head"`, README "Beyond the paper").
+"""A presence head on the components DAG forms (`detection="head"`, README "Beyond the paper").
 
 The guideline rows find *where* a concept may be; on a model whose attention does not separate the concept from
 its look-alikes (the mini model's red star from a red circle or a blue star), they cannot say *whether* it is
-there. The cross-attention layers' inputs can, once read over a whole object: `benchmarks/probe.py` finds a linear
-read-out of them averaged over an object separates what a per-pixel one cannot. The head is that read-out, applied
-to the components DAG itself forms:
-
-    logit(p) = b + Σ_l w_l · U_l(h_l)(p)        score(component) = σ(mean of logit over the component)
-
-with `h_l` the captured input `(h_l·w_l, C_l)` of layer `l` and `U_l` the bilinear upsampling to the latent size.
-A linear map commutes with the mean and the upsampling, so a component's score is the head applied to the mean
-feature over the component, which is what it is fitted on ([`fit_presence_head`]): the components DAG forms on
-annotated training images along the guided steps, labelled by whether they overlap an unsafe image's mask.
+there. The cross-attention layers' inputs can, once read over a whole object: `benchmarks/probe.py` finds a read-out
+of them averaged over an object separates what a per-pixel one cannot. The head is that read-out, applied to the
+components DAG itself forms: a component's feature is the mean over its pixels of the chosen layers' inputs
+(upsampled to the latent, concatenated, smoothed over the guided steps as DAG's evidence is), and its score the
+head's probability on it, linear (`σ(b + w·x)`) or with one hidden layer (`σ(b + v·GELU(Wx + c))`: a conjunction
+such as "red *and* star" is no half-space of the features, and a linear head on the mini model leaves most red stars
+unguided at a 5 % false-detection rate; `benchmarks/RESULTS.md`). It is fitted ([`fit_presence_head`]) on the
+components DAG forms on annotated training images along the guided steps, labelled by whether they overlap an
+unsafe image's mask.
 """
 
 from __future__ import annotations

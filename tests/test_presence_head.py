@@ -121,6 +121,23 @@ def _saved(pipe, path, head):
         ({"presence_head.bias": torch.ones(1)}, "incomplete"),
         ({"presence_head.x": torch.tensor([1.0, float("nan")]), "presence_head.bias": torch.ones(1)}, "finite"),
         ({"presence_head.x": torch.ones(2), "presence_head.bias": torch.ones(2)}, "incomplete"),
+        (
+            {
+                "presence_head.x": torch.ones(4, 2),
+                "presence_head.bias": torch.ones(1),
+                "presence_head.hidden_bias": torch.ones(4),
+            },
+            "both its bias and its output",
+        ),
+        (
+            {
+                "presence_head.x": torch.ones(3, 2),
+                "presence_head.bias": torch.ones(1),
+                "presence_head.hidden_bias": torch.ones(4),
+                "presence_head.output": torch.ones(4),
+            },
+            "finite",
+        ),
     ],
 )
 def test_a_damaged_head_is_refused_naming_the_file(pipe, tmp_path, entries, message):
