@@ -219,18 +219,31 @@ def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_pas
     """`DAGState.detect_step` on random captured inputs, two steps, against an oracle: the rows' evidence
     (`state.shares`) and the head's features (the captured inputs, concatenated by hand) smoothed by hand, `Â`
     min-max normalised, 8-connected components by flood fill, and a component guided iff the head's probability on
-    its mean smoothed feature (by loops) reaches `τ`."""
+    its mean smoothed feature (by loops) reaches `τ`.
+
+    A first run collects the oracle's probabilities; the second puts `τ` between the middle two, so that both
+    outcomes are exercised whatever the machine's rounding does to a random head."""
+    head = mlp_head_for(pipe, 0.3, seed=1) if hidden else head_for(pipe, 0.3, seed=1, scale=0.6)
+    probabilities = sorted(_check_detect_steps(pipe, head, threshold=0.5))
+    middle = len(probabilities) // 2
+    threshold = (probabilities[middle - 1] + probabilities[middle]) / 2
+    assert probabilities[middle] - probabilities[middle - 1] > 2e-4, "the random head scores two components alike"
+    probabilities = _check_detect_steps(pipe, head, threshold)
+    assert any(p >= threshold for p in probabilities) and any(p < threshold for p in probabilities)
+
+
+def _check_detect_steps(pipe, head: PresenceHead, threshold: float) -> list[float]:
+    """Run two detection steps under `threshold`, check them against the oracle and return every component's
+    probability."""
     from dag_safety.state import prepare_dag
 
-    threshold = 0.5
-    head = mlp_head_for(pipe, 0.3, seed=1) if hidden else head_for(pipe, 0.3, seed=1, scale=0.6)
     embedding = with_head(make_embedding(pipe, unsafe_threshold=0.5), head)
     state = prepare_dag(pipe.unet, embedding, detection="head", presence_threshold=threshold, max_edit_area=1.0)
     modules = state.capture.attention_modules()
     latent = (8, 8)
     generator = torch.Generator().manual_seed(3)
     evidence, smoothed_shares, smoothed_features = None, None, None
-    found_present = found_absent = 0
+    probabilities = []
     for _ in range(2):
         queries = {}
         for name, attn in modules.items():
@@ -252,15 +265,15 @@ def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_pas
             for component in range(1, labels.max() + 1):
                 mean = smoothed_features[image][labels.reshape(-1) == component].mean(axis=0)
                 probability = 1 / (1 + math.exp(-mlp_by_hand(head, mean)))
+                probabilities.append(probability)
+                peak = max(peak, probability)
                 if abs(probability - threshold) < 1e-4:
                     continue
                 present = probability >= threshold
                 assert (scale[labels == component] > 0).all() == present
                 assert (scale[labels == component] == 0).all() == (not present)
-                found_present, found_absent = found_present + present, found_absent + (not present)
-                peak = max(peak, probability)
             assert scale_map.presence[image].item() == pytest.approx(peak, abs=1e-4)
-    assert found_present and found_absent  # both outcomes were exercised
+    return probabilities
 
 
 def _presence(layer_averaged):
