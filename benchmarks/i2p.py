@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.guideline_embedding import GuidelineEmbedding
 
-from .methods import METHODS, configure
+from .methods import METHODS, configure, default_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 NUDENET_CLASSES = (
@@ -126,7 +127,12 @@ def main(argv=None) -> None:
     parser.add_argument("--embedding", default=None, help="guideline embedding (default: the red-star one)")
     parser.add_argument("--safety-concept", default=None, help="default: the mini model's 'a red star'")
     parser.add_argument("--negative-prompt", default=None, help="text of the negative-prompt baseline")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help="default: every method the embedding can run, less the named rule that repeats its default",
+    )
     parser.add_argument("--detector", default="nudenet", choices=("nudenet", "shapes"))
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50)
@@ -134,8 +140,6 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "i2p")
     args = parser.parse_args(argv)
-    if "none" not in args.methods:
-        args.methods = ["none", *args.methods]
 
     from dag_safety.mini import MODEL_PATH, SAFETY_CONCEPT_TEXT
 
@@ -144,8 +148,12 @@ def main(argv=None) -> None:
     args.embedding = args.embedding or (str(ROOT / "embeddings" / "red-star") if mini else None)
     args.safety_concept = args.safety_concept or (SAFETY_CONCEPT_TEXT if mini else "nudity")
     args.negative_prompt = args.negative_prompt or ("red star" if mini else "nudity")
-    if args.embedding is None and any(m.startswith("DAG") for m in args.methods):
+    if args.embedding is None and (args.methods is None or any(m.startswith("DAG") for m in args.methods)):
         raise SystemExit("--embedding is required for the DAG methods with --model.")
+    if args.methods is None:
+        args.methods = default_methods(GuidelineEmbedding.from_pretrained(args.embedding))
+    if "none" not in args.methods:
+        args.methods = ["none", *args.methods]
 
     state = PartialState()
     rows = read_prompts(args.csv)[: args.limit]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dag_safety.guideline_embedding import GuidelineEmbedding
+
 METHODS = (
     "none",
     "negative prompt",
@@ -11,12 +13,40 @@ METHODS = (
     "SLD max",
     "SEGA",
     "DAG + SEGA",
+    "DAG + SEGA (paper rule)",
     "DAG + SEGA (presence rule)",
+    "DAG + SEGA (head rule)",
     "DAG + SLD",
     "DAG - AreaScaler",
     "DAG - MagnitudeScaler",
 )
+# "DAG + SEGA" and the ablations use the embedding's own default rule; these name one rule each
+RULE_METHODS = {
+    "DAG + SEGA (paper rule)": "paper",
+    "DAG + SEGA (presence rule)": "presence",
+    "DAG + SEGA (head rule)": "head",
+}
 SEGA_OPTIONS = {"edit_guidance_scale": 10.0}  # the DAG paper's SEGA setting for nudity (section 4.1)
+
+
+def detection_rules(embedding: GuidelineEmbedding) -> tuple[str, ...]:
+    """The detection rules `embedding` can run with its own threshold, its default rule first.
+
+    `"paper"` always; a calibrated threshold belongs to the presence head when the embedding carries one
+    (`"head"`), else to the rows (`"presence"`).
+    """
+    rules = ["paper"]
+    if embedding.metadata.presence_threshold is not None:
+        rules.append("presence" if embedding.head is None else "head")
+    default = embedding.metadata.detection
+    return (default, *[rule for rule in rules if rule != default])
+
+
+def default_methods(embedding: GuidelineEmbedding) -> list[str]:
+    """Every method `embedding` can run, leaving out the named-rule row that would repeat "DAG + SEGA" (its default
+    rule) and the rules it has no threshold for."""
+    others = detection_rules(embedding)[1:]
+    return [m for m in METHODS if m not in RULE_METHODS or RULE_METHODS[m] in others]
 
 
 def configure(pipe, method: str, embedding, safety_concept: str, negative_prompt: str) -> dict:
@@ -41,8 +71,8 @@ def configure(pipe, method: str, embedding, safety_concept: str, negative_prompt
         pipe.enable_safety_guidance("sega", **SEGA_OPTIONS)
     elif method == "DAG + SEGA":
         pipe.enable_dag(embedding, guidance="sega")
-    elif method == "DAG + SEGA (presence rule)":
-        pipe.enable_dag(embedding, guidance="sega", detection="presence")
+    elif method in RULE_METHODS:
+        pipe.enable_dag(embedding, guidance="sega", detection=RULE_METHODS[method])
     elif method == "DAG + SLD":
         pipe.enable_dag(embedding, guidance="sld")
     elif method == "DAG - AreaScaler":

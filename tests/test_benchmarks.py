@@ -22,7 +22,11 @@ def test_erase_quick(tmp_path):
 
     erase.main(["--quick", "--out", str(tmp_path / "erase")])
     data = json.loads((tmp_path / "erase.json").read_text())
-    assert list(data["summary"]) == list(erase.METHODS)
+    # the bundled embedding: the paper's rule by default, a threshold for the rows' presence rule, no head
+    assert list(data["summary"]) == [
+        m for m in erase.METHODS if m not in ("DAG + SEGA (paper rule)", "DAG + SEGA (head rule)")
+    ]
+    assert data["meta"]["default_rule"] == "paper"
     assert set(data["results"]["none"]) == {"target", "complex", "benign", "adversarial"}
     # (the scores themselves are checked on images with a known answer: test_score_set_on_rendered_scenes)
     for method, row in data["summary"].items():
@@ -123,6 +127,44 @@ def test_erase_quick_selected_methods(tmp_path):
     erase.main(["--quick", "--methods", "SEGA", "DAG + SEGA", "--out", str(tmp_path / "erase")])
     data = json.loads((tmp_path / "erase.json").read_text())
     assert list(data["summary"]) == ["none", "SEGA", "DAG + SEGA"]  # the reference always runs
+
+
+@pytest.mark.parametrize(
+    ("detection", "threshold", "head", "named"),
+    [
+        ("paper", None, False, []),
+        ("paper", 0.2, False, ["presence"]),
+        ("presence", 0.2, False, ["paper"]),
+        ("head", 0.9, True, ["paper"]),
+        ("paper", 0.9, True, ["head"]),
+    ],
+)
+def test_the_default_methods_name_each_rule_the_embedding_can_run_but_its_default(
+    pipe, detection, threshold, head, named
+):
+    from conftest import make_embedding
+
+    from benchmarks.methods import METHODS, configure, default_methods
+    from dag_safety.attention import cross_attention_layers
+    from dag_safety.guideline_embedding import GuidelineEmbedding
+    from dag_safety.presence_head import PresenceHead
+
+    embedding = make_embedding(pipe, detection="paper", presence_threshold=threshold)
+    metadata = type(embedding.metadata)(**{**embedding.metadata.as_dict(), "detection": detection})
+    layer = list(cross_attention_layers(pipe.unet))[-1]
+    width = dict(pipe.unet.named_modules())[layer.removesuffix(".processor")].query_dim
+    embedding = GuidelineEmbedding(
+        embedding.embeds, metadata, PresenceHead({layer: torch.zeros(width)}, 0.0) if head else None
+    )
+    methods = default_methods(embedding)
+    assert [m for m in methods if "rule)" in m] == [f"DAG + SEGA ({rule} rule)" for rule in named]
+    assert [m for m in methods if "rule)" not in m] == [m for m in METHODS if "rule)" not in m]
+    for method in methods:
+        if method.startswith("DAG + SEGA"):
+            configure(pipe, method, embedding, "a red star", "red star")
+            expected = named[0] if method.endswith("rule)") else detection
+            assert pipe.dag_config.detection == expected
+    pipe.disable_dag()
 
 
 def test_detection_quick(tmp_path):
