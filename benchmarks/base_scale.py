@@ -44,7 +44,9 @@ def run(args) -> dict:
     embedding = GuidelineEmbedding.from_pretrained(args.embedding)
     rows = []
     for decay, scale in itertools.product(args.fill_decays, args.scales):
-        pipe.enable_dag(embedding, guidance="sega", base_scale=scale, fill_decay=decay)
+        pipe.enable_dag(
+            embedding, guidance="sega", base_scale=scale, fill_decay=decay, hold_detection=args.hold_detection
+        )
         scores = {}
         try:
             for name, prompt_set in sets.items():
@@ -112,6 +114,11 @@ def main(argv=None) -> None:
         default=[None],
         metavar="DECAY",
         help="DAGConfig.fill_decay values to cross with the scales ('none': the full-scale fill, the default)",
+    )
+    parser.add_argument(
+        "--hold-detection",
+        action="store_true",
+        help="under a selective rule, hold what earlier steps guided (DAGConfig.hold_detection)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(TUNING_SEEDS))
     parser.add_argument("--target-prompts", type=int, default=6, help="of erase.py's target set (at most 6)")

@@ -257,6 +257,13 @@ class DAGConfig:
             `β` in `[0, 1)` of the evidence's running mean over guided steps, `ē_t = β ē_{t-1} + (1 - β) r_t`
             (`ē` starts as the first guided step's `r`). `0` judges each step on its own. Both `Â` and the scores
             come from `ē` under `"presence"`.
+        hold_detection (`bool`, *optional*, defaults to `False`):
+            Under `"presence"` and `"head"` (beyond the paper; README): once a component has been guided, a
+            component of a later step's `Â` that overlaps any pixel of the components guided at earlier steps is
+            guided whatever its score. Guidance then follows the object it found while the object fades, instead
+            of stopping whenever the fading object's score dips below the threshold and letting it form again; it
+            never moves to an object elsewhere. The first guided step is unchanged, so a calibrated
+            false-detection rate still holds.
         fill_decay (`float`, *optional*):
             How the AreaScaler's SpatialInterpolate fills the edit band around a component (beyond the paper;
             README). `None`: every edit pixel takes its nearest component's full scale. A positive `λ`: the scale
@@ -281,6 +288,7 @@ class DAGConfig:
     detection: str = "paper"
     presence_threshold: float | None = None
     presence_smoothing: float = 0.5
+    hold_detection: bool = False
     fill_decay: float | None = None
 
     def __post_init__(self):

@@ -118,6 +118,7 @@ def area_scaler(
     presence: torch.Tensor | None = None,
     presence_threshold: float = 0.0,
     fill_decay: float | None = None,
+    held: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DAG's AreaScaler (paper Algorithm 1): a per-pixel scale from the area of each detected component.
 
@@ -130,7 +131,9 @@ def area_scaler(
 
     With `presence` (the selective rule, README "Beyond the paper: selective detection"; `None` is the paper's rule), a component is kept only if the
     mean of `presence` over its pixels reaches `presence_threshold`. A dropped component gets scale 0, and so do
-    the edit pixels nearest to it: the region around an object judged absent (a co-object) is not guided.
+    the edit pixels nearest to it: the region around an object judged absent (a co-object) is not guided. With
+    `held` `(B, h, w)` bool as well (`DAGConfig.hold_detection`), a component that overlaps it is kept whatever
+    its presence.
 
     With `fill_decay` `λ` (beyond the paper, README), an edit pixel at distance `d` from its nearest component
     (equivalent radius `r = sqrt(area / π)`) takes that component's scale times `exp(-d / (λ r))` instead of all
@@ -146,6 +149,7 @@ def area_scaler(
     """
     maps = dag_map.detach().float().cpu().numpy()
     evidence = None if presence is None else presence.detach().float().cpu().numpy()
+    held = None if held is None else held.detach().cpu().numpy().astype(np.float64)
     _, height, width = maps.shape
     unit = base_scale / (height * width)
     scales = np.zeros_like(maps)
@@ -158,6 +162,8 @@ def area_scaler(
         areas[0] = 0.0
         if evidence is not None:
             present = component_presence(evidence[index], labels, count) >= presence_threshold
+            if held is not None:
+                present |= np.bincount(labels.ravel(), weights=held[index].ravel(), minlength=count + 1)[1:] > 0
             areas[1:][~present] = 0.0
             if not present.any():
                 continue
@@ -252,14 +258,20 @@ class DAGScaleMap:
     presence: torch.Tensor | None = None
 
 
-def dag_scale_map(dag_map: torch.Tensor, config: DAGConfig, presence: torch.Tensor | None = None) -> DAGScaleMap:
+def dag_scale_map(
+    dag_map: torch.Tensor,
+    config: DAGConfig,
+    presence: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+) -> DAGScaleMap:
     """Combines AreaScaler and MagnitudeScaler (or their ablations) into `S_dag` for a detection map `(B, h, w)`.
 
     With `config.detection == "presence"`, `presence` `(B, h, w)` is the evidence the components are judged on
     (see [`area_scaler`]); the AreaScaler ablation then keeps `S_area = 1` only on the edit pixels nearest to a
     present component. With `"head"`, `presence` holds each component's presence-head logit over its pixels
     (`PresenceHead.paint`), and a component is present when `σ(logit) >= presence_threshold`, i.e. its logit
-    reaches `logit(presence_threshold)`; the reported peaks are probabilities.
+    reaches `logit(presence_threshold)`; the reported peaks are probabilities. `held` `(B, h, w)` bool, under a
+    selective rule: the pixels to hold ([`area_scaler`]; the reported peaks ignore it).
     """
     if config.detection != "paper" and presence is None:
         raise ValueError(f'`detection="{config.detection}"` needs the presence map of the step.')
@@ -269,7 +281,7 @@ def dag_scale_map(dag_map: torch.Tensor, config: DAGConfig, presence: torch.Tens
     gate = {}
     if config.detection != "paper":
         threshold = logit(config.presence_threshold) if head else config.presence_threshold
-        gate = {"presence": presence, "presence_threshold": threshold}
+        gate = {"presence": presence, "presence_threshold": threshold, "held": held}
     if config.area_scaler:
         area = area_scaler(
             dag_map,

@@ -134,7 +134,9 @@ class DAGState:
         normalisation, and each concept keeps only its own present components, so the scale is the element-wise
         max of the concepts' scales. Under `"head"` the evidence is that running mean and, per concept, the running
         mean of its head's features `(B, h·w, ΣC_l)`; a component is judged by the head on its mean smoothed
-        feature (`PresenceHead.paint`). Under `"paper"` it stays `None`.
+        feature (`PresenceHead.paint`). The evidence also holds, per concept, the pixels of the components guided at
+        this step `(B, h, w)` bool (under `config.hold_detection`, at any step so far), which the next step holds
+        under `config.hold_detection`. Under `"paper"` it stays `None`.
         """
         config = self.config
         if config.detection == "paper":
@@ -143,18 +145,27 @@ class DAGState:
         beta = config.presence_smoothing
         shares = self.shares(latent_size, concept_presence)
         features = self.head_features(latent_size) if config.detection == "head" else None
+        helds = [None] * len(shares)
         if evidence is not None:
-            previous_shares, previous_features = evidence
+            previous_shares, previous_features, previous_helds = evidence
             shares = beta * previous_shares + (1 - beta) * shares
             if features is not None:
                 features = [beta * old + (1 - beta) * new for old, new in zip(previous_features, features)]
-        current = (shares, features)
+            if config.hold_detection:
+                helds = previous_helds
         maps = [minmax_normalize(share) for share in shares]
         judged = shares
         if features is not None:
             thresholds = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
             judged = [head.paint(m, f, *thresholds) for head, m, f in zip(self.heads, maps, features)]
-        scale_maps = [dag_scale_map(dag_map, config, presence=score) for dag_map, score in zip(maps, judged)]
+        scale_maps = [
+            dag_scale_map(dag_map, config, presence=score, held=held)
+            for dag_map, score, held in zip(maps, judged, helds)
+        ]
+        # the pixels of the components guided so far (not their edit band), which the next step holds
+        guided = [(m.scale > 0) & (dag_map >= config.unsafe_threshold) for m, dag_map in zip(scale_maps, maps)]
+        guided = [now if held is None else now | held for now, held in zip(guided, helds)]
+        current = (shares, features, guided)
         if len(maps) == 1:
             return maps[0], scale_maps[0], current
         scale_map = DAGScaleMap(

@@ -214,37 +214,42 @@ def test_a_head_that_finds_everything_guides_as_the_presence_rule_with_every_com
     np.testing.assert_array_equal(head.images, presence.images)
 
 
-@pytest.mark.parametrize("hidden", [False, True])
-def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_passes(pipe, hidden):
-    """`DAGState.detect_step` on random captured inputs, two steps, against an oracle: the rows' evidence
+@pytest.mark.parametrize(("hidden", "hold"), [(False, False), (True, False), (True, True)])
+def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_passes(pipe, hidden, hold):
+    """`DAGState.detect_step` on random captured inputs, three steps, against an oracle: the rows' evidence
     (`state.shares`) and the head's features (the captured inputs, concatenated by hand) smoothed by hand, `Â`
     min-max normalised, 8-connected components by flood fill, and a component guided iff the head's probability on
-    its mean smoothed feature (by loops) reaches `τ`.
+    its mean smoothed feature (by loops) reaches `τ` or, with `hold_detection`, it overlaps a pixel of a component
+    guided at an earlier step.
 
     A first run collects the oracle's probabilities; the second puts `τ` between the middle two, so that both
     outcomes are exercised whatever the machine's rounding does to a random head."""
     head = mlp_head_for(pipe, 0.3, seed=1) if hidden else head_for(pipe, 0.3, seed=1, scale=0.6)
-    probabilities = sorted(_check_detect_steps(pipe, head, threshold=0.5))
+    probabilities = sorted(_check_detect_steps(pipe, head, threshold=0.5, hold=False)[0])
     middle = len(probabilities) // 2
     threshold = (probabilities[middle - 1] + probabilities[middle]) / 2
     assert probabilities[middle] - probabilities[middle - 1] > 2e-4, "the random head scores two components alike"
-    probabilities = _check_detect_steps(pipe, head, threshold)
+    probabilities, held_only = _check_detect_steps(pipe, head, threshold, hold)
     assert any(p >= threshold for p in probabilities) and any(p < threshold for p in probabilities)
+    assert (held_only > 0) == hold  # the hold was exercised, and only when asked for
 
 
-def _check_detect_steps(pipe, head: PresenceHead, threshold: float) -> list[float]:
-    """Run two detection steps under `threshold`, check them against the oracle and return every component's
-    probability."""
+def _check_detect_steps(pipe, head: PresenceHead, threshold: float, hold: bool) -> tuple[list[float], int]:
+    """Run three detection steps under `threshold`, check them against the oracle and return every component's
+    probability and the number of components guided only because they were held."""
     from dag_safety.state import prepare_dag
 
     embedding = with_head(make_embedding(pipe, unsafe_threshold=0.5), head)
-    state = prepare_dag(pipe.unet, embedding, detection="head", presence_threshold=threshold, max_edit_area=1.0)
+    state = prepare_dag(
+        pipe.unet, embedding, detection="head", presence_threshold=threshold, max_edit_area=1.0, hold_detection=hold
+    )
     modules = state.capture.attention_modules()
     latent = (8, 8)
     generator = torch.Generator().manual_seed(3)
     evidence, smoothed_shares, smoothed_features = None, None, None
-    probabilities = []
-    for _ in range(2):
+    held = np.zeros((3, *latent), dtype=bool)
+    probabilities, held_only = [], 0
+    for _ in range(3):
         queries = {}
         for name, attn in modules.items():
             queries[name] = CapturedQuery(torch.randn(3, 64, attn.query_dim, generator=generator), None)
@@ -255,6 +260,7 @@ def _check_detect_steps(pipe, head: PresenceHead, threshold: float) -> list[floa
         beta = state.config.presence_smoothing
         smoothed_shares = shares if smoothed_shares is None else beta * smoothed_shares + (1 - beta) * shares
         smoothed_features = features if smoothed_features is None else beta * smoothed_features + (1 - beta) * features
+        guided_now = np.zeros_like(held)
         for image in range(3):
             share = smoothed_shares[image]
             normalised = (share - share.min()) / (share.max() - share.min())
@@ -263,17 +269,24 @@ def _check_detect_steps(pipe, head: PresenceHead, threshold: float) -> list[floa
             scale = scale_map.scale[image].numpy()
             peak = 0.0
             for component in range(1, labels.max() + 1):
-                mean = smoothed_features[image][labels.reshape(-1) == component].mean(axis=0)
+                pixels = labels == component
+                mean = smoothed_features[image][pixels.reshape(-1)].mean(axis=0)
                 probability = 1 / (1 + math.exp(-mlp_by_hand(head, mean)))
                 probabilities.append(probability)
                 peak = max(peak, probability)
-                if abs(probability - threshold) < 1e-4:
+                kept = hold and bool(held[image][pixels].any())
+                if abs(probability - threshold) < 1e-4 and not kept:
+                    guided_now[image] |= pixels & (scale > 0)  # either way; what DAG did is what it holds
                     continue
-                present = probability >= threshold
-                assert (scale[labels == component] > 0).all() == present
-                assert (scale[labels == component] == 0).all() == (not present)
+                present = probability >= threshold or kept
+                held_only += present and probability < threshold
+                assert (scale[pixels] > 0).all() == present
+                assert (scale[pixels] == 0).all() == (not present)
+                if present:
+                    guided_now[image] |= pixels
             assert scale_map.presence[image].item() == pytest.approx(peak, abs=1e-4)
-    return probabilities
+        held |= guided_now
+    return probabilities, held_only
 
 
 def _presence(layer_averaged):
