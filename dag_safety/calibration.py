@@ -303,18 +303,9 @@ def evidence_trajectories(
                 shares = smoothing * steps[set_name][-1] + (1 - smoothing) * shares
             steps[set_name].append(shares)
         if heads:
-            # as `DAGState.detect_step`: the rows' smoothed evidence forms `Â`, the head judges each component on
-            # its mean smoothed feature; the painted map holds each component's logit
-            rows, features = state.shares(latent_size, concept_presence), state.head_features(latent_size)
-            if step > 0:
-                rows = smoothing * head_rows + (1 - smoothing) * rows
-                features = [smoothing * old + (1 - smoothing) * new for old, new in zip(head_features, features)]
-            head_rows, head_features = rows, features
-            thresholds = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
-            painted = [
-                head.paint(minmax_normalize(share), feature, *thresholds)
-                for head, share, feature in zip(state.heads, rows, features)
-            ]
+            # as `DAGState.detect_step` judges the components
+            previous = None if step == 0 else (head_rows, head_features)
+            head_rows, head_features, _, painted = state.selective_evidence(latent_size, previous)
             head_steps.append(torch.stack(painted))  # (concepts, B, h, w)
     flush(steps, head_steps)
     return EvidenceTrajectories(

@@ -126,45 +126,59 @@ class DAGState:
         maps = [minmax_normalize(share) if normalize else share for share in self.shares(latent_size, concept_share)]
         return maps[0] if len(maps) == 1 else combine_concepts(maps)
 
+    def selective_evidence(
+        self, latent_size: tuple[int, int], previous: tuple[torch.Tensor, list[torch.Tensor] | None] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor], list[torch.Tensor]]:
+        """What a selective rule judges at one step, from the last UNet call's captured inputs: `(shares, features,
+        maps, judged)`.
+
+        `shares` `(concepts, B, h, w)` is the rows' [`concept_presence`] and, under `detection="head"`, `features`
+        each concept's [`head_features`] (else `None`), both smoothed over the guided steps with `previous` (this
+        method's `(shares, features)` of the step before; `None` at the first). `maps` is each concept's `Â` (the
+        min-max normalised share), `judged` what its components are judged on: the smoothed share under
+        `"presence"`, each component filled with its head logit under `"head"` (`PresenceHead.paint`).
+        """
+        config = self.config
+        beta = config.presence_smoothing
+        shares = self.shares(latent_size, concept_presence)
+        features = self.head_features(latent_size) if config.detection == "head" else None
+        if previous is not None:
+            previous_shares, previous_features = previous
+            shares = beta * previous_shares + (1 - beta) * shares
+            if features is not None:
+                features = [beta * old + (1 - beta) * new for old, new in zip(previous_features, features)]
+        maps = [minmax_normalize(share) for share in shares]
+        judged = list(shares)
+        if features is not None:
+            thresholds = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
+            judged = [head.paint(m, f, *thresholds) for head, m, f in zip(self.heads, maps, features)]
+        return shares, features, maps, judged
+
     def detect_step(self, latent_size: tuple[int, int], evidence: Any) -> tuple[torch.Tensor, DAGScaleMap, Any]:
         """One denoising step's detection from the captured queries: `(Â, S_dag's DAGScaleMap, evidence)`.
 
-        Under `detection="presence"` the evidence `(concepts, B, h, w)` is the running mean of [`concept_presence`]
-        over the guided steps (pass the previous step's, `None` at the first); each concept's `Â` is its min-max
-        normalisation, and each concept keeps only its own present components, so the scale is the element-wise
-        max of the concepts' scales. Under `"head"` the evidence is that running mean and, per concept, the running
-        mean of its head's features `(B, h·w, ΣC_l)`; a component is judged by the head on its mean smoothed
-        feature (`PresenceHead.paint`). The evidence also holds, per concept, the pixels of the components guided at
-        this step `(B, h, w)` bool (under `config.hold_detection`, at any step so far), which the next step holds
-        under `config.hold_detection`. Under `"paper"` it stays `None`.
+        Under a selective rule the evidence is [`selective_evidence`]'s smoothed `(shares, features)` (pass the
+        previous step's, `None` at the first) and, under `config.hold_detection`, per concept the pixels of the
+        components guided at any step so far, `(B, h, w)` bool, which the next step holds (else `None`). Each
+        concept keeps only its own present components, so the scale is the element-wise max of the concepts'
+        scales. Under `"paper"` the evidence stays `None`.
         """
         config = self.config
         if config.detection == "paper":
             dag_map = self.detect(latent_size)
             return dag_map, dag_scale_map(dag_map, config), None
-        beta = config.presence_smoothing
-        shares = self.shares(latent_size, concept_presence)
-        features = self.head_features(latent_size) if config.detection == "head" else None
-        helds = [None] * len(shares)
-        if evidence is not None:
-            previous_shares, previous_features, previous_helds = evidence
-            shares = beta * previous_shares + (1 - beta) * shares
-            if features is not None:
-                features = [beta * old + (1 - beta) * new for old, new in zip(previous_features, features)]
-            if config.hold_detection:
-                helds = previous_helds
-        maps = [minmax_normalize(share) for share in shares]
-        judged = shares
-        if features is not None:
-            thresholds = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
-            judged = [head.paint(m, f, *thresholds) for head, m, f in zip(self.heads, maps, features)]
+        previous, helds = (None, None) if evidence is None else (evidence[:2], evidence[2])
+        shares, features, maps, judged = self.selective_evidence(latent_size, previous)
+        helds = helds or [None] * len(maps)
         scale_maps = [
             dag_scale_map(dag_map, config, presence=score, held=held)
             for dag_map, score, held in zip(maps, judged, helds)
         ]
-        # the pixels of the components guided so far (not their edit band), which the next step holds
-        guided = [(m.scale > 0) & (dag_map >= config.unsafe_threshold) for m, dag_map in zip(scale_maps, maps)]
-        guided = [now if held is None else now | held for now, held in zip(guided, helds)]
+        guided = None
+        if config.hold_detection:
+            # the pixels of the components guided so far (not their edit band)
+            guided = [(m.scale > 0) & (dag_map >= config.unsafe_threshold) for m, dag_map in zip(scale_maps, maps)]
+            guided = [now if held is None else now | held for now, held in zip(guided, helds)]
         current = (shares, features, guided)
         if len(maps) == 1:
             return maps[0], scale_maps[0], current
