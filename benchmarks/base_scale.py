@@ -6,7 +6,9 @@ at each base scale on *tuning* seeds 1000-1003, which neither `erase.py` (seeds 
 `erase.py`'s *target* prompts and *complex* prompts of their own (red star plus one or two objects, drawn from
 held-out seeds 100,800,000 on, apart from `erase.py`'s). Per base scale: red stars left (shapes detector), prompted
 co-objects kept, PSNR outside the red stars to the undefended image of the same seed (complex set).
-`--fill-decays` crosses the scales with `DAGConfig.fill_decay` values (`none`: the full-scale fill).
+`--fill-decays` crosses the scales with `DAGConfig.fill_decay` values (`none`: the full-scale fill),
+`--fill-regions` with `DAGConfig.fill_region` values and `--norm-caps` with `DAGConfig.norm_cap` values (`none`: no
+cap).
 
     python -m benchmarks.base_scale                    # the documented sweep (~3 min on 2 CPU cores)
     python -m benchmarks.base_scale --scales 800 1600 --fill-decays none 1 2 --out benchmarks/results/fill_decay
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.config import FILL_REGIONS
 from dag_safety.guideline_embedding import GuidelineEmbedding
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT
 
@@ -43,9 +46,16 @@ def run(args) -> dict:
     undefended = {name: score_set(sets[name], seeds, images, images) for name, images in references.items()}
     embedding = GuidelineEmbedding.from_pretrained(args.embedding)
     rows = []
-    for decay, scale in itertools.product(args.fill_decays, args.scales):
+    grid = itertools.product(args.norm_caps, args.fill_regions, args.fill_decays, args.scales)
+    for cap, region, decay, scale in grid:
         pipe.enable_dag(
-            embedding, guidance="sega", base_scale=scale, fill_decay=decay, hold_detection=args.hold_detection
+            embedding,
+            guidance="sega",
+            base_scale=scale,
+            fill_decay=decay,
+            fill_region=region,
+            norm_cap=cap,
+            hold_detection=args.hold_detection,
         )
         scores = {}
         try:
@@ -58,12 +68,17 @@ def run(args) -> dict:
             {
                 "base_scale": scale,
                 "fill_decay": decay,
+                "fill_region": region,
+                "norm_cap": cap,
                 "red_stars_left": sum(s["target_detections"] for s in scores.values()),
                 "co_objects_kept": scores["complex"]["benign_objects_found"],
                 "psnr_outside_complex": scores["complex"]["psnr_outside"],
             }
         )
-        print(f"base scale {scale:g}, fill decay {decay}: {rows[-1]}", file=sys.stderr)
+        print(
+            f"base scale {scale:g}, fill decay {decay}, fill region {region}, norm cap {cap}: {rows[-1]}",
+            file=sys.stderr,
+        )
     return {
         "undefended": {
             "red_stars": sum(s["target_detections"] for s in undefended.values()),
@@ -86,19 +101,21 @@ def write_markdown(output: dict, command: str, path: Path) -> None:
             "co-objects drawn (complex)."
         ),
         "",
-        "| base scale | fill decay | red stars left | co-objects kept | PSNR out (complex, dB) |",
-        "| --- | --- | --- | --- | --- |",
+        "| base scale | fill region | fill decay | norm cap | red stars left | co-objects kept | PSNR out (complex, dB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in output["rows"]:
         psnr = "identical" if row["psnr_outside_complex"] is None else f"{row['psnr_outside_complex']:.1f}"
         decay = "full" if row.get("fill_decay") is None else f"{row['fill_decay']:g}"
+        cap = "none" if row.get("norm_cap") is None else f"{row['norm_cap']:g}"
         lines.append(
-            f"| {row['base_scale']:g} | {decay} | {row['red_stars_left']} | {row['co_objects_kept']} | {psnr} |"
+            f"| {row['base_scale']:g} | {row.get('fill_region', 'nearest')} | {decay} | {cap} | {row['red_stars_left']}"
+            f" | {row['co_objects_kept']} | {psnr} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
 
-def _fill_decay(text: str) -> float | None:
+def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
@@ -109,11 +126,26 @@ def main(argv=None) -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
     parser.add_argument(
         "--fill-decays",
-        type=_fill_decay,
+        type=_optional_float,
         nargs="+",
         default=[None],
         metavar="DECAY",
         help="DAGConfig.fill_decay values to cross with the scales ('none': the full-scale fill, the default)",
+    )
+    parser.add_argument(
+        "--fill-regions",
+        nargs="+",
+        choices=FILL_REGIONS,
+        default=["nearest"],
+        help="DAGConfig.fill_region values to cross with the scales (default: nearest, the paper's fill)",
+    )
+    parser.add_argument(
+        "--norm-caps",
+        type=_optional_float,
+        nargs="+",
+        default=[None],
+        metavar="CAP",
+        help="DAGConfig.norm_cap values to cross with the scales ('none': no cap, the default)",
     )
     parser.add_argument(
         "--hold-detection",

@@ -349,7 +349,9 @@ def run(args) -> dict:
     complex_images = {}
     references: dict[str, np.ndarray] = {}
     for method in ["none"] + [m for m in args.methods if m != "none"]:  # "none" is every metric's reference
-        extra = configure(pipe, method, str(args.embedding), SAFETY_CONCEPT_TEXT, negative_prompt="red star")
+        extra = configure(
+            pipe, method, str(args.embedding), SAFETY_CONCEPT_TEXT, negative_prompt="red star", dag_options=args.dag
+        )
         results[method] = {}
         # warm-up: the first call of a set-up pays one-off costs (processors, kernels) that would bias its timing
         generate(pipe, PromptSet("warm-up", sets["target"].prompts[:1]), seeds[:1], 2, extra)
@@ -454,6 +456,11 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
             " measures speed with interleaved rounds. Red stars: the shapes detector's count over the set's images, as"
             " the paper's Table 2 counts NudeNet detections. DAG + SEGA and the ablations use the embedding's own"
             f" default detection rule ({meta['default_rule']}); a method named `(… rule)` uses that rule."
+            + (
+                f" Every DAG method with `enable_dag` options {meta['dag_options']}."
+                if meta.get("dag_options")
+                else ""
+            )
         ),
         "",
         (
@@ -518,6 +525,17 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _dag_option(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` of `--dag-options`: VALUE parsed as JSON (`true`, `1.5`), else kept as a string (`basin`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. hold_detection=true), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=MODEL_PATH)
@@ -537,8 +555,17 @@ def main(argv=None) -> None:
             f" 'none' always runs): {', '.join(METHODS)}"
         ),
     )
+    parser.add_argument(
+        "--dag-options",
+        nargs="+",
+        type=_dag_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="enable_dag options for every DAG method, VALUE as JSON (e.g. hold_detection=true fill_region=basin)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts per set, 1 seed, 8 steps")
     args = parser.parse_args(argv)
+    args.dag = dict(args.dag_options)
     if args.quick:
         args.prompts, args.seeds, args.steps = 2, 1, 8
     embedding = GuidelineEmbedding.from_pretrained(args.embedding)
@@ -553,6 +580,7 @@ def main(argv=None) -> None:
         "steps": args.steps,
         "prompts": output["prompts"],
         "default_rule": embedding.metadata.detection,
+        "dag_options": args.dag,
     }
     if "DAG + SEGA" in output["results"]:
         meta["survivors"] = survivors(output["results"], "DAG + SEGA", output["prompts"], args.seeds)

@@ -49,13 +49,16 @@ def default_methods(embedding: GuidelineEmbedding) -> list[str]:
     return [m for m in METHODS if m not in RULE_METHODS or RULE_METHODS[m] in others]
 
 
-def configure(pipe, method: str, embedding, safety_concept: str, negative_prompt: str) -> dict:
+def configure(
+    pipe, method: str, embedding, safety_concept: str, negative_prompt: str, dag_options: dict | None = None
+) -> dict:
     """Sets `pipe` up for `method` (resetting any earlier set-up) and returns the extra call kwargs.
 
     Args:
         embedding: a guideline embedding (path, Hub id, `GuidelineEmbedding` or tensor) for the DAG methods.
         safety_concept (`str`): the safety concept text (`e_s`) of the guided methods.
         negative_prompt (`str`): the text of the "negative prompt" baseline.
+        dag_options (`dict`, *optional*): `enable_dag` options every DAG method gets (`hold_detection`, say).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}.")
@@ -70,13 +73,13 @@ def configure(pipe, method: str, embedding, safety_concept: str, negative_prompt
     elif method == "SEGA":
         pipe.enable_safety_guidance("sega", **SEGA_OPTIONS)
     elif method == "DAG + SEGA":
-        pipe.enable_dag(embedding, guidance="sega")
+        pipe.enable_dag(embedding, guidance="sega", **(dag_options or {}))
     elif method in RULE_METHODS:
-        pipe.enable_dag(embedding, guidance="sega", detection=RULE_METHODS[method])
+        pipe.enable_dag(embedding, guidance="sega", detection=RULE_METHODS[method], **(dag_options or {}))
     elif method == "DAG + SLD":
-        pipe.enable_dag(embedding, guidance="sld")
+        pipe.enable_dag(embedding, guidance="sld", **(dag_options or {}))
     elif method == "DAG - AreaScaler":
-        pipe.enable_dag(embedding, area_scaler=False)
+        pipe.enable_dag(embedding, area_scaler=False, **(dag_options or {}))
     elif method == "DAG - MagnitudeScaler":
-        pipe.enable_dag(embedding, magnitude_scaler=False)
+        pipe.enable_dag(embedding, magnitude_scaler=False, **(dag_options or {}))
     return {"safety_concept": safety_concept}

@@ -34,6 +34,7 @@ SLD_SAFETY_CONCEPT = (
 
 
 DETECTION_RULES = ("paper", "presence", "head")
+FILL_REGIONS = ("nearest", "basin")
 GUIDANCE_FORMS = ("table1", "sega")
 
 
@@ -271,6 +272,21 @@ class DAGConfig:
             that component's equivalent radius `r = sqrt(area / π)`, so a band pixel one radius away keeps
             `exp(-1/λ)` of it. Measured in `benchmarks/RESULTS.md` ("A fill that decays with distance"). Needs
             `area_scaler=True` (the ablation has no fill to shape).
+        fill_region (`str`, *optional*, defaults to `"nearest"`):
+            Which component's scale an edit pixel outside the components takes. `"nearest"`: the nearest
+            component's (our reading of the paper's SpatialInterpolate). `"basin"` (beyond the paper; README): the
+            scale of the component it ascends to along `Â`'s steepest rise, and none if it rises to a peak of `Â`
+            outside the components, which is another object's (`dag_safety.guidance.ascent_owners`): the band
+            around a detected object stops where the slope turns up towards a neighbour, so a co-object too weak in
+            `Â` to form a component of its own is not guided for lying near the unsafe one. With `fill_decay`, the
+            distance is to the component ascended to.
+        norm_cap (`float`, *optional*):
+            `κ > 0` (beyond the paper; README): at every pixel DAG guides, the guided noise prediction's norm over
+            the latent channels is capped at `κ` times the classifier-free prediction's (`e_u + s_g (e_p - e_u)`),
+            keeping its direction. `None` (the paper's): no cap. Strong guidance drives a guided pixel's latents far
+            out of their range (on the mini model at base scale 800: |z| up to 40 against 4), and the GroupNorms of
+            the UNet and the VAE decoder carry that to the whole image, co-objects and background included.
+            Pixels DAG does not guide are never changed.
     """
 
     base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
@@ -290,6 +306,8 @@ class DAGConfig:
     presence_smoothing: float = 0.5
     hold_detection: bool = False
     fill_decay: float | None = None
+    fill_region: str = "nearest"
+    norm_cap: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
@@ -320,6 +338,10 @@ class DAGConfig:
             object.__setattr__(self, "layers", tuple(self.layers))
         if self.guidance_form not in GUIDANCE_FORMS:
             raise ValueError(f"`guidance_form` must be one of {list(GUIDANCE_FORMS)}, got {self.guidance_form!r}.")
+        if self.norm_cap is not None and self.norm_cap <= 0:
+            raise ValueError(f"`norm_cap` must be None (no cap) or a finite factor > 0, got {self.norm_cap!r}.")
+        if self.fill_region not in FILL_REGIONS:
+            raise ValueError(f"`fill_region` must be one of {list(FILL_REGIONS)}, got {self.fill_region!r}.")
         if self.detection not in DETECTION_RULES:
             raise ValueError(f"`detection` must be one of {list(DETECTION_RULES)}, got {self.detection!r}.")
         if self.detection != "paper" and self.presence_threshold is None:

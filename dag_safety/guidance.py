@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .config import DAGConfig, SEGAConfig, SLDConfig
+from .config import FILL_REGIONS, DAGConfig, SEGAConfig, SLDConfig
 
 __all__ = [
     "DAGScaleMap",
     "area_scaler",
+    "ascent_owners",
     "component_presence",
     "dag_noise_pred",
     "dag_scale_map",
@@ -119,6 +120,7 @@ def area_scaler(
     presence_threshold: float = 0.0,
     fill_decay: float | None = None,
     held: torch.Tensor | None = None,
+    fill_region: str = "nearest",
 ) -> torch.Tensor:
     """DAG's AreaScaler (paper Algorithm 1): a per-pixel scale from the area of each detected component.
 
@@ -139,6 +141,11 @@ def area_scaler(
     (equivalent radius `r = sqrt(area / π)`) takes that component's scale times `exp(-d / (λ r))` instead of all
     of it; the components' own pixels (`d = 0`) keep theirs.
 
+    With `fill_region="basin"` (beyond the paper, README), an edit pixel takes the scale of the component it
+    ascends to ([`ascent_owners`]) instead of the nearest one, and none if it ascends to a peak of `Â` outside the
+    components (another object's): the fill stays on the slopes of the detected object and off its neighbours.
+    `fill_decay` then measures `d` to that component.
+
     Args:
         dag_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
         presence (`torch.Tensor`, *optional*): `(B, h, w)` presence evidence, in the units of
@@ -147,6 +154,8 @@ def area_scaler(
     Returns:
         `torch.Tensor`: `S_area`, `(B, h, w)`, `>= 0`, on the device and dtype of `dag_map`.
     """
+    if fill_region not in FILL_REGIONS:
+        raise ValueError(f"`fill_region` must be one of {list(FILL_REGIONS)}, got {fill_region!r}.")
     maps = dag_map.detach().float().cpu().numpy()
     evidence = None if presence is None else presence.detach().float().cpu().numpy()
     held = None if held is None else held.detach().cpu().numpy().astype(np.float64)
@@ -168,14 +177,53 @@ def area_scaler(
             if not present.any():
                 continue
         unsafe = unit * areas[labels]
-        distance, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
-        fill = unsafe[rows, cols] * edit_mask
-        if fill_decay is not None:
-            # `areas` may have been zeroed by the gate; a dropped component's fill is 0 whatever its radius
-            radius = np.sqrt(np.bincount(labels.ravel(), minlength=count + 1) / np.pi)
-            fill = fill * np.exp(-distance / (fill_decay * radius[labels[rows, cols]]))
+        if fill_region == "basin":
+            owners = ascent_owners(image_map, labels)
+            fill = unit * areas[owners] * edit_mask
+            if fill_decay is not None:
+                distance = np.zeros_like(image_map)
+                for label in np.unique(owners[(owners > 0) & (labels == 0)]):
+                    # each pixel's distance to the component it ascends to
+                    to_label = ndimage.distance_transform_edt(labels != label)
+                    distance = np.where(owners == label, to_label, distance)
+                radius = np.sqrt(np.bincount(labels.ravel(), minlength=count + 1) / np.pi)
+                fill = fill * np.exp(-distance / (fill_decay * radius[owners]))
+        else:
+            distance, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+            fill = unsafe[rows, cols] * edit_mask
+            if fill_decay is not None:
+                # `areas` may have been zeroed by the gate; a dropped component's fill is 0 whatever its radius
+                radius = np.sqrt(np.bincount(labels.ravel(), minlength=count + 1) / np.pi)
+                fill = fill * np.exp(-distance / (fill_decay * radius[labels[rows, cols]]))
         scales[index] = np.maximum(unsafe, fill)
     return torch.from_numpy(scales).to(device=dag_map.device, dtype=dag_map.dtype)
+
+
+_NEIGHBOURS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)])
+
+
+def ascent_owners(dag_map: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The component each pixel of one map `Â` `(h, w)` ascends to: `(h, w)` int, a label of `labels` (from
+    [`unsafe_components`]) or 0.
+
+    A pixel outside the components steps to its highest 8-neighbour while that neighbour is higher (strictly; of
+    equally high neighbours the first in row-major order), and owns the label of the first component pixel it
+    reaches, or 0 if it reaches a local maximum of `Â` outside the components first. The pixels of a component
+    own its label. So each component owns the slopes that rise to it, and a weaker object's own peak (below
+    `τ_u`, or a component the gate dropped) keeps its slopes: they drain to it, not to the detected object.
+    """
+    height, width = dag_map.shape
+    padded = np.pad(dag_map, 1, constant_values=-np.inf)
+    neighbours = np.stack([padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] for dy, dx in _NEIGHBOURS])
+    best = neighbours.argmax(axis=0)
+    rows, cols = np.indices((height, width))
+    step = (rows + _NEIGHBOURS[best, 0]) * width + cols + _NEIGHBOURS[best, 1]
+    moves = (neighbours.max(axis=0) > dag_map) & (labels == 0)
+    target = np.where(moves, step, rows * width + cols).ravel()
+    # pointer jumping: every pixel's chain ends at a component pixel or a local maximum (Â rises along it)
+    while not np.array_equal(jumped := target[target], target):
+        target = jumped
+    return labels.ravel()[target].reshape(height, width)
 
 
 def logit(probability: float) -> float:
@@ -290,12 +338,21 @@ def dag_scale_map(
             config.base_scale,
             config.max_edit_area,
             fill_decay=config.fill_decay,
+            fill_region=config.fill_region,
             **gate,
         )
     elif gate:
         # S_area := 1 where the gated AreaScaler would guide at all
-        area = area_scaler(dag_map, config.unsafe_threshold, config.edit_mask_threshold, 1.0, math.inf, **gate) > 0
-        area = area.to(dag_map.dtype)
+        gated = area_scaler(
+            dag_map,
+            config.unsafe_threshold,
+            config.edit_mask_threshold,
+            1.0,
+            math.inf,
+            fill_region=config.fill_region,
+            **gate,
+        )
+        area = (gated > 0).to(dag_map.dtype)
     else:
         area = ones_on_edit
     if config.magnitude_scaler:
@@ -336,6 +393,11 @@ def dag_noise_pred(
     DAG guides at this step, so nothing outside it moves: where `S_dag = 0` the prediction is exactly the
     classifier-free one. `v <- beta * v + (1 - beta) * g`.
 
+    With `config.norm_cap` `κ` (beyond the paper; README), a guided pixel's prediction whose norm over the channels
+    exceeds `κ` times the classifier-free prediction's there is scaled down to it: the guidance turns the
+    prediction away from the safety concept without pushing the latents out of their range (which a model's
+    GroupNorms would carry to the whole image).
+
     Args:
         scale_map (`torch.Tensor`): `S_dag`, `(B, h, w)`.
 
@@ -360,4 +422,12 @@ def dag_noise_pred(
         noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond) - safety
     else:
         noise_pred = noise_pred_uncond + guidance_scale * ((noise_pred_text - noise_pred_uncond) - safety)
+    if config.norm_cap is not None:
+        unguided = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+        limit = config.norm_cap * torch.linalg.vector_norm(unguided, dim=1, keepdim=True)
+        norm = torch.linalg.vector_norm(noise_pred, dim=1, keepdim=True)
+        capped = (scale > 0) & (norm > limit)
+        noise_pred = torch.where(
+            capped, noise_pred * (limit / norm.clamp_min(torch.finfo(norm.dtype).tiny)), noise_pred
+        )
     return noise_pred, momentum

@@ -32,6 +32,7 @@ class ReferenceStep:
     momentum: np.ndarray | None = None  # v after the step's update
     guided: bool = False
     ties: int = 0  # see `area_scale`
+    capped: int = 0  # guided pixels whose prediction the norm cap shortened
 
 
 @dataclass
@@ -83,6 +84,7 @@ def area_scale(
     presence: np.ndarray | None = None,
     presence_threshold: float = 0.0,
     fill_decay: float | None = None,
+    fill_region: str = "nearest",
 ) -> tuple[np.ndarray, int]:
     """AreaScaler (Algorithm 1) with the nearest-component fill of the edit band (spec section 3).
 
@@ -92,9 +94,14 @@ def area_scale(
     With `fill_decay` `λ` (the product's decaying fill): a band pixel at distance `d` from its nearest component,
     of `n` pixels, takes that component's scale times `exp(-d / (λ sqrt(n / π)))`.
 
+    With `fill_region="basin"` (the product's basin fill): a band pixel climbs to its highest 8-neighbour while
+    that one is higher and takes the scale of the first component it reaches, 0 if it reaches a local maximum
+    first; `d` is then its distance to that component.
+
     Returns:
-        `S_area` `(h, w)` and the number of edit-band pixels equally near two components of different areas: the
-        spec leaves their scale open (this takes the larger), so a test must not depend on them.
+        `S_area` `(h, w)` and the number of edit-band pixels equally near two components of different areas (or,
+        for the basin fill, whose climb meets two equally high neighbours): the spec leaves their scale open (this
+        takes the larger, or the first neighbour), so a test must not depend on them.
     """
     height, width = dag_map.shape
     edit = dag_map >= tau_e
@@ -115,6 +122,15 @@ def area_scale(
         for x in range(width):
             if labels[y, x]:
                 scale[y, x] = per_label[labels[y, x]]
+            elif edit[y, x] and fill_region == "basin":
+                label, tied = climb(dag_map, labels, y, x)
+                ties += tied
+                if label:
+                    scale[y, x] = per_label[label]
+                    if fill_decay is not None:
+                        own = [p for p in unsafe_pixels if labels[p] == label]
+                        distance = min(math.sqrt((p[0] - y) ** 2 + (p[1] - x) ** 2) for p in own)
+                        scale[y, x] *= math.exp(-distance / (fill_decay * math.sqrt(len(own) / math.pi)))
             elif edit[y, x]:
                 distances = [(p[0] - y) ** 2 + (p[1] - x) ** 2 for p in unsafe_pixels]
                 nearest = {labels[p] for p, d in zip(unsafe_pixels, distances) if d == min(distances)}
@@ -127,6 +143,26 @@ def area_scale(
                 ties += len(fills) > 1
                 scale[y, x] = max(fills)
     return scale, ties
+
+
+def climb(dag_map: np.ndarray, labels: np.ndarray, y: int, x: int) -> tuple[int, bool]:
+    """From `(y, x)`, step to the highest 8-neighbour while it is higher: `(label of the first component pixel
+    reached or 0 at a local maximum, whether a step met two equally high neighbours)`."""
+    tied = False
+    while not labels[y, x]:
+        around = [
+            (dag_map[y + dy, x + dx], (y + dy, x + dx))
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if (dy, dx) != (0, 0) and 0 <= y + dy < dag_map.shape[0] and 0 <= x + dx < dag_map.shape[1]
+        ]
+        best = max(value for value, _ in around)
+        if best <= dag_map[y, x]:
+            return 0, tied
+        highest = [p for value, p in around if value == best]
+        tied |= len(highest) > 1
+        y, x = highest[0]
+    return int(labels[y, x]), tied
 
 
 def guideline_map(pipe, captured: dict[str, torch.Tensor], embedding: torch.Tensor, fractions, latent_size):
@@ -180,6 +216,8 @@ def reference_dag(
     max_magnitude: float = 5.0,
     max_edit_area: float = 0.8,
     fill_decay: float | None = None,
+    fill_region: str = "nearest",
+    norm_cap: float | None = None,
     layer_fractions=(0.25, 0.5),
     edit_threshold: float = 0.9,
     momentum_scale: float = 0.1,
@@ -223,8 +261,9 @@ def reference_dag(
                 dag_map = guideline_map(pipe, conditional, embedding, layer_fractions, latent_size)
                 magnitude = np.clip(dag_map / edit_mask_threshold, 1, max_magnitude) * (dag_map >= edit_mask_threshold)
                 area, ties = area_scale(
-                    dag_map, unsafe_threshold, edit_mask_threshold, base_scale, max_edit_area, fill_decay=fill_decay
-                )
+                    dag_map, unsafe_threshold, edit_mask_threshold, base_scale, max_edit_area,
+                    fill_decay=fill_decay, fill_region=fill_region,
+                )  # fmt: skip
                 scale = area * magnitude
                 direction = (e_s - e_u)[0].double().numpy()
                 if base == "sega":
@@ -238,8 +277,19 @@ def reference_dag(
                 v = mom_beta * v + (1 - mom_beta) * g
                 momentum = torch.from_numpy(v)[None].to(latents.dtype)
                 noise = e_u + guidance_scale * ((e_p - e_u) - torch.from_numpy(g)[None].to(e_u.dtype))
+                step_capped = 0
+                if norm_cap is not None:  # each guided pixel's channel vector, shortened to the cap if longer
+                    unguided = (e_u + guidance_scale * (e_p - e_u))[0].double().numpy()
+                    guided = noise[0].double().numpy()
+                    for y, x in zip(*np.nonzero(scale > 0)):
+                        limit = norm_cap * np.linalg.norm(unguided[:, y, x])
+                        length = np.linalg.norm(guided[:, y, x])
+                        if length > limit:
+                            guided[:, y, x] *= limit / length
+                            step_capped += 1
+                    noise = torch.from_numpy(guided)[None].to(e_u.dtype)
                 step = ReferenceStep(dag_map, dag_map >= unsafe_threshold, dag_map >= edit_mask_threshold, scale, base_mask,
-                                     v, bool((scale > 0).any()), ties)  # fmt: skip
+                                     v, bool((scale > 0).any()), ties, step_capped)  # fmt: skip
             run.steps.append(step)
             latents = scheduler.step(noise, t, latents).prev_sample
     finally:

@@ -396,14 +396,18 @@ def test_detection_layers_evidence_rules_by_hand():
 def test_base_scale_quick(tmp_path):
     from benchmarks import base_scale
 
-    base_scale.main(["--quick", "--fill-decays", "2", "--out", str(tmp_path / "base_scale")])
+    base_scale.main(
+        ["--quick", "--fill-decays", "2", "--fill-regions", "nearest", "basin", "--out", str(tmp_path / "base_scale")]
+    )
     data = json.loads((tmp_path / "base_scale.json").read_text())
-    assert [(row["base_scale"], row["fill_decay"]) for row in data["rows"]] == [(5.0, 2.0), (800.0, 2.0)]
+    assert [(row["base_scale"], row["fill_decay"], row["fill_region"]) for row in data["rows"]] == [
+        (scale, 2.0, region) for region in ("nearest", "basin") for scale in (5.0, 800.0)
+    ]
     assert data["sets"] == {"target": 2, "complex": 2} and data["seeds"] == [1000]
     for row in data["rows"]:
         assert 0 <= row["co_objects_kept"] <= data["undefended"]["co_objects_prompted"]
         assert row["red_stars_left"] >= 0
-    assert "| 800 | 2 |" in (tmp_path / "base_scale.md").read_text()
+    assert "| 800 | basin | 2 | none |" in (tmp_path / "base_scale.md").read_text()
 
 
 def test_guideline_optimization_quick(tmp_path):
@@ -421,3 +425,24 @@ def test_guideline_optimization_quick(tmp_path):
         for row in [*recipe["checkpoints"], recipe["selected"]]:
             assert 0.0 <= row["iou"] <= 1.0 and all(0.0 <= row[d] <= 1.0 for d in ("red non-star", "no object"))
             assert 0.0 <= row["mode_undefined"] <= 1.0
+
+
+def test_erase_dag_options_reach_every_dag_method():
+    from conftest import get_dummy_components
+
+    from benchmarks import erase
+    from benchmarks.methods import configure
+    from dag_safety import DAGStableDiffusionPipeline
+
+    assert erase._dag_option("hold_detection=true") == ("hold_detection", True)
+    assert erase._dag_option("fill_decay=1.5") == ("fill_decay", 1.5)
+    assert erase._dag_option("fill_region=basin") == ("fill_region", "basin")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        erase._dag_option("basin")
+    pipe = DAGStableDiffusionPipeline(**get_dummy_components())
+    embedding = torch.randn(3, pipe.unet.config.cross_attention_dim)
+    for method in ("DAG + SEGA", "DAG + SEGA (paper rule)", "DAG + SLD", "DAG - AreaScaler", "DAG - MagnitudeScaler"):
+        configure(pipe, method, embedding, "a red star", "red star", dag_options={"fill_region": "basin"})
+        assert pipe.dag_config.fill_region == "basin", method
+    configure(pipe, "SEGA", embedding, "a red star", "red star", dag_options={"fill_region": "basin"})
+    assert pipe.dag_config is None

@@ -47,6 +47,18 @@ SCENARIOS = {
         {"seed": 22, "unsafe_threshold": 0.8, "edit_mask_threshold": 0.5, "max_edit_area": 0.8, "fill_decay": 0.7},
         "..GGGG",
     ),
+    # the basin fill of the edit band (beyond the paper): band pixels that rise to another peak are not guided
+    "basin-fill": (
+        {"seed": 22, "unsafe_threshold": 0.8, "edit_mask_threshold": 0.5, "max_edit_area": 0.8,
+         "fill_region": "basin"},
+        "..GGGG",
+    ),
+    # the norm cap (beyond the paper): a strong push, shortened where it would exceed 1.05 × the CFG prediction
+    "norm-cap": (
+        {"seed": 22, "unsafe_threshold": 0.8, "edit_mask_threshold": 0.5, "max_edit_area": 0.8, "base_scale": 50.0,
+         "norm_cap": 1.05},
+        "..GGGG",
+    ),
 }  # fmt: skip
 
 
@@ -107,13 +119,16 @@ def test_guided_steps_match_the_reference(tiny_pipe, embedding, base, scenario):
     previous_momentum = [np.abs(reference.steps[i - 1].momentum).sum(axis=0) for i in guided[1:]]
     assert any((v[~r] > 0).any() for v, r in zip(previous_momentum, regions[1:])), "momentum outside the new region"
     assert all(0 < reference.steps[i].base_mask[:, regions[k]].mean() < 1 for k, i in enumerate(guided))
+    if "norm_cap" in dag:  # the cap binds at some guided pixels and not at others
+        capped = [reference.steps[i].capped for i in guided]
+        assert all(0 < c < (reference.steps[i].scale > 0).sum() for c, i in zip(capped, guided)), capped
     if scenario == "gap":  # the momentum decayed at the unguided step acts in the next step's region
         assert (previous_momentum[-1][regions[-1]] > 1e-3).any()
-    if "fill_decay" in dag:  # the band fades: the first guided step against the same run with the full fill
-        full = reference_dag(
+    if "fill_decay" in dag or "fill_region" in dag:  # the band fades or shrinks: the first guided step against
+        full = reference_dag(  # the same run with the paper's fill
             tiny_pipe, PROMPT, embedding, base=base, num_inference_steps=STEPS, seed=seed, negative_prompt=NEGATIVE,
             safety_concept=CONCEPT, momentum_scale=scale, mom_beta=beta, sld_threshold=SLD_THRESHOLD,
-            **{**dag, "fill_decay": None},
+            **{**dag, "fill_decay": None, "fill_region": "nearest"},
         ).steps[guided[0]]  # fmt: skip
         first = reference.steps[guided[0]]
         band = first.edit & ~first.unsafe
@@ -126,7 +141,8 @@ def test_guided_steps_match_the_reference(tiny_pipe, embedding, base, scenario):
     # batched and single UNet rows differ by ~3e-5 here
     torch.testing.assert_close(out.images, reference.latents, rtol=0, atol=1e-4)
     assert out.unsafe_detected == [reference.unsafe_detected] == [True]
-    np.testing.assert_allclose(out.dag_maps[0].numpy(), reference.steps[-1].dag_map, atol=1e-5)
+    # min-max normalisation divides the UNet's float noise by the map's span: 1.03e-5 seen on one CPU
+    np.testing.assert_allclose(out.dag_maps[0].numpy(), reference.steps[-1].dag_map, atol=1e-4)
 
 
 def test_the_loop_uses_detection_map_of_the_conditional_branch(tiny_pipe, embedding):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from dag_reference import area_scale
 from scipy import ndimage
 
 from dag_safety.config import SLD_PRESETS, DAGConfig, SEGAConfig, SLDConfig, build_config
@@ -146,6 +147,41 @@ class TestScalers:
         assert checked > 20
         assert np.all(scale[image < 0.01] == 0)
 
+    def test_area_scaler_basin_fill_by_hand(self):
+        # a detected object (peak 1.0) and a weaker one (peak 0.3, below tau_u): the nearest fill spreads the
+        # detected object's scale onto the weaker one's slopes, the basin fill stops where the slope turns up
+        dag_map = torch.zeros(1, 3, 9)
+        dag_map[0, 1] = torch.tensor([0.0, 0.2, 0.6, 1.0, 0.4, 0.1, 0.2, 0.3, 0.05])
+        s_bar = 5 / 27
+        nearest = area_scaler(dag_map)[0, 1]
+        basin = area_scaler(dag_map, fill_region="basin")[0, 1]
+        component = 2 * s_bar  # pixels 2 and 3
+        assert torch.allclose(nearest, torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1]) * component)
+        # 1 and 4 rise to the component, 5 is a trough whose higher neighbour is 4, 6-8 rise to the peak at 7
+        assert torch.allclose(basin, torch.tensor([0, 1, 1, 1, 1, 1, 0, 0, 0]) * component)
+        radius = math.sqrt(2 / math.pi)
+        decayed = area_scaler(dag_map, fill_region="basin", fill_decay=1.0)[0, 1]
+        assert decayed[5] == pytest.approx(component * math.exp(-2 / radius))
+
+    @pytest.mark.parametrize("fill_decay", [None, 1.5])
+    @pytest.mark.parametrize("seed", [1, 2, 5, 6])  # seeds whose maps have a weak peak beside a component
+    def test_area_scaler_basin_fill_against_brute_force(self, seed, fill_decay):
+        rng = np.random.default_rng(seed)
+        rows, cols = np.mgrid[:12, :12]
+        image = np.zeros((12, 12))
+        for row, col, height in zip(*rng.uniform(0, 12, (2, 5)), rng.uniform(0.2, 1.0, 5)):  # five bumps
+            image += height * np.exp(-((rows - row) ** 2 + (cols - col) ** 2) / 1.5)
+        image /= image.max()
+        image[image < 0.1] = 0.0  # a partial edit band
+        dag_map = torch.from_numpy(image)[None].float()
+        image = dag_map[0].double().numpy()
+        expected, ties = area_scale(image, 0.5, 0.01, 5.0, 0.8, fill_decay=fill_decay, fill_region="basin")
+        assert ties == 0  # bumps at random places: no two equally high neighbours on a climb
+        nearest, _ = area_scale(image, 0.5, 0.01, 5.0, 0.8, fill_decay=fill_decay)
+        assert (expected != nearest).any()  # the maps do have rival peaks
+        scale = area_scaler(dag_map, base_scale=5.0, fill_decay=fill_decay, fill_region="basin")[0].numpy()
+        np.testing.assert_allclose(scale, expected, rtol=1e-5, atol=1e-7)
+
     def test_area_scaler_eight_connectivity(self):
         dag_map = torch.zeros(1, 5, 5)
         dag_map[0, 1, 1] = dag_map[0, 2, 2] = 1.0  # diagonal neighbours: one component of 2 px
@@ -214,6 +250,24 @@ class TestDAGNoisePred:
         noise_pred, _ = dag_noise_pred(e_u, e_p, [e_s], 3.0, scale, None, config)
         assert torch.allclose(noise_pred, t([3.0 * (1 - 2 * 2.0), 3.0]))
 
+    def test_norm_cap_by_hand(self):
+        """Two channels, three pixels: a guided pixel over the cap, a guided pixel under it, an unguided one."""
+        base = SLDConfig(sld_threshold=10.0, sld_momentum_scale=0.0, sld_mom_beta=0.0)  # mask everything in
+        e_u = torch.zeros(1, 2, 1, 3)
+        e_p = torch.tensor([[[[1.0, 1.0, 1.0]], [[0.0, 0.0, 0.0]]]])  # CFG at s_g 2: (2, 0), norm 2
+        e_s = torch.tensor([[[[0.0, 0.1, 0.0]], [[1.0, 0.0, 1.0]]]])
+        scale = torch.tensor([[[3.0, 1.0, 0.0]]])
+        # uncapped, Table 1: 2 ((1, 0) - S e_s) = (2, -6) at pixel 0 (norm 6.3), (1.8, 0) at pixel 1, (2, 0) at 2
+        noise_pred, _ = dag_noise_pred(e_u, e_p, [e_s], 2.0, scale, None, DAGConfig(base=base, norm_cap=1.5))
+        direction = torch.tensor([2.0, -6.0]) / math.sqrt(40)
+        assert torch.allclose(noise_pred[0, :, 0, 0], 1.5 * 2 * direction)  # capped at 1.5 × 2, same direction
+        assert torch.allclose(noise_pred[0, :, 0, 1], torch.tensor([1.8, 0.0]))  # under the cap: as it was
+        assert torch.equal(noise_pred[0, :, 0, 2], torch.tensor([2.0, 0.0]))  # not guided: the CFG prediction
+        # a cap below 1 still leaves the pixels DAG does not guide alone
+        noise_pred, _ = dag_noise_pred(e_u, e_p, [e_s], 2.0, scale, None, DAGConfig(base=base, norm_cap=0.5))
+        assert torch.equal(noise_pred[0, :, 0, 2], torch.tensor([2.0, 0.0]))
+        assert torch.allclose(noise_pred[0, :, 0, 1], torch.tensor([1.0, 0.0]))
+
     def test_by_hand_sega_form(self):
         """SEGA's own form: the DAG term is not multiplied by the guidance scale (Table 1's form: -9 above)."""
         base = SLDConfig(sld_threshold=0.0, sld_momentum_scale=0.0, sld_mom_beta=0.0)
@@ -241,6 +295,9 @@ class TestDAGNoisePred:
         {"fill_decay": -1.0},
         {"fill_decay": float("inf")},
         {"fill_decay": 1.0, "area_scaler": False},
+        {"fill_region": "watershed"},
+        {"norm_cap": 0.0},
+        {"norm_cap": -1.0},
     ],
 )
 def test_dag_config_rejects(kwargs):

@@ -115,6 +115,33 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(once["ema"]["shadow"][k], twice["ema"]["shadow"][k]) for k in once["ema"]["shadow"])
 
 
+def test_freeze_unet_fits_only_the_text_encoder_to_the_given_unet(tmp_path):
+    """`--unet-init DIR --freeze-unet` (refitting a lost text encoder): the checkpoint's UNet is the given one, bit for
+    bit, after training, and the text encoder moved."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dag_safety.mini import MODEL_PATH
+    from dag_safety.mini.training.train_unet import main
+
+    given = UNet2DConditionModel.from_pretrained(Path(MODEL_PATH) / "unet").state_dict()
+    states = []
+    for steps in (1, 2):
+        main([
+            "--vae", str(Path(MODEL_PATH) / "vae"), "--output-dir", str(tmp_path / str(steps)), "--steps", str(steps),
+            "--num-scenes", "16", "--batch-size", "4", "--threads", "1", "--unet-init", str(Path(MODEL_PATH) / "unet"),
+            "--freeze-unet",
+        ])  # fmt: skip
+        states.append(torch.load(tmp_path / str(steps) / "checkpoint.pt", weights_only=False)["model"])
+    for state in states:
+        unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        assert unet.keys() == given.keys()
+        assert all(torch.equal(unet[k], v) for k, v in given.items())
+    # the second step moved the text encoder (the two runs share their first step: same seed and batches)
+    text = [k for k in states[0] if k.startswith("text_encoder.")]
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in text)
+
+
 def test_ema_update_is_the_moving_average_with_warmup():
     import torch
 

@@ -152,6 +152,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="weight of the token grounding loss (dag_safety.mini.training.grounding); 0 turns it off",
     )
     p.add_argument("--num-scenes", type=int, default=60000, help="size of the pre-rendered training set")
+    p.add_argument(
+        "--unet-init",
+        default=None,
+        help="start the UNet from this diffusers UNet folder (its width must be --width) instead of from scratch",
+    )
+    p.add_argument(
+        "--freeze-unet",
+        action="store_true",
+        help="train the text encoder only, the UNet's weights fixed (with --unet-init: fit a new text encoder to a"
+        " trained UNet, e.g. one whose text encoder was lost)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="CPU threads; with --adaptive-threads the most this may use")
@@ -257,13 +268,18 @@ def main(argv=None) -> None:
 
     # 2. Models, optimizer, EMA
     text_encoder, unet = build_models(tokenizer, args.width)
+    if args.unet_init:
+        trained = UNet2DConditionModel.from_pretrained(args.unet_init, torch_dtype=torch.float32)
+        unet.load_state_dict(trained.state_dict())
+    unet.requires_grad_(not args.freeze_unet)
     joint = torch.nn.ModuleDict({"text_encoder": text_encoder, "unet": unet}).to(args.device)
+    trainable = [p for p in joint.parameters() if p.requires_grad]
     logger.info(
         "UNet %.2f M, text encoder %.2f M parameters",
         sum(p.numel() for p in unet.parameters()) / 1e6,
         sum(p.numel() for p in text_encoder.parameters()) / 1e6,
     )
-    opt = torch.optim.AdamW(joint.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, partial(lr_factor, warmup=args.warmup, steps=args.steps, decay_start=args.lr_decay_start)
     )
@@ -316,7 +332,7 @@ def main(argv=None) -> None:
             loss_total = loss
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
-        torch.nn.utils.clip_grad_norm_(joint.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         ema.update(joint)
