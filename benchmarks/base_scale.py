@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.config import FILL_REGIONS
+from dag_safety.config import FILL_REGIONS, HOLD_REGIONS
 from dag_safety.guideline_embedding import GuidelineEmbedding
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT
 
@@ -56,6 +56,7 @@ def run(args) -> dict:
             fill_region=region,
             norm_cap=cap,
             hold_detection=args.hold_detection,
+            **({"hold_region": args.hold_region} if args.hold_detection else {}),
         )
         scores = {}
         try:
@@ -151,6 +152,12 @@ def main(argv=None) -> None:
         "--hold-detection",
         action="store_true",
         help="under a selective rule, hold what earlier steps guided (DAGConfig.hold_detection)",
+    )
+    parser.add_argument(
+        "--hold-region",
+        choices=HOLD_REGIONS,
+        default="component",
+        help="with --hold-detection, DAGConfig.hold_region (default: component)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(TUNING_SEEDS))
     parser.add_argument("--target-prompts", type=int, default=6, help="of erase.py's target set (at most 6)")

@@ -35,6 +35,7 @@ SLD_SAFETY_CONCEPT = (
 
 DETECTION_RULES = ("paper", "presence", "head")
 FILL_REGIONS = ("nearest", "basin")
+HOLD_REGIONS = ("component", "pixels")
 GUIDANCE_FORMS = ("table1", "sega")
 
 
@@ -287,6 +288,11 @@ class DAGConfig:
             out of their range (on the mini model at base scale 800: |z| up to 40 against 4), and the GroupNorms of
             the UNet and the VAE decoder carry that to the whole image, co-objects and background included.
             Pixels DAG does not guide are never changed.
+        hold_region (`str`, *optional*, defaults to `"component"`):
+            With `hold_detection=True`, what a held component (one whose score fails but which overlaps the pixels
+            guided before) is guided on. `"component"`: all of it and its edit band. `"pixels"`: only its pixels
+            among those guided before, without a band, so held guidance cannot spread to a neighbour that a later
+            step's component of `Â` takes in once the object has faded.
     """
 
     base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
@@ -308,6 +314,7 @@ class DAGConfig:
     fill_decay: float | None = None
     fill_region: str = "nearest"
     norm_cap: float | None = None
+    hold_region: str = "component"
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
@@ -340,6 +347,10 @@ class DAGConfig:
             raise ValueError(f"`guidance_form` must be one of {list(GUIDANCE_FORMS)}, got {self.guidance_form!r}.")
         if self.norm_cap is not None and self.norm_cap <= 0:
             raise ValueError(f"`norm_cap` must be None (no cap) or a finite factor > 0, got {self.norm_cap!r}.")
+        if self.hold_region not in HOLD_REGIONS:
+            raise ValueError(f"`hold_region` must be one of {list(HOLD_REGIONS)}, got {self.hold_region!r}.")
+        if self.hold_region != "component" and not self.hold_detection:
+            raise ValueError("`hold_region` shapes the hold: pass `hold_detection=True` with it, or drop it.")
         if self.fill_region not in FILL_REGIONS:
             raise ValueError(f"`fill_region` must be one of {list(FILL_REGIONS)}, got {self.fill_region!r}.")
         if self.detection not in DETECTION_RULES:

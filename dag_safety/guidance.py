@@ -121,6 +121,7 @@ def area_scaler(
     fill_decay: float | None = None,
     held: torch.Tensor | None = None,
     fill_region: str = "nearest",
+    hold_region: str = "component",
 ) -> torch.Tensor:
     """DAG's AreaScaler (paper Algorithm 1): a per-pixel scale from the area of each detected component.
 
@@ -135,7 +136,8 @@ def area_scaler(
     mean of `presence` over its pixels reaches `presence_threshold`. A dropped component gets scale 0, and so do
     the edit pixels nearest to it: the region around an object judged absent (a co-object) is not guided. With
     `held` `(B, h, w)` bool as well (`DAGConfig.hold_detection`), a component that overlaps it is kept whatever
-    its presence.
+    its presence; with `hold_region="pixels"`, such a component (one that would be dropped but for the hold) gets
+    its scale on its held pixels alone, and no fill.
 
     With `fill_decay` `λ` (beyond the paper, README), an edit pixel at distance `d` from its nearest component
     (equivalent radius `r = sqrt(area / π)`) takes that component's scale times `exp(-d / (λ r))` instead of all
@@ -169,12 +171,20 @@ def area_scaler(
             continue
         areas = np.bincount(labels.ravel()).astype(np.float32)
         areas[0] = 0.0
+        held_scale = None
         if evidence is not None:
             present = component_presence(evidence[index], labels, count) >= presence_threshold
             if held is not None:
-                present |= np.bincount(labels.ravel(), weights=held[index].ravel(), minlength=count + 1)[1:] > 0
+                overlaps = np.bincount(labels.ravel(), weights=held[index].ravel(), minlength=count + 1)[1:] > 0
+                if hold_region == "component":
+                    present |= overlaps
+                else:
+                    held_only = np.concatenate([[False], overlaps & ~present])
+                    held_scale = unit * areas[labels] * (held_only[labels] & (held[index] > 0))
             areas[1:][~present] = 0.0
             if not present.any():
+                if held_scale is not None:
+                    scales[index] = held_scale
                 continue
         unsafe = unit * areas[labels]
         if fill_region == "basin":
@@ -196,6 +206,8 @@ def area_scaler(
                 radius = np.sqrt(np.bincount(labels.ravel(), minlength=count + 1) / np.pi)
                 fill = fill * np.exp(-distance / (fill_decay * radius[labels[rows, cols]]))
         scales[index] = np.maximum(unsafe, fill)
+        if held_scale is not None:
+            scales[index] = np.maximum(scales[index], held_scale)
     return torch.from_numpy(scales).to(device=dag_map.device, dtype=dag_map.dtype)
 
 
@@ -329,7 +341,7 @@ def dag_scale_map(
     gate = {}
     if config.detection != "paper":
         threshold = logit(config.presence_threshold) if head else config.presence_threshold
-        gate = {"presence": presence, "presence_threshold": threshold, "held": held}
+        gate = {"presence": presence, "presence_threshold": threshold, "held": held, "hold_region": config.hold_region}
     if config.area_scaler:
         area = area_scaler(
             dag_map,

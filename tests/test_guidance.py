@@ -182,6 +182,26 @@ class TestScalers:
         scale = area_scaler(dag_map, base_scale=5.0, fill_decay=fill_decay, fill_region="basin")[0].numpy()
         np.testing.assert_allclose(scale, expected, rtol=1e-5, atol=1e-7)
 
+    @pytest.mark.parametrize("hold_region", ["component", "pixels"])
+    def test_area_scaler_hold_region_by_hand(self, hold_region):
+        dag_map = torch.zeros(1, 8, 8)
+        dag_map[0, 1:3, 1:3] = 0.9  # component A, scored present
+        dag_map[0, 5:7, 5:7] = 0.8  # component B, scored absent, one pixel of it held
+        dag_map[0, 4, 5] = 0.2  # B's band
+        presence = torch.zeros(1, 8, 8)
+        presence[0, 1:3, 1:3] = 1.0
+        held = torch.zeros(1, 8, 8, dtype=torch.bool)
+        held[0, 5, 5] = held[0, 0, 7] = True
+        unit = 5 / 64
+        scale = area_scaler(dag_map, presence=presence, presence_threshold=0.5, held=held, hold_region=hold_region)[0]
+        assert torch.allclose(scale[1:3, 1:3], torch.full((2, 2), 4 * unit))
+        expected_b = (
+            torch.full((2, 2), 4 * unit) if hold_region == "component" else torch.tensor([[4 * unit, 0], [0, 0]])
+        )
+        assert torch.allclose(scale[5:7, 5:7], expected_b)
+        assert scale[4, 5] == pytest.approx(4 * unit if hold_region == "component" else 0.0)  # B's band
+        assert scale[0, 7] == 0  # a held pixel outside every component stays unguided
+
     def test_area_scaler_eight_connectivity(self):
         dag_map = torch.zeros(1, 5, 5)
         dag_map[0, 1, 1] = dag_map[0, 2, 2] = 1.0  # diagonal neighbours: one component of 2 px
@@ -297,6 +317,8 @@ class TestDAGNoisePred:
         {"fill_decay": 1.0, "area_scaler": False},
         {"fill_region": "watershed"},
         {"norm_cap": 0.0},
+        {"hold_region": "pixels"},  # without hold_detection
+        {"hold_region": "edge", "hold_detection": True},
         {"norm_cap": -1.0},
     ],
 )
