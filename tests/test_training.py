@@ -142,6 +142,26 @@ def test_freeze_unet_fits_only_the_text_encoder_to_the_given_unet(tmp_path):
     assert any(not torch.equal(states[0][k], states[1][k]) for k in text)
 
 
+def test_unet_init_errors_name_the_fix(tmp_path):
+    from dag_safety.mini import MODEL_PATH
+    from dag_safety.mini.training.train_unet import main
+
+    common = [
+        "--vae",
+        str(Path(MODEL_PATH) / "vae"),
+        "--output-dir",
+        str(tmp_path),
+        "--num-scenes",
+        "4",
+        "--threads",
+        "1",
+    ]
+    with pytest.raises(SystemExit, match="--unet-init DIR"):
+        main([*common, "--freeze-unet"])
+    with pytest.raises(SystemExit, match="pass the --width it was trained at"):
+        main([*common, "--width", "48", "--unet-init", str(Path(MODEL_PATH) / "unet")])
+
+
 def test_ema_update_is_the_moving_average_with_warmup():
     import torch
 

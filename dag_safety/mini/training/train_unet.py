@@ -268,8 +268,16 @@ def main(argv=None) -> None:
 
     # 2. Models, optimizer, EMA
     text_encoder, unet = build_models(tokenizer, args.width)
+    if args.freeze_unet and not args.unet_init:
+        raise SystemExit("--freeze-unet keeps the UNet as it starts: give the trained UNet with --unet-init DIR.")
     if args.unet_init:
         trained = UNet2DConditionModel.from_pretrained(args.unet_init, torch_dtype=torch.float32)
+        if list(trained.config.block_out_channels) != list(unet.config.block_out_channels):
+            raise SystemExit(
+                f"--unet-init {args.unet_init} has block_out_channels {list(trained.config.block_out_channels)},"
+                f" --width {args.width} builds {list(unet.config.block_out_channels)}: pass the --width it was"
+                " trained at."
+            )
         unet.load_state_dict(trained.state_dict())
     unet.requires_grad_(not args.freeze_unet)
     joint = torch.nn.ModuleDict({"text_encoder": text_encoder, "unet": unet}).to(args.device)
