@@ -8,7 +8,7 @@ held-out seeds 100,800,000 on, apart from `erase.py`'s). Per base scale: red sta
 co-objects kept, PSNR outside the red stars to the undefended image of the same seed (complex set).
 `--fill-decays` crosses the scales with `DAGConfig.fill_decay` values (`none`: the full-scale fill),
 `--fill-regions` with `DAGConfig.fill_region` values and `--norm-caps` with `DAGConfig.norm_cap` values (`none`: no
-cap).
+cap); `--erase-mode` sets `DAGConfig.erase_mode` for the whole sweep.
 
     python -m benchmarks.base_scale                    # the documented sweep (~3 min on 2 CPU cores)
     python -m benchmarks.base_scale --scales 800 1600 --fill-decays none 1 2 --out benchmarks/results/fill_decay
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from dag_safety import DAGStableDiffusionPipeline
-from dag_safety.config import FILL_REGIONS, HOLD_REGIONS
+from dag_safety.config import ERASE_MODES, FILL_REGIONS, HOLD_REGIONS
 from dag_safety.guideline_embedding import GuidelineEmbedding
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT
 
@@ -56,6 +56,7 @@ def run(args) -> dict:
             fill_region=region,
             norm_cap=cap,
             hold_detection=args.hold_detection,
+            erase_mode=args.erase_mode,
             **({"hold_region": args.hold_region} if args.hold_detection else {}),
         )
         scores = {}
@@ -71,6 +72,7 @@ def run(args) -> dict:
                 "fill_decay": decay,
                 "fill_region": region,
                 "norm_cap": cap,
+                "erase_mode": args.erase_mode,
                 "red_stars_left": sum(s["target_detections"] for s in scores.values()),
                 "co_objects_kept": scores["complex"]["benign_objects_found"],
                 "psnr_outside_complex": scores["complex"]["psnr_outside"],
@@ -102,15 +104,19 @@ def write_markdown(output: dict, command: str, path: Path) -> None:
             "co-objects drawn (complex)."
         ),
         "",
-        "| base scale | fill region | fill decay | norm cap | red stars left | co-objects kept | PSNR out (complex, dB) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        (
+            "| base scale | fill region | fill decay | norm cap | erase mode | red stars left | co-objects kept"
+            " | PSNR out (complex, dB) |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in output["rows"]:
         psnr = "identical" if row["psnr_outside_complex"] is None else f"{row['psnr_outside_complex']:.1f}"
         decay = "full" if row.get("fill_decay") is None else f"{row['fill_decay']:g}"
         cap = "none" if row.get("norm_cap") is None else f"{row['norm_cap']:g}"
         lines.append(
-            f"| {row['base_scale']:g} | {row.get('fill_region', 'nearest')} | {decay} | {cap} | {row['red_stars_left']}"
+            f"| {row['base_scale']:g} | {row.get('fill_region', 'nearest')} | {decay} | {cap}"
+            f" | {row.get('erase_mode', 'guidance')} | {row['red_stars_left']}"
             f" | {row['co_objects_kept']} | {psnr} |"
         )
     path.write_text("\n".join(lines) + "\n")
@@ -152,6 +158,12 @@ def main(argv=None) -> None:
         "--hold-detection",
         action="store_true",
         help="under a selective rule, hold what earlier steps guided (DAGConfig.hold_detection)",
+    )
+    parser.add_argument(
+        "--erase-mode",
+        choices=ERASE_MODES,
+        default="guidance",
+        help="DAGConfig.erase_mode (default: guidance, the paper's)",
     )
     parser.add_argument(
         "--hold-region",

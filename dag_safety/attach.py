@@ -258,7 +258,9 @@ class _AttachedGuidance:
 
             return [run(half(sample), half(timestep), states, half(args), half(kwargs)) for states in safety]
 
-        noise_pred = guider.guide(step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety)
+        noise_pred = guider.guide(
+            step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety, sample, timestep
+        )
         if isinstance(guider, DAGGuider) and guider.scale is None:
             # nothing guided: the CFG rows as the UNet gave them, for the host's own CFG line
             output = output[: 2 * batch]
@@ -394,7 +396,7 @@ class DAGGuidance(_AttachedGuidance):
         # where the UNet runs this call (with model offload, not where its weights rest between calls)
         self.state.follow(device, self._unet.dtype)
         map_step = len(self._pipe.scheduler.timesteps) - 1 if self.map_last_timestep else None
-        return DAGGuider(self.state, guidance_scale, num_concepts, map_step=map_step)
+        return DAGGuider(self.state, guidance_scale, num_concepts, map_step=map_step, scheduler=self._pipe.scheduler)
 
     @property
     def config(self) -> DAGConfig | None:

@@ -37,6 +37,7 @@ DETECTION_RULES = ("paper", "presence", "head")
 FILL_REGIONS = ("nearest", "basin")
 HOLD_REGIONS = ("component", "pixels")
 GUIDANCE_FORMS = ("table1", "sega")
+ERASE_MODES = ("guidance", "fill")
 
 
 def _check_field_types(config: Any) -> None:
@@ -293,6 +294,15 @@ class DAGConfig:
             guided before) is guided on. `"component"`: all of it and its edit band. `"pixels"`: only its pixels
             among those guided before, without a band, so held guidance cannot spread to a neighbour that a later
             step's component of `Â` takes in once the object has faded.
+        erase_mode (`str`, *optional*, defaults to `"guidance"`):
+            What DAG does at the pixels it guides (`S_dag > 0`). `"guidance"`: the paper's, the base method's safety
+            direction scaled by `S_dag` (above). `"fill"` (beyond the paper; README): the prediction there is
+            replaced by the one whose clean-latent estimate `x̂_0` is that of the nearest pixel DAG does not guide
+            (equidistant ones averaged; `dag_safety.guidance.fill_noise_pred`), so the guided region takes on its
+            surroundings while its latents stay in their range at any strength. `S_dag` then only says where: its
+            values, the base method's mask and momentum are unused, and no safety-concept pass runs. Needs a
+            scheduler with `alphas_cumprod` (DDPM, DDIM, PNDM, Euler, DPM-Solver, ...) and an `"epsilon"`,
+            `"v_prediction"` or `"sample"` prediction type.
     """
 
     base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
@@ -315,6 +325,7 @@ class DAGConfig:
     fill_region: str = "nearest"
     norm_cap: float | None = None
     hold_region: str = "component"
+    erase_mode: str = "guidance"
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
@@ -351,6 +362,14 @@ class DAGConfig:
             raise ValueError(f"`hold_region` must be one of {list(HOLD_REGIONS)}, got {self.hold_region!r}.")
         if self.hold_region != "component" and not self.hold_detection:
             raise ValueError("`hold_region` shapes the hold: pass `hold_detection=True` with it, or drop it.")
+        if self.erase_mode not in ERASE_MODES:
+            raise ValueError(f"`erase_mode` must be one of {list(ERASE_MODES)}, got {self.erase_mode!r}.")
+        if self.erase_mode == "fill" and self.norm_cap is not None:
+            raise ValueError(
+                '`norm_cap` shortens the safety guidance, which `erase_mode="fill"` does not apply (it sets the'
+                " guided pixels' prediction from their surroundings): drop `norm_cap`, or use"
+                ' `erase_mode="guidance"`.'
+            )
         if self.fill_region not in FILL_REGIONS:
             raise ValueError(f"`fill_region` must be one of {list(FILL_REGIONS)}, got {self.fill_region!r}.")
         if self.detection not in DETECTION_RULES:

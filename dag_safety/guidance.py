@@ -443,3 +443,110 @@ def dag_noise_pred(
             capped, noise_pred * (limit / norm.clamp_min(torch.finfo(norm.dtype).tiny)), noise_pred
         )
     return noise_pred, momentum
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def alpha_prod_at(scheduler, timestep: float | torch.Tensor) -> float:
+    """`ᾱ_t` of a DDPM-type scheduler (one with `alphas_cumprod`) at a UNet timestep, as a float in `[0, 1]`.
+
+    A fractional timestep (Euler-type schedulers with interpolated timesteps) interpolates
+    `σ = sqrt((1 - ᾱ) / ᾱ)` linearly between the neighbouring integer timesteps, as those schedulers build their
+    sigmas; an integer timestep reads `alphas_cumprod` as it is.
+
+    Raises:
+        `ValueError`: the scheduler has no `alphas_cumprod` (e.g. flow matching), naming it.
+    """
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise ValueError(
+            '`erase_mode="fill"` needs a DDPM-type scheduler with `alphas_cumprod`; the pipeline has'
+            f' {type(scheduler).__name__}. Use `erase_mode="guidance"`, or a DDIM, PNDM, Euler or DPM-Solver scheduler.'
+        )
+    alphas = torch.as_tensor(alphas, dtype=torch.float64).cpu()
+    t = float(torch.as_tensor(timestep).flatten()[0])
+    low = min(max(math.floor(t), 0), len(alphas) - 1)
+    high = min(low + 1, len(alphas) - 1)
+    if t == low or high == low:
+        return float(alphas[low])
+    sigmas = ((1 - alphas[[low, high]]) / alphas[[low, high]]).sqrt()
+    sigma = sigmas[0] + (t - low) * (sigmas[1] - sigmas[0])
+    return float(1 / (1 + sigma**2))
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f'`erase_mode="fill"` supports the prediction types {list(PREDICTION_TYPES)}, but the scheduler predicts'
+            f' {prediction_type!r}. Use `erase_mode="guidance"`.'
+        )
+
+
+def check_fill_scheduler(scheduler) -> None:
+    """Raises a `ValueError` naming the problem if `erase_mode="fill"` cannot read `x̂_0` with this scheduler (no
+    `alphas_cumprod`, or a prediction type other than `PREDICTION_TYPES`)."""
+    alpha_prod_at(scheduler, 0)
+    _check_prediction_type(getattr(scheduler.config, "prediction_type", None))
+
+
+def fill_noise_pred(
+    noise_pred: torch.Tensor,
+    latents: torch.Tensor,
+    alpha_prod: float,
+    region: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """`erase_mode="fill"` (beyond the paper): the prediction whose clean-latent estimate `x̂_0` is, at each pixel of
+    `region`, that of its nearest pixel outside `region` (Euclidean distance on the latent grid; equidistant
+    nearest pixels are averaged, so the result does not hang on a tie-break).
+
+    `x̂_0` is the scheduler's own estimate from `x_t` and the prediction: `x̂_0 = (x_t - sqrt(1 - ᾱ) ε) / sqrt(ᾱ)`
+    (`"epsilon"`), `sqrt(ᾱ) x_t - sqrt(1 - ᾱ) v` (`"v_prediction"`), the prediction itself (`"sample"`); the
+    filled estimate is turned back into the same parameterisation. Outside `region` the prediction is returned
+    unchanged, bit for bit. Nothing is filled in an image whose region is empty or covers every pixel (there is
+    nothing to fill from; DAG's `max_edit_area` leaves such a step unguided), nor at `ᾱ = 0` with `"epsilon"` (pure
+    noise, where no `x̂_0` can be read) or at `ᾱ = 1` with `"epsilon"` / `"v_prediction"` (no noise left to set).
+
+    Args:
+        noise_pred (`torch.Tensor`): the classifier-free prediction, `(B, C, h, w)`.
+        latents (`torch.Tensor`): `x_t`, the UNet's input for it, `(B, C, h, w)`.
+        alpha_prod (`float`): `ᾱ_t` in `[0, 1]` ([`alpha_prod_at`]).
+        region (`torch.Tensor`): `(B, h, w)` bool, the pixels to fill.
+        prediction_type (`str`): the scheduler's, one of `PREDICTION_TYPES`.
+    """
+    _check_prediction_type(prediction_type)
+    signal, noise = math.sqrt(alpha_prod), math.sqrt(1 - alpha_prod)
+    if prediction_type != "sample" and (noise == 0 or (prediction_type == "epsilon" and signal == 0)):
+        return noise_pred
+    if prediction_type == "epsilon":
+        clean = (latents - noise * noise_pred) / signal
+    elif prediction_type == "v_prediction":
+        clean = signal * latents - noise * noise_pred
+    else:
+        clean = noise_pred
+    filled = clean.clone()
+    ring_kernel = np.ones((3, 3), dtype=bool)
+    region = region.cpu().numpy().astype(bool)
+    for i, mask in enumerate(region):
+        if mask.all():  # nothing to fill from
+            mask[:] = False
+        if not mask.any():
+            continue
+        # the nearest outside pixel of any region pixel touches the region (a step from it towards the region
+        # pixel is closer), so only the ring around the region is searched; integer squared distances tie exactly
+        ring = ndimage.binary_dilation(mask, ring_kernel) & ~mask
+        inside = torch.from_numpy(np.argwhere(mask))
+        outside = torch.from_numpy(np.argwhere(ring))
+        distance = ((inside[:, None] - outside[None]) ** 2).sum(-1)
+        nearest = (distance == distance.min(dim=1, keepdim=True).values).to(clean.dtype).to(clean.device)
+        values = clean[i][:, outside[:, 0], outside[:, 1]]
+        filled[i][:, inside[:, 0], inside[:, 1]] = (values @ nearest.T) / nearest.sum(dim=1)
+    if prediction_type == "epsilon":
+        target = (latents - signal * filled) / noise
+    elif prediction_type == "v_prediction":
+        target = (signal * latents - filled) / noise
+    else:
+        target = filled
+    region = torch.from_numpy(region)[:, None].to(noise_pred.device)
+    return torch.where(region, target.to(noise_pred.dtype), noise_pred)

@@ -6,8 +6,8 @@ construction. At step `i` of a call:
 
 1. `rows = guider.safety_rows(i)`: how many safety-concept rows to run in the same UNet batch as the CFG pass;
 2. under `with guider.capturing(i, batch):` the UNet runs on `[uncond, cond, safety_1 .. safety_rows]`;
-3. `guider.guide(i, e_u, e_p, e_s, run_safety)` returns the guided noise prediction, calling `run_safety()` for the
-   safety predictions only if it needs them and they were not in the batch.
+3. `guider.guide(i, e_u, e_p, e_s, run_safety, sample, timestep)` returns the guided noise prediction, calling
+   `run_safety()` for the safety predictions only if it needs them and they were not in the batch.
 
 A guider is made for one call and thrown away after it: nothing of one call reaches the next.
 """
@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .config import SEGAConfig, SLDConfig
-from .guidance import dag_noise_pred, sega_noise_pred, sld_noise_pred
+from .guidance import (
+    alpha_prod_at,
+    check_fill_scheduler,
+    dag_noise_pred,
+    fill_noise_pred,
+    sega_noise_pred,
+    sld_noise_pred,
+)
 from .state import DAGState
 
 __all__ = ["DAGGuider", "PlainSafetyGuider", "SafetyGuider"]
@@ -51,6 +58,8 @@ class SafetyGuider:
         noise_pred_text: torch.Tensor,
         noise_preds_safety: list[torch.Tensor],
         run_safety: SafetyPredictions,
+        sample: torch.Tensor,
+        timestep: float | torch.Tensor,
     ) -> torch.Tensor:
         """The guided noise prediction of step `step`, `(B, C, h, w)`.
 
@@ -58,6 +67,8 @@ class SafetyGuider:
             noise_pred_uncond, noise_pred_text (`torch.Tensor`): `e_u`, `e_p`, `(B, C, h, w)`.
             noise_preds_safety (`list[torch.Tensor]`): `e_s` per concept, as many as `safety_rows(step)` asked for.
             run_safety (`Callable`): returns every concept's `e_s` when the batch did not hold them.
+            sample (`torch.Tensor`): the UNet's input `x_t` of the CFG batch, `(2B, C, h, w)`.
+            timestep (`float` or `torch.Tensor`): the UNet's timestep (a scalar or `(2B,)`).
         """
         raise NotImplementedError
 
@@ -76,7 +87,7 @@ class PlainSafetyGuider(SafetyGuider):
         super().__init__(guidance_scale, num_concepts)
         self.config = config
 
-    def guide(self, step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety):
+    def guide(self, step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety, sample, timestep):
         if len(noise_preds_safety) < self.num_concepts:
             noise_preds_safety = run_safety()
         if isinstance(self.config, SLDConfig):
@@ -116,6 +127,8 @@ class DAGGuider(SafetyGuider):
         num_concepts (`int`): safety concepts (`e_s` rows).
         map_step (`int`, *optional*): a step whose detection map to keep even before warm-up ends (the last step,
             for `return_dag_maps`).
+        scheduler (*optional*): the pipeline's scheduler, whose noise schedule and prediction type
+            `erase_mode="fill"` reads.
 
     Attributes, read after (or during) the call:
         dag_map (`torch.Tensor | None`): the last detection map, `(B, h, w)` on the CPU.
@@ -125,11 +138,22 @@ class DAGGuider(SafetyGuider):
             of any guided step.
     """
 
-    def __init__(self, state: DAGState, guidance_scale: float, num_concepts: int, map_step: int | None = None):
+    def __init__(
+        self,
+        state: DAGState,
+        guidance_scale: float,
+        num_concepts: int,
+        map_step: int | None = None,
+        scheduler=None,
+    ):
         super().__init__(guidance_scale, num_concepts)
         self.state = state
         self.config = state.config
         self.map_step = map_step
+        self.scheduler = scheduler
+        if self.config.erase_mode == "fill":
+            # checked before the first step, so a call that cannot fill fails before it generates anything
+            check_fill_scheduler(scheduler)
         self.dag_map: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.unsafe_detected: torch.Tensor | None = None
@@ -144,7 +168,8 @@ class DAGGuider(SafetyGuider):
         return self._guided(step) or step == self.map_step
 
     def safety_rows(self, step: int) -> int:
-        return self.num_concepts if self._guided(step) and self._safety_last_step else 0
+        needed = self.config.erase_mode == "guidance" and self._guided(step) and self._safety_last_step
+        return self.num_concepts if needed else 0
 
     @contextlib.contextmanager
     def capturing(self, step: int, batch: int) -> Iterator[None]:
@@ -157,7 +182,7 @@ class DAGGuider(SafetyGuider):
         finally:
             store.disarm()
 
-    def guide(self, step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety):
+    def guide(self, step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety, sample, timestep):
         batch = noise_pred_uncond.shape[0]
         if self.unsafe_detected is None:
             self.unsafe_detected = torch.zeros(batch, dtype=torch.bool)
@@ -186,6 +211,14 @@ class DAGGuider(SafetyGuider):
             if self.momentum is not None:
                 self.momentum = self.config.mom_beta * self.momentum
             return noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if self.config.erase_mode == "fill":
+            return fill_noise_pred(
+                noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond),
+                sample[batch:],
+                alpha_prod_at(self.scheduler, timestep),
+                scale > 0,
+                self.scheduler.config.prediction_type,
+            )
         if not noise_preds_safety:
             noise_preds_safety = run_safety()
         noise_pred, self.momentum = dag_noise_pred(

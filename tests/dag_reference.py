@@ -218,6 +218,7 @@ def reference_dag(
     fill_decay: float | None = None,
     fill_region: str = "nearest",
     norm_cap: float | None = None,
+    erase_mode: str = "guidance",
     layer_fractions=(0.25, 0.5),
     edit_threshold: float = 0.9,
     momentum_scale: float = 0.1,
@@ -229,6 +230,10 @@ def reference_dag(
     `e = e_u + s_g ((e_p − e_u) − g)`, `g = S_dag ⊙ M_base ⊙ (e_s − e_u) + momentum_scale · 1[S_dag > 0] · v`,
     `v ← β v + (1 − β) g`, nothing but classifier-free guidance during the warm-up (the momentum starting at the
     first guided step), `S_dag = S_area ⊙ clip(Â / τ_e, 1, max_magnitude) ⊙ 1[Â ≥ τ_e]`.
+
+    `erase_mode="fill"` (ε-prediction schedulers only): at the pixels of `S_dag > 0`, the classifier-free `ε` is
+    replaced by the one whose `x̂_0 = (x_t − sqrt(1 − ᾱ_t) ε) / sqrt(ᾱ_t)` is the mean `x̂_0` of the nearest pixels
+    outside them (brute force over every pixel).
     """
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(num_inference_steps)
@@ -288,6 +293,19 @@ def reference_dag(
                             guided[:, y, x] *= limit / length
                             step_capped += 1
                     noise = torch.from_numpy(guided)[None].to(e_u.dtype)
+                if erase_mode == "fill" and (scale > 0).any():
+                    assert scheduler.config.prediction_type == "epsilon"
+                    alpha = float(scheduler.alphas_cumprod[int(t)])
+                    x_t = latents[0].double().numpy()
+                    eps = (e_u + guidance_scale * (e_p - e_u))[0].double().numpy()
+                    clean = (x_t - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
+                    outside = np.argwhere(scale <= 0)
+                    for y, x in np.argwhere(scale > 0):
+                        distance = ((outside - (y, x)) ** 2).sum(axis=1)
+                        ties = outside[distance == distance.min()]
+                        x0 = clean[:, ties[:, 0], ties[:, 1]].mean(axis=1)
+                        eps[:, y, x] = (x_t[:, y, x] - math.sqrt(alpha) * x0) / math.sqrt(1 - alpha)
+                    noise = torch.from_numpy(eps)[None].to(e_u.dtype)
                 step = ReferenceStep(dag_map, dag_map >= unsafe_threshold, dag_map >= edit_mask_threshold, scale, base_mask,
                                      v, bool((scale > 0).any()), ties, step_capped)  # fmt: skip
             run.steps.append(step)

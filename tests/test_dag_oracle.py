@@ -145,6 +145,36 @@ def test_guided_steps_match_the_reference(tiny_pipe, embedding, base, scenario):
     np.testing.assert_allclose(out.dag_maps[0].numpy(), reference.steps[-1].dag_map, atol=1e-4)
 
 
+def test_fill_steps_match_the_reference(tiny_pipe, embedding):
+    """`erase_mode="fill"` over a moving region, without a safety-concept pass in any UNet batch."""
+    settings, pattern = SCENARIOS["moving-region"]
+    settings = dict(settings)
+    seed = settings.pop("seed")
+    dag = {"warmup_steps": WARMUP, "layer_fractions": (0.25, 0.5), "base_scale": 5.0, **settings}
+    kwargs = dict(num_inference_steps=STEPS, seed=seed, negative_prompt=NEGATIVE, safety_concept=CONCEPT)
+    reference = reference_dag(tiny_pipe, PROMPT, embedding, base="sega", erase_mode="fill", **dag, **kwargs)
+    unguided = reference_dag(tiny_pipe, PROMPT, embedding, base="sega", base_scale=0.0,
+                             **{k: v for k, v in dag.items() if k != "base_scale"}, **kwargs)  # fmt: skip
+    assert "".join("G" if step.guided else "." for step in reference.steps) == pattern
+    assert (reference.latents - unguided.latents).abs().max() > 1e-2, "the fill should move the latents"
+
+    batches = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    tiny_pipe.enable_dag(embedding, guidance="sega", erase_mode="fill", **dag)
+    try:
+        out, scales = run_pipeline(tiny_pipe, seed)
+    finally:
+        tiny_pipe.disable_dag()
+        hook.remove()
+    assert set(batches) == {2}, batches
+    for i, (scale, step) in enumerate(zip(scales, reference.steps)):
+        # the fill reads only where S_dag > 0 (its values can differ at a pixel equally near two components)
+        expected = step.scale if step.scale is not None else np.zeros_like(scale)
+        np.testing.assert_array_equal(scale > 0, expected > 0, err_msg=f"guided pixels at step {i}")
+    torch.testing.assert_close(out.images, reference.latents, rtol=0, atol=1e-4)
+    assert out.unsafe_detected == [True]
+
+
 def test_the_loop_uses_detection_map_of_the_conditional_branch(tiny_pipe, embedding):
     """The returned map (the last step's) is `dag_map` of the last step's UNet input and the prompt, not the
     negative prompt, whose map differs."""
