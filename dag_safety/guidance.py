@@ -536,8 +536,8 @@ def fill_noise_pred(
         # the nearest outside pixel of any region pixel touches the region (a step from it towards the region
         # pixel is closer), so only the ring around the region is searched; integer squared distances tie exactly
         ring = ndimage.binary_dilation(mask, ring_kernel) & ~mask
-        inside = torch.from_numpy(np.argwhere(mask))
-        outside = torch.from_numpy(np.argwhere(ring))
+        inside = torch.from_numpy(np.argwhere(mask).astype(np.int32))
+        outside = torch.from_numpy(np.argwhere(ring).astype(np.int32))
         distance = ((inside[:, None] - outside[None]) ** 2).sum(-1)
         nearest = (distance == distance.min(dim=1, keepdim=True).values).to(clean.dtype).to(clean.device)
         values = clean[i][:, outside[:, 0], outside[:, 1]]
