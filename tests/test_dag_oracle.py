@@ -151,7 +151,7 @@ def test_fill_steps_match_the_reference(tiny_pipe, embedding):
     settings = dict(settings)
     seed = settings.pop("seed")
     dag = {"warmup_steps": WARMUP, "layer_fractions": (0.25, 0.5), "base_scale": 5.0, **settings}
-    kwargs = dict(num_inference_steps=STEPS, seed=seed, negative_prompt=NEGATIVE, safety_concept=CONCEPT)
+    kwargs = {"num_inference_steps": STEPS, "seed": seed, "negative_prompt": NEGATIVE, "safety_concept": CONCEPT}
     reference = reference_dag(tiny_pipe, PROMPT, embedding, base="sega", erase_mode="fill", **dag, **kwargs)
     unguided = reference_dag(tiny_pipe, PROMPT, embedding, base="sega", base_scale=0.0,
                              **{k: v for k, v in dag.items() if k != "base_scale"}, **kwargs)  # fmt: skip
