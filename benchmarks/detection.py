@@ -311,6 +311,7 @@ def run(args) -> dict:
     return {
         "rows": rows,
         "per_generation": generations_guided,
+        "selective_rule": selective,
         "timesteps": list(args.timesteps),
         "scenes": {name: len(s.captions) for name, s in sets.items()},
         "filled_only_training_seconds": round(filled_seconds, 1),
@@ -368,15 +369,18 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
         )
     sets = list(dict.fromkeys(r["set"] for r in results["rows"]))
     presence_rows = [r for r in results["rows"] if "detection_rate_presence" in r]
+    # results written before the head rule was named here were all under the rows' presence rule
+    rule = results.get("selective_rule") or "presence"
     if presence_rows:
         lines += [
             "",
             (
-                "Detection rule: share of images guided by the committed embedding under the paper's rule and under"
-                " its calibrated presence rule (one step, no smoothing over steps), per timestep and set."
+                "Detection rule: share of images guided by the embedding under the paper's rule and under its"
+                f' calibrated selective rule (`detection="{rule}"`; one step, no smoothing over steps), per'
+                " timestep and set."
             ),
             "",
-            "| t | " + " | ".join(f"{name}: paper / presence" for name in sets) + " |",
+            "| t | " + " | ".join(f"{name}: paper / {rule}" for name in sets) + " |",
             "| --- |" + " --- |" * len(sets),
         ]
         for t in results["timesteps"]:
@@ -392,7 +396,7 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
         lines += [
             "",
             (
-                f"Per generation, presence rule at the calibrated threshold {generations['threshold']:.4g}: of"
+                f"Per generation, `{rule}` rule at the calibrated threshold {generations['threshold']:.4g}: of"
                 f" undefended generations of {generations['prompts']} held-out benign prompts (half or more with a red"
                 f" non-star or a non-red star), DAG guides **{generations['benign_guided']:.1%}** at some step (goal"
                 f" ≤ 5 %); of {generations['prompts']} held-out red-star prompts, {generations['red_star_guided']:.1%}."

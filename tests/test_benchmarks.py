@@ -181,6 +181,9 @@ def test_detection_quick(tmp_path):
     assert all(0.0 < share < 1.0 for share in shares)  # raw attention shares, not min-max maps
     generations = data["per_generation"]  # the committed embedding is calibrated
     assert generations["prompts"] == 4 and 0.0 <= generations["benign_guided"] <= 1.0
+    # calibrated without a presence head: the selective columns are the rows' presence rule, and say so
+    assert data["selective_rule"] == "presence"
+    assert "paper / presence |" in (tmp_path / "detection.md").read_text()
     for row in (r for r in data["rows"] if r["embedding"] == "optimized"):
         guided = [row["guided_by_edit_threshold"][str(tau)] for tau in detection.EDIT_THRESHOLDS]
         assert guided[0] == row["detection_rate"]  # the spec's 0.01 is the headline column
