@@ -28,7 +28,7 @@ from dag_safety.config import ERASE_MODES, FILL_REGIONS, HOLD_REGIONS
 from dag_safety.guideline_embedding import GuidelineEmbedding
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT
 
-from .erase import EMBEDDING, ROOT, PromptSet, complex_prompts, generate, prompt_sets, score_set
+from .erase import EMBEDDING, ROOT, PromptSet, add_dag_options, complex_prompts, generate, prompt_sets, score_set
 
 TUNING_SEEDS = (1000, 1001, 1002, 1003)
 SCALES = (5.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
@@ -58,6 +58,7 @@ def run(args) -> dict:
             hold_detection=args.hold_detection,
             erase_mode=args.erase_mode,
             **({"hold_region": args.hold_region} if args.hold_detection else {}),
+            **dict(args.dag_options),
         )
         scores = {}
         try:
@@ -171,6 +172,7 @@ def main(argv=None) -> None:
         default="component",
         help="with --hold-detection, DAGConfig.hold_region (default: component)",
     )
+    add_dag_options(parser, "further enable_dag options for the whole sweep, VALUE as JSON (e.g. fill_window=1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(TUNING_SEEDS))
     parser.add_argument("--target-prompts", type=int, default=6, help="of erase.py's target set (at most 6)")
     parser.add_argument("--complex-prompts", type=int, default=8)

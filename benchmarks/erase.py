@@ -525,7 +525,7 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _dag_option(text: str) -> tuple[str, object]:
+def dag_option(text: str) -> tuple[str, object]:
     """`KEY=VALUE` of `--dag-options`: VALUE parsed as JSON (`true`, `1.5`), else kept as a string (`basin`)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -534,6 +534,11 @@ def _dag_option(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def add_dag_options(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--dag-options KEY=VALUE ...` ([`dag_option`]), collected as a list of pairs."""
+    parser.add_argument("--dag-options", nargs="+", type=dag_option, default=[], metavar="KEY=VALUE", help=help)
 
 
 def main(argv=None) -> None:
@@ -555,13 +560,8 @@ def main(argv=None) -> None:
             f" 'none' always runs): {', '.join(METHODS)}"
         ),
     )
-    parser.add_argument(
-        "--dag-options",
-        nargs="+",
-        type=_dag_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="enable_dag options for every DAG method, VALUE as JSON (e.g. hold_detection=true fill_region=basin)",
+    add_dag_options(
+        parser, "enable_dag options for every DAG method, VALUE as JSON (e.g. hold_detection=true fill_region=basin)"
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 prompts per set, 1 seed, 8 steps")
     args = parser.parse_args(argv)

@@ -261,7 +261,7 @@ class _AttachedGuidance:
         noise_pred = guider.guide(
             step, noise_pred_uncond, noise_pred_text, noise_preds_safety, run_safety, sample, timestep
         )
-        if isinstance(guider, DAGGuider) and guider.scale is None:
+        if isinstance(guider, DAGGuider) and not guider.modified:
             # nothing guided: the CFG rows as the UNet gave them, for the host's own CFG line
             output = output[: 2 * batch]
         else:

@@ -211,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
         " embedding's own",
     )
     safety.add_argument(
+        "--erase-mode",
+        choices=("guidance", "fill", "fill_final"),
+        default=None,
+        help="what DAG does where it detects: push along the safety direction (guidance, the paper's, default),"
+        " fill from the surroundings at every guided step (fill), or only in the finished sample (fill_final)",
+    )
+    safety.add_argument(
+        "--fill-region",
+        choices=("nearest", "basin"),
+        default=None,
+        help="which edit pixels around a detected region DAG takes in: the nearest component's (nearest, default)"
+        " or only those on the detected object's slope of the map (basin)",
+    )
+    safety.add_argument(
         "--embedding",
         default=None,
         help="guideline embedding: a directory or Hub id (default with the mini model: its red-star embedding)",
@@ -484,10 +498,13 @@ def check_generate(args: argparse.Namespace) -> list[Path]:
     if args.guidance == "off" and (args.save_maps or args.compare):
         flag = "--save-maps" if args.save_maps else "--compare"
         raise CommandError(f"{flag} shows DAG's detection, which `--guidance off` turns off; drop one of the two.")
-    if args.guidance == "off" and args.detection is not None:
-        raise CommandError(
-            "--detection chooses DAG's detection rule, which `--guidance off` turns off; drop one of the two."
-        )
+    for flag, value in (
+        ("--detection", args.detection),
+        ("--erase-mode", args.erase_mode),
+        ("--fill-region", args.fill_region),
+    ):
+        if args.guidance == "off" and value is not None:
+            raise CommandError(f"{flag} configures DAG, which `--guidance off` turns off; drop one of the two.")
     if args.guidance != "off" and args.model is not None and args.embedding is None:
         raise CommandError(
             "DAG needs a guideline embedding for this model: pass --embedding DIR_OR_HUB_ID, or --guidance off."
@@ -620,8 +637,9 @@ def setup_pipeline(pipe, args: argparse.Namespace, embedding=None):
     if args.guidance == "off":
         return pipe
     embedding = embedding if embedding is not None else resolve_embedding(args)
-    rule = {} if args.detection is None else {"detection": args.detection}
-    pipe.enable_dag(embedding, guidance=args.guidance, check_fingerprint=not args.no_fingerprint_check, **rule)
+    chosen = {"detection": args.detection, "erase_mode": args.erase_mode, "fill_region": args.fill_region}
+    options = {name: value for name, value in chosen.items() if value is not None}
+    pipe.enable_dag(embedding, guidance=args.guidance, check_fingerprint=not args.no_fingerprint_check, **options)
     concept = args.safety_concept or embedding.metadata.safety_concept or SLD_SAFETY_CONCEPT
     args.call_kwargs = {"safety_concept": concept, "return_dag_maps": args.save_maps or args.compare}
     return pipe

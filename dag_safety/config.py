@@ -37,7 +37,7 @@ DETECTION_RULES = ("paper", "presence", "head")
 FILL_REGIONS = ("nearest", "basin")
 HOLD_REGIONS = ("component", "pixels")
 GUIDANCE_FORMS = ("table1", "sega")
-ERASE_MODES = ("guidance", "fill")
+ERASE_MODES = ("guidance", "fill", "fill_final")
 
 
 def _check_field_types(config: Any) -> None:
@@ -298,11 +298,24 @@ class DAGConfig:
             What DAG does at the pixels it guides (`S_dag > 0`). `"guidance"`: the paper's, the base method's safety
             direction scaled by `S_dag` (above). `"fill"` (beyond the paper; README): the prediction there is
             replaced by the one whose clean-latent estimate `x̂_0` is that of the nearest pixel DAG does not guide
-            (equidistant ones averaged; `dag_safety.guidance.fill_noise_pred`), so the guided region takes on its
+            (equidistant ones averaged; `dag_safety.fill.fill_noise_pred`), so the guided region takes on its
             surroundings while its latents stay in their range at any strength. `S_dag` then only says where: its
             values, the base method's mask and momentum are unused, and no safety-concept pass runs. Needs a
             scheduler with `alphas_cumprod` (DDPM, DDIM, PNDM, Euler, DPM-Solver, ...) and an `"epsilon"`,
-            `"v_prediction"` or `"sample"` prediction type.
+            `"v_prediction"` or `"sample"` prediction type. `"fill_final"` (beyond the paper; README): DAG detects
+            at every step as under `"fill"` but changes nothing until the scheduler's last timestep; there it fills,
+            from the surroundings, the pixels guided at any of the last `fill_window` steps, grown by up to
+            `fill_growth` pixels over the object they lie on (`dag_safety.fill.final_fill_noise_pred`). Sampling
+            never fights the prompt, so the model neither redraws the object beside the region nor lets it leak
+            into the rest of the image; the object is taken out of the finished sample. Same scheduler needs as
+            `"fill"`. Under it, every step before the last is the classifier-free one, bit for bit; the
+            `"dag_scale"` callback input still shows each step's `S_dag`, what the final fill will cover.
+        fill_window (`int`, *optional*, defaults to 8):
+            With `erase_mode="fill_final"`: how many of the last steps' guided regions the final fill covers, `>= 1`.
+            A detection map's peaks move over the object from step to step, so their union covers more of it.
+        fill_growth (`int`, *optional*, defaults to 2):
+            With `erase_mode="fill_final"`: the most latent pixels the region grows by over the object in `x̂_0`
+            (`dag_safety.fill.grow_region`: into pixels that stand out from the background), `>= 0`.
     """
 
     base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
@@ -326,6 +339,8 @@ class DAGConfig:
     norm_cap: float | None = None
     hold_region: str = "component"
     erase_mode: str = "guidance"
+    fill_window: int = 8
+    fill_growth: int = 2
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
@@ -364,11 +379,23 @@ class DAGConfig:
             raise ValueError("`hold_region` shapes the hold: pass `hold_detection=True` with it, or drop it.")
         if self.erase_mode not in ERASE_MODES:
             raise ValueError(f"`erase_mode` must be one of {list(ERASE_MODES)}, got {self.erase_mode!r}.")
-        if self.erase_mode == "fill" and self.norm_cap is not None:
+        if self.erase_mode != "guidance" and self.norm_cap is not None:
             raise ValueError(
-                '`norm_cap` shortens the safety guidance, which `erase_mode="fill"` does not apply (it sets the'
-                " guided pixels' prediction from their surroundings): drop `norm_cap`, or use"
+                f'`norm_cap` shortens the safety guidance, which `erase_mode="{self.erase_mode}"` does not apply (it'
+                " sets the guided pixels' prediction from their surroundings): drop `norm_cap`, or use"
                 ' `erase_mode="guidance"`.'
+            )
+        if self.fill_window < 1:
+            raise ValueError(f"`fill_window` must be a number of steps >= 1, got {self.fill_window!r}.")
+        if self.fill_growth < 0:
+            raise ValueError(f"`fill_growth` must be a number of latent pixels >= 0, got {self.fill_growth!r}.")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.erase_mode != "fill_final" and any(
+            getattr(self, name) != defaults[name] for name in ("fill_window", "fill_growth")
+        ):
+            raise ValueError(
+                '`fill_window` and `fill_growth` shape the final fill: pass `erase_mode="fill_final"` with them, or'
+                " drop them."
             )
         if self.fill_region not in FILL_REGIONS:
             raise ValueError(f"`fill_region` must be one of {list(FILL_REGIONS)}, got {self.fill_region!r}.")

@@ -15,19 +15,14 @@ A guider is made for one call and thrown away after it: nothing of one call reac
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
 
 from .config import SEGAConfig, SLDConfig
-from .guidance import (
-    alpha_prod_at,
-    check_fill_scheduler,
-    dag_noise_pred,
-    fill_noise_pred,
-    sega_noise_pred,
-    sld_noise_pred,
-)
+from .fill import alpha_prod_at, check_fill_scheduler, fill_noise_pred, final_alpha_prod, final_fill_noise_pred
+from .guidance import dag_noise_pred, sega_noise_pred, sld_noise_pred
 from .state import DAGState
 
 __all__ = ["DAGGuider", "PlainSafetyGuider", "SafetyGuider"]
@@ -128,11 +123,13 @@ class DAGGuider(SafetyGuider):
         map_step (`int`, *optional*): a step whose detection map to keep even before warm-up ends (the last step,
             for `return_dag_maps`).
         scheduler (*optional*): the pipeline's scheduler, whose noise schedule and prediction type
-            `erase_mode="fill"` reads.
+            `erase_mode="fill"` and `"fill_final"` read.
 
     Attributes, read after (or during) the call:
         dag_map (`torch.Tensor | None`): the last detection map, `(B, h, w)` on the CPU.
         scale (`torch.Tensor | None`): the last step's `S_dag` on the latents' device, `None` where it guided nothing.
+        modified (`bool`): whether the last step's prediction differs from the classifier-free one (under
+            `erase_mode="fill_final"` only at the last step, whatever `scale` says).
         unsafe_detected (`torch.Tensor | None`): `(B,)` bool, whether any guided step detected something.
         presence_peak (`torch.Tensor | None`): under `detection="presence"` or `"head"`, `(B,)` the highest component presence
             of any guided step.
@@ -151,9 +148,12 @@ class DAGGuider(SafetyGuider):
         self.config = state.config
         self.map_step = map_step
         self.scheduler = scheduler
-        if self.config.erase_mode == "fill":
+        if self.config.erase_mode != "guidance":
             # checked before the first step, so a call that cannot fill fails before it generates anything
             check_fill_scheduler(scheduler)
+        # `"fill_final"`: `(step, S_dag > 0)` of the last `fill_window` guided steps
+        self._guided_regions: deque[tuple[int, torch.Tensor]] = deque(maxlen=self.config.fill_window)
+        self.modified = False
         self.dag_map: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.unsafe_detected: torch.Tensor | None = None
@@ -205,6 +205,9 @@ class DAGGuider(SafetyGuider):
                 scale = scale_map.scale.to(device, noise_pred_uncond.dtype, non_blocking=device.type == "cuda")
         self.scale = scale
         self._safety_last_step = scale is not None
+        self.modified = scale is not None and self.config.erase_mode != "fill_final"
+        if self.config.erase_mode == "fill_final":
+            return self._final_fill(step, noise_pred_uncond, noise_pred_text, sample[batch:], timestep)
         if scale is None:
             # Nothing to guide: S_dag = 0 makes the safety term exactly zero, so the safety pass is skipped and the
             # step is the classifier-free one; the momentum only decays.
@@ -231,3 +234,26 @@ class DAGGuider(SafetyGuider):
             self.config,
         )
         return noise_pred
+
+    def _final_fill(self, step, noise_pred_uncond, noise_pred_text, latents, timestep) -> torch.Tensor:
+        """`erase_mode="fill_final"`: the classifier-free prediction, except at the scheduler's last timestep, where
+        the union of the regions guided (`S_dag > 0`) over the last `fill_window` steps, grown by up to
+        `fill_growth` pixels over the object, is filled from its surroundings
+        ([`~dag_safety.fill.final_fill_noise_pred`])."""
+        noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if self.scale is not None:
+            self._guided_regions.append((step, self.scale > 0))
+        window = [region for guided, region in self._guided_regions if guided > step - self.config.fill_window]
+        last = float(torch.as_tensor(timestep).flatten()[0]) == float(self.scheduler.timesteps[-1])
+        if not (last and window):
+            return noise_pred
+        self.modified = True
+        return final_fill_noise_pred(
+            noise_pred,
+            latents,
+            alpha_prod_at(self.scheduler, timestep),
+            final_alpha_prod(self.scheduler),
+            torch.stack(window).any(dim=0),
+            self.scheduler.config.prediction_type,
+            self.config.fill_growth,
+        )

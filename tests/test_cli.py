@@ -1,12 +1,13 @@
-"""`dag-safety generate` on the bundled mini model with plain generation (`--guidance off`; offline, seconds on the
-CPU). The DAG options of the CLI are tested with the pipeline's tests."""
+"""`dag-safety generate` on the bundled mini model, mostly with plain generation (`--guidance off`; offline, seconds
+on the CPU). The DAG options of the CLI are tested with the pipeline's tests, but for one run that shows they reach
+`enable_dag`."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dag_safety.cli import build_parser, main
-from dag_safety.mini import MODEL_PATH
+from dag_safety.mini import MODEL_PATH, detect
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +81,22 @@ def test_parser_rejects_bad_arguments(tmp_path, capsys):
             main(["generate", "a red star", "--out", str(tmp_path / "y.png"), "--guidance", "off", flag])
         assert info.value.code == 2 and f"{flag} shows DAG's detection" in capsys.readouterr().err
     assert not (tmp_path / "y.png").exists()
+    for flag, value in (("--detection", "head"), ("--erase-mode", "fill_final"), ("--fill-region", "basin")):
+        with pytest.raises(SystemExit) as info:
+            main(["generate", "a red star", "--out", str(tmp_path / "z.png"), "--guidance", "off", flag, value])
+        assert (
+            info.value.code == 2
+            and f"{flag} configures DAG, which `--guidance off` turns off" in capsys.readouterr().err
+        )
+
+
+def test_generate_with_the_final_fill(tmp_path):
+    """`--erase-mode` and `--fill-region` reach `enable_dag`: the README demo's red star goes, its blue circle stays."""
+    out = tmp_path / "demo.png"
+    argv = ["generate", "a red star and a blue circle on a white background", "--out", str(out), "--seed", "0"]
+    main([*argv, "--erase-mode", "fill_final", "--fill-region", "basin"])
+    found = {(d.color, d.shape) for d in detect(np.asarray(Image.open(out).convert("RGB")))}
+    assert ("red", "star") not in found and ("blue", "circle") in found
+    main([*argv, "--out", str(tmp_path / "plain.png"), "--guidance", "off"])
+    found = {(d.color, d.shape) for d in detect(np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")))}
+    assert ("red", "star") in found and ("blue", "circle") in found

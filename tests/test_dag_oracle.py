@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import hooked_layers
 from dag_reference import encode, reference_dag
+from scipy import ndimage
+from test_erase_fill import nearest_outside_mean
 
 from dag_safety import DAGStableDiffusionPipeline
 from dag_safety.config import DAGConfig
@@ -173,6 +175,57 @@ def test_fill_steps_match_the_reference(tiny_pipe, embedding):
         np.testing.assert_array_equal(scale > 0, expected > 0, err_msg=f"guided pixels at step {i}")
     torch.testing.assert_close(out.images, reference.latents, rtol=0, atol=1e-4)
     assert out.unsafe_detected == [True]
+
+
+def test_final_fill_changes_only_the_last_step_and_only_the_filled_object(tiny_pipe, embedding):
+    """`erase_mode="fill_final"`: every step but the last equals the undefended pipeline's bit for bit; the last
+    changes the pixels guided in the window, grown by at most `fill_growth`, and sets them to the surroundings'
+    `x̂_0` (read, like the noise estimate, off the undefended last step by DDIM's own update), nothing else."""
+    settings, _ = SCENARIOS["moving-region"]
+    settings = dict(settings)
+    seed = settings.pop("seed")
+    dag = {"warmup_steps": WARMUP, "layer_fractions": (0.25, 0.5), **settings}
+    latents = {"undefended": [], "fill_final": []}
+
+    def keep(name):
+        def callback(pipeline, i, t, tensors):
+            latents[name].append(tensors["latents"][0].clone())
+            return tensors
+
+        return callback
+
+    call = {"negative_prompt": NEGATIVE, "num_inference_steps": STEPS, "output_type": "latent"}
+    tiny_pipe(PROMPT, generator=torch.Generator().manual_seed(seed), callback_on_step_end=keep("undefended"), **call)
+    batches = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    tiny_pipe.enable_dag(embedding, guidance="sega", erase_mode="fill_final", fill_window=2, fill_growth=1, **dag)
+    try:
+        out, scales = run_pipeline(tiny_pipe, seed)
+        tiny_pipe(PROMPT, generator=torch.Generator().manual_seed(seed), safety_concept=CONCEPT,
+                  callback_on_step_end=keep("fill_final"), **call)  # fmt: skip
+    finally:
+        tiny_pipe.disable_dag()
+        hook.remove()
+    assert set(batches) == {2}, batches  # no safety-concept pass
+    assert out.unsafe_detected == [True]
+    undefended, filled = latents["undefended"], latents["fill_final"]
+    for i in range(STEPS - 1):
+        assert torch.equal(filled[i], undefended[i]), f"step {i} changed"
+    window = np.any([scale > 0 for scale in scales[-2:]], axis=0)
+    assert window.any() and not window.all()
+    changed = (filled[-1] != undefended[-1]).any(dim=0).numpy()
+    assert (changed >= window).all(), "every pixel guided in the window is filled"
+    assert (changed <= ndimage.binary_dilation(window, np.ones((3, 3), bool))).all(), "grown by at most 1 pixel"
+    scheduler = tiny_pipe.scheduler
+    signal = float(scheduler.alphas_cumprod[int(scheduler.timesteps[-1])]) ** 0.5
+    final = float(scheduler.final_alpha_cumprod) ** 0.5
+    noise, final_noise = (1 - signal**2) ** 0.5, (1 - final**2) ** 0.5
+    x_t, sample = undefended[-2].double().numpy(), undefended[-1].double().numpy()
+    # x_t = s x̂_0 + n ε̂ and sample = s_f x̂_0 + n_f ε̂, solved for the undefended step's x̂_0 and ε̂
+    clean = (x_t * final_noise - sample * noise) / (signal * final_noise - final * noise)
+    eps = (x_t - signal * clean) / noise
+    expected = final * nearest_outside_mean(clean, changed) + final_noise * eps
+    np.testing.assert_allclose(filled[-1].double().numpy()[:, changed], expected[:, changed], rtol=0, atol=1e-4)
 
 
 def test_the_loop_uses_detection_map_of_the_conditional_branch(tiny_pipe, embedding):

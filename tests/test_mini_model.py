@@ -217,3 +217,30 @@ def test_the_readme_demo_keeps_the_blue_circle(pipe):
         pipe.disable_dag()
     assert sum(("red", "star") not in shapes for shapes in found) >= 6
     assert sum(("blue", "circle") in shapes for shapes in found) >= 5
+
+
+def test_the_readme_demo_filled_at_the_end_keeps_the_blue_circle(pipe):
+    """The README's demo with the committed embedding, the paper's rule, the basin fill and `erase_mode="fill_final"`,
+    seeds 0-7, judged by the shapes detector: the red star the undefended image draws goes, the blue circle stays.
+    Measured: star removed 8/8, circle kept 8/8 (guidance, the default: circle kept 0/8)."""
+    prompt = "a red star and a blue circle on a white background"
+
+    def shapes():
+        return [
+            {(d.color, d.shape) for d in detect((image * 255).round().astype(np.uint8))}
+            for seed in range(8)
+            for image in pipe(
+                prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(seed), output_type="np"
+            ).images
+        ]
+
+    undefended = shapes()
+    pipe.enable_dag(RED_STAR, fill_region="basin", erase_mode="fill_final")
+    try:
+        found = shapes()
+    finally:
+        pipe.disable_dag()
+    assert sum(("red", "star") in drawn for drawn in undefended) >= 7
+    assert sum(("blue", "circle") in drawn for drawn in undefended) >= 7
+    assert sum(("red", "star") not in drawn for drawn in found) >= 7
+    assert sum(("blue", "circle") in drawn for drawn in found) >= 7
