@@ -437,11 +437,11 @@ def test_erase_dag_options_reach_every_dag_method():
     from benchmarks.methods import configure
     from dag_safety import DAGStableDiffusionPipeline
 
-    assert erase._dag_option("hold_detection=true") == ("hold_detection", True)
-    assert erase._dag_option("fill_decay=1.5") == ("fill_decay", 1.5)
-    assert erase._dag_option("fill_region=basin") == ("fill_region", "basin")
+    assert erase.dag_option("hold_detection=true") == ("hold_detection", True)
+    assert erase.dag_option("fill_decay=1.5") == ("fill_decay", 1.5)
+    assert erase.dag_option("fill_region=basin") == ("fill_region", "basin")
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
-        erase._dag_option("basin")
+        erase.dag_option("basin")
     pipe = DAGStableDiffusionPipeline(**get_dummy_components())
     embedding = torch.randn(3, pipe.unet.config.cross_attention_dim)
     for method in ("DAG + SEGA", "DAG + SEGA (paper rule)", "DAG + SLD", "DAG - AreaScaler", "DAG - MagnitudeScaler"):
