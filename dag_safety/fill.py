@@ -84,7 +84,8 @@ def check_fill_scheduler(scheduler) -> None:
 def _clean_and_noise(
     noise_pred: torch.Tensor, latents: torch.Tensor, signal: float, noise: float, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(x̂_0, ε̂)` of a prediction at `x_t = signal · x̂_0 + noise · ε̂` (`signal, noise > 0`)."""
+    """`(x̂_0, ε̂)` of a prediction at `x_t = signal · x̂_0 + noise · ε̂` (`signal > 0` for `"epsilon"`, `noise > 0`
+    for `"sample"`)."""
     if prediction_type == "epsilon":
         return (latents - noise * noise_pred) / signal, noise_pred
     if prediction_type == "v_prediction":
@@ -162,20 +163,14 @@ def fill_noise_pred(
     signal, noise = math.sqrt(alpha_prod), math.sqrt(1 - alpha_prod)
     if prediction_type != "sample" and (noise == 0 or (prediction_type == "epsilon" and signal == 0)):
         return noise_pred
-    if prediction_type == "epsilon":
-        clean = (latents - noise * noise_pred) / signal
-    elif prediction_type == "v_prediction":
-        clean = signal * latents - noise * noise_pred
-    else:
-        clean = noise_pred
     region = _usable(region.cpu())
-    filled = fill_from_surroundings(clean, region)
-    if prediction_type == "epsilon":
-        target = (latents - signal * filled) / noise
-    elif prediction_type == "v_prediction":
-        target = (signal * latents - filled) / noise
+    if prediction_type == "sample":
+        target = fill_from_surroundings(noise_pred, region)
     else:
-        target = filled
+        filled = fill_from_surroundings(
+            _clean_and_noise(noise_pred, latents, signal, noise, prediction_type)[0], region
+        )
+        target = _prediction(filled, (latents - signal * filled) / noise, signal, noise, prediction_type)
     return torch.where(region[:, None].to(noise_pred.device), target.to(noise_pred.dtype), noise_pred)
 
 
