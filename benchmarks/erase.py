@@ -454,8 +454,9 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
             " set's generation after one warm-up call per method, *complex* / *benign* (benign one image per call), and"
             " all sets' time relative to *none*; a single pass, so differences of 10-20 % can be noise: `speed.py`"
             " measures speed with interleaved rounds. Red stars: the shapes detector's count over the set's images, as"
-            " the paper's Table 2 counts NudeNet detections. DAG + SEGA and the ablations use the embedding's own"
-            f" default detection rule ({meta['default_rule']}); a method named `(… rule)` uses that rule."
+            " the paper's Table 2 counts NudeNet detections. DAG + SEGA uses the embedding's own default detection"
+            f" rule ({meta['default_rule']}) and the erase settings it brings with it; a method named `(… rule)` uses"
+            " that rule (the paper's with the paper's push), DAG + SLD and the ablations are the paper's method."
             + (
                 f" Every DAG method with `enable_dag` options {meta['dag_options']}."
                 if meta.get("dag_options")

@@ -20,11 +20,19 @@ METHODS = (
     "DAG - AreaScaler",
     "DAG - MagnitudeScaler",
 )
-# "DAG + SEGA" and the ablations use the embedding's own default rule; these name one rule each
+# "DAG + SEGA" uses the embedding's own default rule (and the erase settings it brings with it); these name one
+# rule each
 RULE_METHODS = {
     "DAG + SEGA (paper rule)": "paper",
     "DAG + SEGA (presence rule)": "presence",
     "DAG + SEGA (head rule)": "head",
+}
+# Variants of the paper's method (Table 2's DAG + SLD, Table 5's ablations): the paper's rule and push whatever the
+# embedding's defaults, since under a fill the base method and the scale values are unused
+PAPER_VARIANTS = {
+    "DAG + SLD": {"guidance": "sld"},
+    "DAG - AreaScaler": {"area_scaler": False},
+    "DAG - MagnitudeScaler": {"magnitude_scaler": False},
 }
 SEGA_OPTIONS = {"edit_guidance_scale": 10.0}  # the DAG paper's SEGA setting for nudity (section 4.1)
 
@@ -76,10 +84,6 @@ def configure(
         pipe.enable_dag(embedding, guidance="sega", **(dag_options or {}))
     elif method in RULE_METHODS:
         pipe.enable_dag(embedding, guidance="sega", detection=RULE_METHODS[method], **(dag_options or {}))
-    elif method == "DAG + SLD":
-        pipe.enable_dag(embedding, guidance="sld", **(dag_options or {}))
-    elif method == "DAG - AreaScaler":
-        pipe.enable_dag(embedding, area_scaler=False, **(dag_options or {}))
-    elif method == "DAG - MagnitudeScaler":
-        pipe.enable_dag(embedding, magnitude_scaler=False, **(dag_options or {}))
+    elif method in PAPER_VARIANTS:
+        pipe.enable_dag(embedding, **{"detection": "paper", **PAPER_VARIANTS[method], **(dag_options or {})})
     return {"safety_concept": safety_concept}

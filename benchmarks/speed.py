@@ -67,7 +67,7 @@ METHODS = (
     "ours SEGA",
     "ours DAG+SEGA (target)",
     "ours DAG+SEGA (benign)",
-    "ours DAG+SEGA presence (benign)",
+    "ours DAG+SEGA paper (benign)",
     "attached DAG+SEGA (benign)",
 )
 
@@ -185,15 +185,12 @@ def build(method: str, components: dict, model: str, device: str):
             pipe.enable_safety_guidance("sega")
         else:
             benign = method.endswith("(benign)")
-            # the selective rule: with the mini model the embedding's calibrated threshold; with random weights
-            # nothing is present at an unreachable share
-            rule = {"detection": "presence"} if "presence" in method else {}
+            # the paper's method by name (with the mini model, beside the embedding's own selective default)
+            rule = {"detection": "paper"} if "paper" in method else {}
             if model == "sd14-random":
                 from dag_safety.optimize import encode_init_rows
 
                 rows = encode_init_rows(pipe, "red star")
-                if rule:
-                    rule["presence_threshold"] = 1 - 1e-6
                 if benign:  # concept rows equal to the SoT row: a flat map, nothing detected
                     pipe.enable_dag(rows[:1].repeat(rows.shape[0], 1), **rule)
                 else:  # guided at every step after warm-up
@@ -209,7 +206,7 @@ def build(method: str, components: dict, model: str, device: str):
 PAIRED_RATIOS = {
     "DAG + SEGA (target) / our SEGA": ("ours DAG+SEGA (target)", "ours SEGA"),
     "DAG + SEGA (benign) / plain": ("ours DAG+SEGA (benign)", "plain"),
-    "DAG + SEGA presence (benign) / plain": ("ours DAG+SEGA presence (benign)", "plain"),
+    "DAG + SEGA paper (benign) / plain": ("ours DAG+SEGA paper (benign)", "plain"),
     "attached DAG + SEGA (benign) / ours": ("attached DAG+SEGA (benign)", "ours DAG+SEGA (benign)"),
     "our SLD / diffusers SLD": ("ours SLD", "diffusers SLD"),
     "our SEGA / diffusers SEGA": ("ours SEGA", "diffusers SEGA"),

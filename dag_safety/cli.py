@@ -214,15 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--erase-mode",
         choices=("guidance", "fill", "fill_final"),
         default=None,
-        help="what DAG does where it detects: push along the safety direction (guidance, the paper's, default),"
-        " fill from the surroundings at every guided step (fill), or only in the finished sample (fill_final)",
+        help="what DAG does where it detects: push along the safety direction (guidance, the paper's), fill from"
+        " the surroundings at every guided step (fill), or only in the finished sample (fill_final); default: the"
+        " embedding's own under its own rule, else guidance",
     )
     safety.add_argument(
         "--fill-region",
         choices=("nearest", "basin"),
         default=None,
-        help="which edit pixels around a detected region DAG takes in: the nearest component's (nearest, default)"
-        " or only those on the detected object's slope of the map (basin)",
+        help="which edit pixels around a detected region DAG takes in: the nearest component's (nearest, the"
+        " paper's) or only those on the detected object's slope of the map (basin); default: the embedding's own"
+        " under its own rule, else nearest",
     )
     safety.add_argument(
         "--embedding",
@@ -359,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# calibrate's options for the erase settings an embedding brings with its default rule
+_ERASE_FLAGS = ("default_hold_detection", "default_fill_region", "default_erase_mode")
+
+
 def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument(
         "--validation-data",
@@ -380,6 +386,30 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         default=None,
         help="the detection rule the calibrated embedding brings as enable_dag's default (default: head for an"
         " embedding with a presence head, else presence; paper keeps the paper's rule and stores the threshold)",
+    )
+    erase = parser.add_argument_group(
+        "how the calibrated embedding erases",
+        "saved with the embedding as enable_dag's defaults under its default rule (any other rule gets the paper's"
+        " own: no hold, nearest, guidance); default: the input embedding's, the paper's for a new one",
+    )
+    erase.add_argument(
+        "--default-hold-detection",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep guiding a region once detected while its score fades (hold_detection)",
+    )
+    erase.add_argument(
+        "--default-fill-region",
+        choices=("nearest", "basin"),
+        default=None,
+        help="which edit pixels around a detected region DAG takes in (fill_region)",
+    )
+    erase.add_argument(
+        "--default-erase-mode",
+        choices=("guidance", "fill", "fill_final"),
+        default=None,
+        help="what DAG does where it detects (erase_mode): the paper's guidance, or a fill from the surroundings at"
+        " every guided step or in the finished sample",
     )
     parser.add_argument(
         "--presence-head",
@@ -564,6 +594,18 @@ def check_optimize(args: argparse.Namespace) -> Path:
         )
     if args.default_detection == "head" and args.presence_head is None and not hasattr(args, "embedding"):
         raise CommandError("--default-detection head needs a presence head: pass --presence-head.")
+    erase_flags = [f"--{name.replace('_', '-')}" for name in _ERASE_FLAGS if getattr(args, name) is not None]
+    if args.validation_data is None and erase_flags:
+        raise CommandError(
+            f"{', '.join(erase_flags)} set how the calibrated selective rule erases; without --validation-data the"
+            " embedding keeps the paper's rule and method: pass --validation-data, or drop them."
+        )
+    if args.default_detection == "paper" and erase_flags:
+        raise CommandError(
+            f"{', '.join(erase_flags)} set how a selective rule erases, and --default-detection paper keeps the"
+            " paper's method whole (its own erase settings): drop them, or choose --default-detection presence or"
+            " head."
+        )
     if not hasattr(args, "embedding") and isinstance(args.edit_mask_threshold, float):
         from .guideline_embedding import EmbeddingMetadata
 
@@ -848,6 +890,7 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
     `--select-layers`, on the detection layers chosen on `validation` first; with `--edit-mask-threshold`, at that
     edit threshold, chosen with the layers under `--select-layers`)."""
     from .calibration import calibrate_presence
+    from .config import PAPER_ERASE_SETTINGS
     from .optimize import replace_metadata
 
     if args.select_layers:
@@ -910,8 +953,12 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
             f"--default-detection head: {getattr(args, 'embedding', 'the embedding')!r} has no presence head; pass"
             " --presence-head."
         )
+    erase = {name.removeprefix("default_"): getattr(args, name) for name in _ERASE_FLAGS}
+    if default == "paper":  # the paper's rule is the paper's method whole (an input's own settings dropped)
+        erase = PAPER_ERASE_SETTINGS
     return replace_metadata(
         embedding,
+        **{name: value for name, value in erase.items() if value is not None},
         detection=default,
         presence_threshold=calibration.threshold,
         presence_smoothing=smoothing,

@@ -431,6 +431,15 @@ class DAGConfig:
         return self.base.edit_mom_beta if isinstance(self.base, SEGAConfig) else self.base.sld_mom_beta
 
 
+# How DAG erases what its rule detects. A saved embedding may bring its own with its default rule
+# (`state._saved_defaults`); these are the paper's.
+PAPER_ERASE_SETTINGS = {
+    f.name: f.default
+    for f in dataclasses.fields(DAGConfig)
+    if f.name in ("hold_detection", "fill_region", "erase_mode")
+}
+
+
 def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 

@@ -66,7 +66,9 @@ class SafetyGuidanceMixin:
                 yourself for `revision=`, `token=`, ...), a loaded [`GuidelineEmbedding`], or a raw `(1+K, D)`
                 tensor (a start-of-text row, then `K` concept rows, in the text encoder's output space,
                 `D = unet.config.cross_attention_dim`). A list gives several concepts. A saved embedding's
-                `layer_fractions` and thresholds are the defaults for the options below. Without one, the
+                `layer_fractions`, thresholds and default `detection` rule are the defaults for the options below,
+                and so are its erase settings (`hold_detection`, `fill_region`, `erase_mode`) under that rule:
+                choosing another rule, e.g. `detection="paper"`, starts from the paper's own settings. Without one, the
                 embeddings shipped with dag-safety that were made for this UNet (matched by fingerprint; today the
                 bundled mini model's red star), else a `ValueError` saying how to get one.
             check_fingerprint (`bool`, *optional*, defaults to `True`):

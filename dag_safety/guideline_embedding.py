@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ._validation import is_real
+from .config import DETECTION_RULES, ERASE_MODES, FILL_REGIONS, PAPER_ERASE_SETTINGS
 from .detection import validate_embedding
 from .presence_head import HEAD_PREFIX, PresenceHead
 
@@ -137,6 +138,13 @@ def _header_names(raw: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _header_bool(raw: str) -> bool:
+    value = _header_json(raw)
+    if not isinstance(value, bool):
+        raise TypeError("not true or false")
+    return value
+
+
 def _header_object(raw: str) -> dict:
     value = _header_json(raw)
     if not isinstance(value, dict):
@@ -154,6 +162,7 @@ _HEADER_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
     "tuple[float, ...]": (_header_fractions, "a JSON list of finite numbers, such as '[0.25, 0.5]'"),
     "tuple[str, ...] | None": (_header_names, "'null' or a JSON list of layer names, such as '[\"up_blocks.2\"]'"),
     "dict": (_header_object, "a JSON object, such as '{}'"),
+    "bool": (_header_bool, "'true' or 'false'"),
 }
 
 
@@ -197,6 +206,10 @@ class EmbeddingMetadata:
             (`detection="presence"`, or the head's probability under `"head"`); `None` for an embedding never
             calibrated.
         presence_smoothing (`float`): the evidence smoothing the threshold was calibrated with.
+        hold_detection (`bool`), fill_region (`str`), erase_mode (`str`): how DAG erases what the default rule
+            finds (see [`DAGConfig`]), as tuned with that rule; `enable_dag` uses them only with the embedding's
+            default rule, so choosing another `detection` (the paper's, say) starts from the paper's own settings
+            (`False`, `"nearest"`, `"guidance"`). Beyond the paper unless those.
         calibration (`dict`): how the threshold was chosen: the target and measured false-detection rates, the
             detection rate on the unsafe validation images, the number of images, the sampler steps, and per group
             of safe images (`groups`) their number and false-detection rate.
@@ -219,6 +232,9 @@ class EmbeddingMetadata:
     detection: str = "paper"
     presence_threshold: float | None = None
     presence_smoothing: float = 0.5
+    hold_detection: bool = False
+    fill_region: str = "nearest"
+    erase_mode: str = "guidance"
     calibration: dict = field(default_factory=dict)
     token_layout: str = "sot+concept"
     training: dict = field(default_factory=dict)
@@ -279,6 +295,32 @@ class EmbeddingMetadata:
                 " Upgrade dag-safety."
             )
         return cls(**parsed)
+
+
+def _check_erase_defaults(metadata: EmbeddingMetadata) -> None:
+    """The default rule and erase settings a metadata names are ones `enable_dag` can use.
+
+    Raises:
+        `ValueError`: an unknown value, or erase settings beyond the paper's with the paper's rule (they apply only
+        with the embedding's default rule, and the paper's rule is the paper's method whole).
+    """
+    for name, choices in (("detection", DETECTION_RULES), ("fill_region", FILL_REGIONS), ("erase_mode", ERASE_MODES)):
+        if getattr(metadata, name) not in choices:
+            raise ValueError(
+                f"The metadata's {name!r} is {getattr(metadata, name)!r}; expected one of {list(choices)}. The file"
+                " is damaged or was written by a newer dag-safety."
+            )
+    beyond = {
+        name: getattr(metadata, name)
+        for name, value in PAPER_ERASE_SETTINGS.items()
+        if getattr(metadata, name) != value
+    }
+    if metadata.detection == "paper" and beyond:
+        raise ValueError(
+            f"The metadata names the paper's detection rule as the default with erase settings beyond the paper"
+            f" ({beyond}); they are tuned for a selective rule and used only with it. Calibrate the embedding with"
+            " `--default-detection presence` or `head`, or drop them."
+        )
 
 
 def _download_embedding_file(model_id: str, **hub_kwargs) -> str:
@@ -397,6 +439,7 @@ class GuidelineEmbedding(
             raise ValueError(
                 'The metadata names `detection="head"` as the default rule, but the embedding has no presence head.'
             )
+        _check_erase_defaults(metadata)
         self.embeds = embeds.detach().to("cpu", torch.float32).contiguous()
         self.metadata = metadata
         self.head = head
@@ -567,6 +610,12 @@ class GuidelineEmbedding(
                 f"; with `detection={'head' if self.head is not None else 'presence'!r}` a region is guided when"
                 f" {rule} reaches {meta.presence_threshold:.4g} (smoothing {meta.presence_smoothing});"
                 f" calibration: {calibration}"
+            )
+        if any(getattr(meta, name) != value for name, value in PAPER_ERASE_SETTINGS.items()):
+            detection += (
+                f". Under its default rule DAG erases with `hold_detection={meta.hold_detection}`,"
+                f" `fill_region={meta.fill_region!r}`, `erase_mode={meta.erase_mode!r}` (another rule: the paper's"
+                " settings)"
             )
         if self.head is not None:
             fit = meta.calibration.get("presence_head", {})

@@ -17,7 +17,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from .attention import CrossAttentionCapture, cross_attention_layers
-from .config import DAGConfig, build_config, split_dag_options
+from .config import PAPER_ERASE_SETTINGS, DAGConfig, build_config, split_dag_options
 from .detection import (
     QueryProjection,
     combine_concepts,
@@ -190,8 +190,10 @@ class DAGState:
         return combine_concepts(maps), scale_map, current
 
 
-def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
-    """The DAG options saved embeddings were tuned for; several embeddings must agree."""
+def _saved_defaults(saved: list[GuidelineEmbedding], detection: str | None = None) -> dict[str, Any]:
+    """The DAG options saved embeddings were tuned for; several embeddings must agree. Their erase settings go with
+    their default rule: with another `detection` they are left out, so that the paper's rule, say, runs with the
+    paper's (DAGConfig's defaults)."""
     defaults = [
         {
             "layer_fractions": tuple(item.metadata.layer_fractions),
@@ -200,6 +202,7 @@ def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
             "edit_mask_threshold": item.metadata.edit_mask_threshold,
             "base_scale": item.metadata.base_scale,
             "detection": item.metadata.detection,
+            **{name: getattr(item.metadata, name) for name in PAPER_ERASE_SETTINGS},
             # a calibrated embedding brings its threshold, for its default rule or an explicit "presence"
             **(
                 {}
@@ -217,7 +220,11 @@ def _saved_defaults(saved: list[GuidelineEmbedding]) -> dict[str, Any]:
             f"The guideline embeddings were tuned for different detection settings: {defaults}. Pass"
             f" {', '.join(f'`{key}`' for key in defaults[0])} explicitly."
         )
-    return defaults[0] if defaults else {}
+    if not defaults:
+        return {}
+    if detection is not None and detection != defaults[0]["detection"]:
+        return {key: value for key, value in defaults[0].items() if key not in PAPER_ERASE_SETTINGS}
+    return defaults[0]
 
 
 def _load_embedding(
@@ -333,7 +340,10 @@ def prepare_dag(
                     ' `detection="head"`, pass `presence_threshold=` for `"presence"`, or calibrate it without'
                     " `--presence-head`."
                 )
-    options = {**_saved_defaults([item for item in saved if isinstance(item, GuidelineEmbedding)]), **options}
+    saved_defaults = _saved_defaults(
+        [item for item in saved if isinstance(item, GuidelineEmbedding)], options.get("detection")
+    )
+    options = {**saved_defaults, **options}
     dag_options, base_options = split_dag_options(options)
     config = DAGConfig(base=build_config(guidance, preset, **base_options), **dag_options)
 

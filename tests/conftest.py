@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -211,3 +213,21 @@ def pipe(components):
     pipeline = DAGStableDiffusionPipeline(**components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="session")
+def red_star_rows(tmp_path_factory):
+    """The committed red-star embedding's guideline rows alone, saved: no presence head, no threshold, the paper's
+    rule and erase settings. What the rows' selective rule is calibrated from (the committed embedding itself
+    carries a head, and a threshold that is the head's)."""
+    from dag_safety.config import PAPER_ERASE_SETTINGS
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.guideline_embedding import GuidelineEmbedding
+
+    committed = GuidelineEmbedding.from_pretrained(RED_STAR)
+    metadata = dataclasses.replace(
+        committed.metadata, detection="paper", presence_threshold=None, calibration={}, **PAPER_ERASE_SETTINGS
+    )
+    directory = tmp_path_factory.mktemp("red-star-rows")
+    GuidelineEmbedding(committed.embeds, metadata).save_pretrained(directory)
+    return directory

@@ -22,11 +22,11 @@ def test_erase_quick(tmp_path):
 
     erase.main(["--quick", "--out", str(tmp_path / "erase")])
     data = json.loads((tmp_path / "erase.json").read_text())
-    # the bundled embedding: the paper's rule by default, a threshold for the rows' presence rule, no head
+    # the bundled embedding: its head rule by default (its threshold the head's), so no rows' presence rule
     assert list(data["summary"]) == [
-        m for m in erase.METHODS if m not in ("DAG + SEGA (paper rule)", "DAG + SEGA (head rule)")
+        m for m in erase.METHODS if m not in ("DAG + SEGA (presence rule)", "DAG + SEGA (head rule)")
     ]
-    assert data["meta"]["default_rule"] == "paper"
+    assert data["meta"]["default_rule"] == "head"
     assert set(data["results"]["none"]) == {"target", "complex", "benign", "adversarial"}
     # (the scores themselves are checked on images with a known answer: test_score_set_on_rendered_scenes)
     for method, row in data["summary"].items():
@@ -181,9 +181,9 @@ def test_detection_quick(tmp_path):
     assert all(0.0 < share < 1.0 for share in shares)  # raw attention shares, not min-max maps
     generations = data["per_generation"]  # the committed embedding is calibrated
     assert generations["prompts"] == 4 and 0.0 <= generations["benign_guided"] <= 1.0
-    # calibrated without a presence head: the selective columns are the rows' presence rule, and say so
-    assert data["selective_rule"] == "presence"
-    assert "paper / presence |" in (tmp_path / "detection.md").read_text()
+    # calibrated with a presence head: the selective columns are the head rule's, and say so
+    assert data["selective_rule"] == "head"
+    assert "paper / head |" in (tmp_path / "detection.md").read_text()
     for row in (r for r in data["rows"] if r["embedding"] == "optimized"):
         guided = [row["guided_by_edit_threshold"][str(tau)] for tau in detection.EDIT_THRESHOLDS]
         assert guided[0] == row["detection_rate"]  # the spec's 0.01 is the headline column
@@ -206,7 +206,7 @@ def test_selective_detection_at_one_step_is_the_presence_rule_on_the_rows_summed
     latents = detection.encode_images(mini_pipe, np.concatenate([s.images for s in sets.values()]))
     saved = GuidelineEmbedding.from_pretrained(RED_STAR)
     mixed = False
-    for threshold in (0.02, 0.05, 0.1, saved.metadata.presence_threshold):
+    for threshold in (0.02, 0.05, 0.1, 0.2):
         mini_pipe.enable_dag(RED_STAR, detection="presence", presence_threshold=threshold)
         try:
             got = detection.selective_detected(mini_pipe, latents, captions, 400, seed=400)
@@ -449,3 +449,37 @@ def test_erase_dag_options_reach_every_dag_method():
         assert pipe.dag_config.fill_region == "basin", method
     configure(pipe, "SEGA", embedding, "a red star", "red star", dag_options={"fill_region": "basin"})
     assert pipe.dag_config is None
+
+
+def test_the_paper_rows_run_the_papers_method_whatever_the_embeddings_defaults():
+    """`DAG + SEGA` takes the embedding's rule and erase settings; the paper-rule row, DAG + SLD and the ablations
+    run the paper's rule and push (the ablations and the SLD base mean nothing under a fill)."""
+    from conftest import get_dummy_components, make_embedding
+
+    from benchmarks.methods import configure
+    from dag_safety import DAGStableDiffusionPipeline
+    from dag_safety.config import SEGAConfig, SLDConfig
+
+    pipe = DAGStableDiffusionPipeline(**get_dummy_components())
+    saved = make_embedding(
+        pipe, detection="presence", presence_threshold=0.3, hold_detection=True, fill_region="basin",
+        erase_mode="fill_final",
+    )  # fmt: skip
+    configure(pipe, "DAG + SEGA", saved, "a red star", "red star")
+    config = pipe.dag_config
+    assert (config.detection, config.hold_detection, config.fill_region, config.erase_mode) == (
+        "presence", True, "basin", "fill_final",
+    )  # fmt: skip
+    expected = {
+        "DAG + SEGA (paper rule)": (SEGAConfig, True, True),
+        "DAG + SLD": (SLDConfig, True, True),
+        "DAG - AreaScaler": (SEGAConfig, False, True),
+        "DAG - MagnitudeScaler": (SEGAConfig, True, False),
+    }
+    for method, (base, area, magnitude) in expected.items():
+        configure(pipe, method, saved, "a red star", "red star")
+        config = pipe.dag_config
+        assert (config.detection, config.hold_detection, config.fill_region, config.erase_mode) == (
+            "paper", False, "nearest", "guidance",
+        ), method  # fmt: skip
+        assert isinstance(config.base, base) and (config.area_scaler, config.magnitude_scaler) == (area, magnitude)

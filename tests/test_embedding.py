@@ -106,6 +106,45 @@ def test_enable_dag_by_path_uses_saved_defaults(pipe, tmp_path):
     assert not np.array_equal(saved.images, defaults.images)
 
 
+def test_erase_settings_are_defaults_under_the_embeddings_own_rule_only(pipe, tmp_path):
+    """A calibrated embedding's erase settings come with its default rule; choosing another rule (the paper's)
+    starts from DAGConfig's own defaults, the paper's method, and explicit options win either way."""
+    from dag_safety.config import DAGConfig
+
+    saved = make_embedding(
+        pipe, detection="presence", presence_threshold=0.3, hold_detection=True, fill_region="basin",
+        erase_mode="fill_final",
+    )  # fmt: skip
+    saved.save_pretrained(tmp_path)
+    loaded = GuidelineEmbedding.from_pretrained(tmp_path).metadata
+    assert (loaded.hold_detection, loaded.fill_region, loaded.erase_mode) == (True, "basin", "fill_final")
+    paper = DAGConfig()
+    paper_settings = (paper.hold_detection, paper.fill_region, paper.erase_mode)
+    cases = [
+        ({}, (True, "basin", "fill_final")),
+        ({"detection": "presence"}, (True, "basin", "fill_final")),
+        ({"erase_mode": "fill"}, (True, "basin", "fill")),
+        ({"detection": "paper"}, paper_settings),
+        ({"detection": "paper", "fill_region": "basin"}, (paper.hold_detection, "basin", paper.erase_mode)),
+    ]
+    for options, expected in cases:
+        pipe.enable_dag(tmp_path, **options)
+        config = pipe.dag_config
+        assert (config.hold_detection, config.fill_region, config.erase_mode) == expected, options
+        assert config.detection == options.get("detection", "presence")
+
+    def generate():  # past the warm-up, with a random embedding's map guided
+        kwargs = {"num_inference_steps": 8, "output_type": "np", "safety_concept": "a red star"}
+        return pipe("a red star", generator=torch.manual_seed(0), **kwargs).images
+
+    pipe.enable_dag(tmp_path, detection="paper", max_edit_area=1.0)
+    by_name = generate()
+    thresholds = {"unsafe_threshold": 0.6, "edit_mask_threshold": 0.02, "base_scale": 40.0, "max_edit_area": 1.0}
+    pipe.enable_dag(saved.embeds, layer_fractions=(0.5,), **thresholds)  # the paper's method, spelled out
+    assert np.array_equal(by_name, generate())
+    pipe.disable_dag()
+
+
 def test_named_layers_travel_with_the_embedding_and_override_its_fractions(pipe, tmp_path):
     from dag_safety.attention import cross_attention_layers
 

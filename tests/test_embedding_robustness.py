@@ -175,6 +175,22 @@ def test_malformed_header_values_name_file_field_and_expectation(field, raw, exp
         GuidelineEmbedding.from_pretrained(directory)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"erase_mode": "paint"}, "The metadata's 'erase_mode' is 'paint'; expected one of"),
+        ({"fill_region": "far"}, "The metadata's 'fill_region' is 'far'; expected one of"),
+        ({"detection": "oracle"}, "The metadata's 'detection' is 'oracle'; expected one of"),
+        ({"erase_mode": "fill_final"}, "the paper's detection rule as the default with erase settings beyond"),
+        ({"hold_detection": "true"}, "the paper's detection rule as the default with erase settings beyond"),
+    ],
+)
+def test_default_rule_and_erase_settings_must_be_usable(changes, message, saved):
+    directory = _rewrite(saved, **changes)
+    with pytest.raises(ValueError, match=re.escape(str(directory / EMBEDDING_FILE)) + ".*" + re.escape(message)):
+        GuidelineEmbedding.from_pretrained(directory)
+
+
 def test_missing_required_header_fields(saved):
     directory = _rewrite(saved, concept=None, base_model=None, base_model_fingerprint=None)
     with pytest.raises(ValueError, match="the header lacks the required fields 'concept' \\(a string\\)") as info:

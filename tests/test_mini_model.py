@@ -107,15 +107,16 @@ def test_vae_round_trip_keeps_scenes_legible(pipe):
     assert report.background_accuracy == 1.0, report
 
 
-@pytest.mark.parametrize("detection", ["paper", "presence"])
+@pytest.mark.parametrize("detection", ["paper", None])
 def test_dag_erases_the_red_star(pipe, detection):
     """DAG + SEGA with the committed embedding on red-star prompts (seeds the embedding's base scale and threshold
     were not calibrated on): red stars are removed, and the run reports what it detected. (A count alone cannot
     tell the direction of the push: with the sign reversed the stars vanish too, 8 -> 0, under a push this strong;
     the direction is `test_dag_pushes_away_from_the_safety_concept`'s.)
 
-    The paper's rule (the embedding's default) guides every image; its calibrated selective rule only those whose star it
-    judges present, and on this model it passes over the outlined star: measured 8 -> 1 and 8 -> 5."""
+    The paper's method guides every image; the embedding's default (its presence head, the hold, the basin fill, the
+    fill at the end) only the regions whose star it judges present: measured 8 -> 1 and 8 -> 5 (the outlined stars on
+    gray, detected, survive the fill)."""
     prompts = ["a red star on a white background", "an outlined red star and a blue square on a gray background"]
     batch = [p for p in prompts for _ in range(4)]
 
@@ -127,7 +128,7 @@ def test_dag_erases_the_red_star(pipe, detection):
         return any(d.is_target for d in detect((image * 255).round().astype(np.uint8)))
 
     undefended = sum(map(has_star, run().images))
-    pipe.enable_dag(RED_STAR, detection=detection)
+    pipe.enable_dag(RED_STAR, **({} if detection is None else {"detection": detection}))
     try:
         out = run()
     finally:
@@ -137,8 +138,8 @@ def test_dag_erases_the_red_star(pipe, detection):
         assert sum(map(has_star, out.images)) <= 0.25 * undefended  # measured: 8 -> 1
         assert sum(out.unsafe_detected) >= undefended
     else:
-        assert all(out.unsafe_detected[:4])  # the plain red star, on every seed
-        assert sum(map(has_star, out.images)) <= undefended - 3  # measured: 8 -> 5
+        assert sum(out.unsafe_detected) >= 6  # measured: 7 of 8
+        assert sum(map(has_star, out.images)) <= undefended - 2  # measured: 8 -> 5
 
 
 def test_dag_pushes_away_from_the_safety_concept(pipe):
@@ -159,7 +160,7 @@ def test_dag_pushes_away_from_the_safety_concept(pipe):
         scales.append(tensors["dag_scale"].clone())
         return tensors
 
-    pipe.enable_dag(RED_STAR)
+    pipe.enable_dag(RED_STAR, detection="paper")  # the paper's method: the push, in every image
     pipe.scheduler.step = spy
     try:
         pipe(prompt, num_inference_steps=12, generator=torch.Generator().manual_seed(3), safety_concept=concept,
@@ -200,11 +201,11 @@ def test_dag_at_an_aspect_ratio_whose_layers_round_up(pipe):
 
 
 def test_the_readme_demo_keeps_the_blue_circle(pipe):
-    """The README's demo with the committed embedding's calibrated selective rule, seeds 0-7, judged by the shapes
-    detector: the red star goes and the blue circle stays. Measured: star removed 7/8, circle kept 6/8 (the paper's
-    rule: 11/12 and 0/12 on seeds 100-111)."""
+    """The README's demo with the committed embedding's defaults (its presence head, the hold, the basin fill, the
+    fill at the end), seeds 0-7, judged by the shapes detector: the red star goes and the blue circle stays.
+    Measured: star removed 8/8, circle kept 8/8 (the paper's method: circle kept 0/8)."""
     prompt = "a red star and a blue circle on a white background"
-    pipe.enable_dag(RED_STAR, detection="presence")
+    pipe.enable_dag(RED_STAR)
     try:
         found = [
             {(d.color, d.shape) for d in detect((image * 255).round().astype(np.uint8))}
@@ -215,14 +216,14 @@ def test_the_readme_demo_keeps_the_blue_circle(pipe):
         ]
     finally:
         pipe.disable_dag()
-    assert sum(("red", "star") not in shapes for shapes in found) >= 6
-    assert sum(("blue", "circle") in shapes for shapes in found) >= 5
+    assert sum(("red", "star") not in shapes for shapes in found) >= 7
+    assert sum(("blue", "circle") in shapes for shapes in found) >= 7
 
 
 def test_the_readme_demo_filled_at_the_end_keeps_the_blue_circle(pipe):
     """The README's demo with the committed embedding, the paper's rule, the basin fill and `erase_mode="fill_final"`,
     seeds 0-7, judged by the shapes detector: the red star the undefended image draws goes, the blue circle stays.
-    Measured: star removed 8/8, circle kept 8/8 (guidance, the default: circle kept 0/8)."""
+    Measured: star removed 8/8, circle kept 8/8 (the paper's push: circle kept 0/8)."""
     prompt = "a red star and a blue circle on a white background"
 
     def shapes():
@@ -235,7 +236,7 @@ def test_the_readme_demo_filled_at_the_end_keeps_the_blue_circle(pipe):
         ]
 
     undefended = shapes()
-    pipe.enable_dag(RED_STAR, fill_region="basin", erase_mode="fill_final")
+    pipe.enable_dag(RED_STAR, detection="paper", fill_region="basin", erase_mode="fill_final")
     try:
         found = shapes()
     finally:

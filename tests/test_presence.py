@@ -151,27 +151,28 @@ def test_presence_without_its_map_is_refused():
         dag_scale_map(torch.zeros(1, 4, 4), DAGConfig(detection="presence", presence_threshold=0.2))
 
 
-def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embedding_carries_it(mini_pipe, tmp_path):
+def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embedding_carries_it(
+    red_star_rows, mini_pipe, tmp_path
+):
     from dag_safety.calibration import presence_scores
     from dag_safety.cli import main
-    from dag_safety.embeddings import RED_STAR
     from dag_safety.guideline_embedding import GuidelineEmbedding
     from dag_safety.mini.guideline_data import write_folder
     from dag_safety.optimize import load_annotated_folder
 
     folder = write_folder(tmp_path / "validation", n_unsafe=4, n_safe=10, validation=True)
     out = tmp_path / "calibrated"
-    assert main(["calibrate", str(RED_STAR), "--validation-data", str(folder), "--target-fpr", "0.2",
+    assert main(["calibrate", str(red_star_rows), "--validation-data", str(folder), "--target-fpr", "0.2",
                  "--calibrate-on", "images", "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
     saved = GuidelineEmbedding.from_pretrained(out)
     threshold = saved.metadata.presence_threshold
     calibration = saved.metadata.calibration
     assert calibration["target_fpr"] == 0.2 and calibration["safe_images"] == 10
     assert calibration["source"] == "images"
-    assert torch.equal(saved.embeds, GuidelineEmbedding.from_pretrained(RED_STAR).embeds)
+    assert torch.equal(saved.embeds, GuidelineEmbedding.from_pretrained(red_star_rows).embeds)
 
     images = load_annotated_folder(folder)
-    mini_pipe.enable_dag(RED_STAR, detection="paper")
+    mini_pipe.enable_dag(red_star_rows, detection="paper")
     try:
         scores = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False)
     finally:
@@ -192,16 +193,15 @@ def test_calibrate_picks_the_lowest_threshold_within_the_target_and_the_embeddin
         mini_pipe.disable_dag()
 
 
-def test_layer_sets_score_as_if_each_were_the_detection_layers(mini_pipe, tmp_path):
+def test_layer_sets_score_as_if_each_were_the_detection_layers(red_star_rows, mini_pipe, tmp_path):
     """One pass over all layers scores each named subset exactly as DAG enabled on that subset alone."""
     from dag_safety.calibration import presence_scores
-    from dag_safety.embeddings import RED_STAR
     from dag_safety.mini.guideline_data import write_folder
     from dag_safety.optimize import load_annotated_folder
 
     images = load_annotated_folder(write_folder(tmp_path / "v", 2, 3, validation=True))
     subsets = {"up": ("up_blocks.2.attentions.0",), "pair": ("down_blocks.1", "up_blocks.2.attentions.1")}
-    mini_pipe.enable_dag(RED_STAR, layer_fractions=(0.25, 0.5, 1.0))
+    mini_pipe.enable_dag(red_star_rows, layer_fractions=(0.25, 0.5, 1.0))
     try:
         captured = mini_pipe._dag.capture.layers
         sets = {
@@ -214,7 +214,7 @@ def test_layer_sets_score_as_if_each_were_the_detection_layers(mini_pipe, tmp_pa
     finally:
         mini_pipe.disable_dag()
     for name, blocks in subsets.items():
-        mini_pipe.enable_dag(RED_STAR, layers=blocks)
+        mini_pipe.enable_dag(red_star_rows, layers=blocks)
         try:
             alone = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False)
         finally:
@@ -224,13 +224,14 @@ def test_layer_sets_score_as_if_each_were_the_detection_layers(mini_pipe, tmp_pa
         assert np.isfinite(alone.any).any()
 
 
-def test_select_layers_ranks_each_candidate_as_if_alone_and_the_embedding_keeps_the_best(mini_pipe, tmp_path, capsys):
+def test_select_layers_ranks_each_candidate_as_if_alone_and_the_embedding_keeps_the_best(
+    red_star_rows, mini_pipe, tmp_path, capsys
+):
     """`select_detection_layers` against each candidate enabled alone (its scores, the brute-force lowest threshold
     within the target for each group, the share of masked regions reaching it); `calibrate --select-layers` saves
     the first."""
     from dag_safety.calibration import presence_scores, select_detection_layers
     from dag_safety.cli import main
-    from dag_safety.embeddings import RED_STAR
     from dag_safety.guideline_embedding import GuidelineEmbedding
     from dag_safety.mini.guideline_data import write_folder
     from dag_safety.optimize import load_annotated_folder
@@ -238,7 +239,7 @@ def test_select_layers_ranks_each_candidate_as_if_alone_and_the_embedding_keeps_
     folder = write_folder(tmp_path / "v", 4, 8, validation=True)
     images = load_annotated_folder(folder)
     candidates = [("up_blocks.2.attentions.0",), ("up_blocks.2.attentions.1",), ("down_blocks.1", "up_blocks.1")]
-    mini_pipe.enable_dag(RED_STAR, layers=("up_blocks.2", "down_blocks.1", "up_blocks.1"))
+    mini_pipe.enable_dag(red_star_rows, layers=("up_blocks.2", "down_blocks.1", "up_blocks.1"))
     try:
         choices = select_detection_layers(mini_pipe, images, candidates, 0.25, 8, progress=False)
     finally:
@@ -250,7 +251,7 @@ def test_select_layers_ranks_each_candidate_as_if_alone_and_the_embedding_keeps_
     unsafe = np.array([item.unsafe for item in images])
     groups = np.array([item.group for item in images])[~unsafe]
     for choice in choices:
-        mini_pipe.enable_dag(RED_STAR, layers=choice.blocks)
+        mini_pipe.enable_dag(red_star_rows, layers=choice.blocks)
         try:
             alone = presence_scores(mini_pipe, images, num_inference_steps=8, progress=False)
         finally:
@@ -264,23 +265,22 @@ def test_select_layers_ranks_each_candidate_as_if_alone_and_the_embedding_keeps_
         assert choice.detection_rate == (alone.target[unsafe] >= choice.threshold).mean()
 
     out = tmp_path / "selected"
-    assert main(["calibrate", str(RED_STAR), "--validation-data", str(folder), "--target-fpr", "0.25",
+    assert main(["calibrate", str(red_star_rows), "--validation-data", str(folder), "--target-fpr", "0.25",
                  "--calibrate-on", "images", "--calibration-steps", "8", "--select-layers", "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     chosen = GuidelineEmbedding.from_pretrained(out).metadata.layers
     assert f"chose {', '.join(chosen)}" in printed and "(the embedding's own)" in printed
 
 
-def test_calibrate_needs_safe_and_unsafe_images(mini_pipe, tmp_path):
+def test_calibrate_needs_safe_and_unsafe_images(red_star_rows, mini_pipe, tmp_path):
     from dag_safety.calibration import calibrate_presence
-    from dag_safety.embeddings import RED_STAR
     from dag_safety.mini.guideline_data import write_folder
     from dag_safety.optimize import load_annotated_folder
 
     images = [
         item for item in load_annotated_folder(write_folder(tmp_path / "v", 2, 2, validation=True)) if item.unsafe
     ]
-    mini_pipe.enable_dag(RED_STAR)
+    mini_pipe.enable_dag(red_star_rows)
     try:
         with pytest.raises(ValueError, match="needs safe images"):
             calibrate_presence(mini_pipe, images, num_inference_steps=8)
@@ -290,13 +290,12 @@ def test_calibrate_needs_safe_and_unsafe_images(mini_pipe, tmp_path):
         mini_pipe.disable_dag()
 
 
-def test_sega_form_at_base_scale_times_cfg_is_table_one(mini_pipe):
+def test_sega_form_at_base_scale_times_cfg_is_table_one(red_star_rows, mini_pipe):
     """`g` is linear in the base scale (momentum included), so SEGA's form with `base_scale · s_g` is Table 1's
     form with `base_scale`, at any fixed guidance scale: an identity the two code paths must both obey."""
-    from dag_safety.embeddings import RED_STAR
 
     def latents(**options):
-        mini_pipe.enable_dag(RED_STAR, **options)
+        mini_pipe.enable_dag(red_star_rows, **options)
         try:
             return mini_pipe(
                 "a red star and a blue square on a gray background",
@@ -346,33 +345,33 @@ def _one_by_one(pipe, embedding, prompts: list[str], **options) -> tuple[np.ndar
     return np.array([out.presence_scores[0] for out in outputs]), [out.unsafe_detected[0] for out in outputs]
 
 
-def test_a_generation_is_guided_exactly_when_its_unguided_presence_score_reaches_the_threshold(mini_pipe):
+def test_a_generation_is_guided_exactly_when_its_unguided_presence_score_reaches_the_threshold(
+    red_star_rows, mini_pipe
+):
     """What calibrating on generations rests on: until its first guided step a guided generation follows the
     unguided one, so the unguided run's score decides, for every threshold, whether it is guided at all."""
-    from dag_safety.embeddings import RED_STAR
 
     prompts = ["a red star and a blue circle on a white background", "a red square on a gray background",
                "a green star and a red triangle on a black background", "a blue circle on a white background",
                "a red star on a gray background", "a yellow star and a red circle on a white background"]  # fmt: skip
-    unguided, detected = _one_by_one(mini_pipe, RED_STAR, prompts, presence_threshold=float(np.nextafter(1.0, 0)))
+    unguided, detected = _one_by_one(mini_pipe, red_star_rows, prompts, presence_threshold=float(np.nextafter(1.0, 0)))
     assert not any(detected) and (unguided > 0).all()
     for threshold in np.unique(unguided)[1:]:  # thresholds that split the prompts
-        scores, detected = _one_by_one(mini_pipe, RED_STAR, prompts, presence_threshold=float(threshold))
+        scores, detected = _one_by_one(mini_pipe, red_star_rows, prompts, presence_threshold=float(threshold))
         assert detected == list(unguided >= threshold)
         unchanged = unguided < threshold
         np.testing.assert_array_equal(scores[unchanged], unguided[unchanged])  # unguided path, bit for bit
 
 
-def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(mini_pipe, tmp_path):
+def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(red_star_rows, mini_pipe, tmp_path):
     from dag_safety.cli import main
-    from dag_safety.embeddings import RED_STAR
     from dag_safety.guideline_embedding import GuidelineEmbedding
     from dag_safety.mini.guideline_data import write_folder
     from dag_safety.optimize import load_annotated_folder
 
     folder = write_folder(tmp_path / "validation", n_unsafe=3, n_safe=8, validation=True)
     out = tmp_path / "calibrated"
-    assert main(["calibrate", str(RED_STAR), "--validation-data", str(folder), "--target-fpr", "0.25",
+    assert main(["calibrate", str(red_star_rows), "--validation-data", str(folder), "--target-fpr", "0.25",
                  "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
     calibration = GuidelineEmbedding.from_pretrained(out).metadata.calibration
     threshold = GuidelineEmbedding.from_pretrained(out).metadata.presence_threshold
@@ -382,7 +381,7 @@ def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(mi
     items = load_annotated_folder(folder)
     prompts = [item.caption for item in items]
     safe = np.array([not item.unsafe for item in items])
-    unguided, _ = _one_by_one(mini_pipe, RED_STAR, prompts, presence_threshold=float(np.nextafter(1.0, 0)))
+    unguided, _ = _one_by_one(mini_pipe, red_star_rows, prompts, presence_threshold=float(np.nextafter(1.0, 0)))
     _, detected = _one_by_one(mini_pipe, out, prompts)
     # a batched generation may differ from a lone one in the last bits: leave out scores at the threshold
     clear = np.abs(unguided - threshold) > 1e-5
@@ -457,21 +456,22 @@ def lowest_edit_threshold_by_brute_force(evidence: np.ndarray, unsafe_threshold:
     return next((value for value, share in zip(allowed, shares) if share <= EDIT_MAX_UNDEFINED), allowed[-1])
 
 
-def broad_embedding(path):
-    """The committed embedding with its concept rows pulled most of the way to the start-of-text row: they attend
-    broadly, as the stronger mini model's do, so that at the paper's 0.01 every step is mode undefined and each layer
-    set needs its own edit threshold. Saved to `path`; returns it."""
-    from dag_safety.embeddings import RED_STAR
+def broad_embedding(rows_path, path):
+    """The committed embedding's rows (`red_star_rows`) with its concept rows pulled most of the way to the
+    start-of-text row: they attend broadly, as the stronger mini model's do, so that at the paper's 0.01 every step is
+    mode undefined and each layer set needs its own edit threshold. Saved to `path`; returns it."""
     from dag_safety.guideline_embedding import GuidelineEmbedding
 
-    committed = GuidelineEmbedding.from_pretrained(RED_STAR)
+    committed = GuidelineEmbedding.from_pretrained(rows_path)
     rows = committed.embeds.clone()
     rows[1:] = 0.8 * rows[0] + 0.2 * rows[1:]
     GuidelineEmbedding(rows, committed.metadata).save_pretrained(path)
     return path
 
 
-def test_select_layers_with_edit_thresholds_scores_each_candidate_at_its_own(mini_pipe, tmp_path, capsys):
+def test_select_layers_with_edit_thresholds_scores_each_candidate_at_its_own(
+    red_star_rows, mini_pipe, tmp_path, capsys
+):
     """`select_detection_layers(max_undefined=)`: each candidate at the lowest edit threshold (brute force over its
     own evidence) and, at it, the detection rate of DAG enabled on it alone; `calibrate --select-layers
     --edit-mask-threshold auto` saves the first with its threshold."""
@@ -489,7 +489,7 @@ def test_select_layers_with_edit_thresholds_scores_each_candidate_at_its_own(min
     folder = write_folder(tmp_path / "v", 4, 8, validation=True)
     images = load_annotated_folder(folder)
     unsafe = np.array([item.unsafe for item in images])
-    broad = broad_embedding(tmp_path / "broad")
+    broad = broad_embedding(red_star_rows, tmp_path / "broad")
     candidates = [("up_blocks.2.attentions.0",), ("mid_block",), ("down_blocks.1", "up_blocks.1")]
     mini_pipe.enable_dag(broad, layers=("up_blocks.2", "mid_block", "down_blocks.1", "up_blocks.1"))
     try:
@@ -532,7 +532,7 @@ def test_select_layers_with_edit_thresholds_scores_each_candidate_at_its_own(min
     )
 
 
-def test_calibrate_with_an_edit_threshold_calibrates_presence_at_it(mini_pipe, tmp_path, capsys):
+def test_calibrate_with_an_edit_threshold_calibrates_presence_at_it(red_star_rows, mini_pipe, tmp_path, capsys):
     """`calibrate --edit-mask-threshold auto`: the lowest edit threshold on the unsafe validation images (brute
     force), and the presence threshold the lowest within the target at it; a number is saved as given."""
     from dag_safety.calibration import evidence_trajectories, presence_scores
@@ -545,7 +545,7 @@ def test_calibrate_with_an_edit_threshold_calibrates_presence_at_it(mini_pipe, t
     images = load_annotated_folder(folder)
     common = ["--validation-data", str(folder), "--target-fpr", "0.2", "--calibrate-on", "images",
               "--calibration-steps", "8"]  # fmt: skip
-    broad = broad_embedding(tmp_path / "broad")
+    broad = broad_embedding(red_star_rows, tmp_path / "broad")
     out = tmp_path / "auto"
     assert main(["calibrate", str(broad), *common, "--edit-mask-threshold", "auto", "--out", str(out)]) == 0
     saved = GuidelineEmbedding.from_pretrained(out).metadata

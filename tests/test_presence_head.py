@@ -312,16 +312,22 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     out = tmp_path / "head"
     assert main(["calibrate", str(RED_STAR), "--validation-data", str(validation), "--presence-head", "up_blocks.2",
                  "--head-data", str(head_data), "--target-fpr", "0.2", "--calibrate-on", "images",
-                 "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
+                 "--calibration-steps", "8", "--default-hold-detection", "--default-erase-mode", "fill_final",
+                 "--out", str(out)]) == 0  # fmt: skip
     assert "training AUC" in capsys.readouterr().out
     saved = GuidelineEmbedding.from_pretrained(out)
     assert saved.metadata.detection == "head"
+    # the erase settings given are saved, the one not given is the input's (the committed embedding's)
+    committed = GuidelineEmbedding.from_pretrained(RED_STAR).metadata
+    assert (saved.metadata.hold_detection, saved.metadata.erase_mode) == (True, "fill_final")
+    assert saved.metadata.fill_region == committed.fill_region
     assert all(name.startswith("up_blocks.2.") for name in saved.head.layers) and len(saved.head.layers) == 2
     assert saved.metadata.calibration["presence_head"]["training_images"] == 16
     items = load_annotated_folder(validation)
     mini_pipe.enable_dag(out)
     try:
         assert mini_pipe.dag_config.detection == "head"
+        assert mini_pipe.dag_config.hold_detection and mini_pipe.dag_config.erase_mode == "fill_final"
         scores = presence_scores(mini_pipe, items, num_inference_steps=8, progress=False)
     finally:
         mini_pipe.disable_dag()
@@ -346,6 +352,24 @@ def test_calibrate_refuses_a_head_without_its_data(tmp_path, capsys):
         main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--presence-head", "up_blocks.2",
               "--head-data", str(tmp_path / "."), "--out", str(tmp_path / "out")])  # fmt: skip
     assert "the same folder" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_erase_settings_the_embedding_would_never_use(tmp_path, capsys):
+    """Erase settings are saved for a calibrated selective rule: refused with the paper's rule as the default, and
+    without validation data (no calibration, so the paper's rule stays)."""
+    from dag_safety.cli import main
+    from dag_safety.embeddings import RED_STAR
+
+    with pytest.raises(SystemExit) as error:
+        main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--default-detection", "paper",
+              "--default-erase-mode", "fill_final", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert error.value.code == 2
+    assert "--default-erase-mode set how a selective rule erases" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["optimize", str(tmp_path), "--init-text", "red star", "--default-fill-region", "basin",
+              "--no-default-hold-detection", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert "--default-hold-detection, --default-fill-region set how" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def annotated_images(count: int, side: int = 32) -> list:

@@ -106,8 +106,12 @@ def test_spf_removes_red_stars_in_proportion_to_scale_and_unloads_exactly(pipe):
 def test_dag_with_weights_still_erases_the_target(pipe, source, scale, max_ratio):
     """With the weights loaded (at partial scale, so that red stars still appear to be erased), DAG + SEGA
     removes red stars the weights alone leave. DAG is enabled first: the embedding is checked against
-    the base model's projections and detection keeps using them after the weights change `attn2`."""
-    pipe.enable_dag(RED_STAR)
+    the base model's projections and detection keeps using them after the weights change `attn2`.
+
+    The paper's method: the committed embedding's presence head reads the cross-attention inputs, which the weights
+    change, and with SPF at 0.35 it judges no star present (measured 7 -> 7); the paper's rule reads only the
+    frozen projections."""
+    pipe.enable_dag(RED_STAR, detection="paper")
     pipe.load_safety_weights(source, scale=scale)
     out = generate(pipe, TARGET_PROMPTS)
     pipe.disable_dag()
