@@ -26,6 +26,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .config import ERASE_MODES, FILL_REGIONS
+
 __all__ = ["build_parser", "main"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     safety.add_argument(
         "--erase-mode",
-        choices=("guidance", "fill", "fill_final"),
+        choices=ERASE_MODES,
         default=None,
         help="what DAG does where it detects: push along the safety direction (guidance, the paper's), fill from"
         " the surroundings at every guided step (fill), or only in the finished sample (fill_final); default: the"
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     safety.add_argument(
         "--fill-region",
-        choices=("nearest", "basin"),
+        choices=FILL_REGIONS,
         default=None,
         help="which edit pixels around a detected region DAG takes in: the nearest component's (nearest, the"
         " paper's) or only those on the detected object's slope of the map (basin); default: the embedding's own"
@@ -400,13 +402,13 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
     )
     erase.add_argument(
         "--default-fill-region",
-        choices=("nearest", "basin"),
+        choices=FILL_REGIONS,
         default=None,
         help="which edit pixels around a detected region DAG takes in (fill_region)",
     )
     erase.add_argument(
         "--default-erase-mode",
-        choices=("guidance", "fill", "fill_final"),
+        choices=ERASE_MODES,
         default=None,
         help="what DAG does where it detects (erase_mode): the paper's guidance, or a fill from the surroundings at"
         " every guided step or in the finished sample",
