@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import ERASE_MODES, FILL_REGIONS
+from .config import ERASE_MODES, FILL_REGIONS, HEAD_POOLINGS
 
 __all__ = ["build_parser", "main"]
 
@@ -428,6 +428,15 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         metavar="UNITS",
         help="hidden units of the presence head (default 64; 0 for a linear read-out, which cannot read a"
         " conjunction such as red AND star)",
+    )
+    parser.add_argument(
+        "--presence-head-pooling",
+        nargs="+",
+        choices=HEAD_POOLINGS,
+        default=list(HEAD_POOLINGS),
+        metavar="STAT",
+        help=f"statistics of a component's features over its pixels that the presence head reads, from"
+        f" {', '.join(HEAD_POOLINGS)} (default: all; the mean alone confuses look-alikes more often)",
     )
     parser.add_argument(
         "--head-data",
@@ -992,10 +1001,18 @@ def _with_presence_head(pipe, embedding, args: argparse.Namespace):
         type(embedding)(embedding.embeds, embedding.metadata, blank), detection="head", presence_threshold=0.5
     )
     try:
-        fit = fit_presence_head(pipe, items, layers, args.calibration_steps, hidden=args.presence_head_hidden)
+        fit = fit_presence_head(
+            pipe,
+            items,
+            layers,
+            args.calibration_steps,
+            hidden=args.presence_head_hidden,
+            pooling=tuple(dict.fromkeys(args.presence_head_pooling)),
+        )
     finally:
         pipe.disable_dag()
     kind = f"{args.presence_head_hidden} hidden units" if args.presence_head_hidden else "linear"
+    kind += f", pooling {'/'.join(fit.head.pooling)}"
     print(
         f"presence head ({kind}) on {', '.join(args.presence_head)}: {fit.components} training components of"
         f" {fit.images}"

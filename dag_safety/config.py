@@ -38,6 +38,8 @@ FILL_REGIONS = ("nearest", "basin")
 HOLD_REGIONS = ("component", "pixels")
 GUIDANCE_FORMS = ("table1", "sega")
 ERASE_MODES = ("guidance", "fill", "fill_final")
+HEAD_POOLINGS = ("mean", "max", "std")
+"""The statistics a presence head can pool a component's features by (`PresenceHead.pooling`)."""
 
 
 def _check_field_types(config: Any) -> None:

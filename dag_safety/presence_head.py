@@ -4,13 +4,15 @@ The guideline rows find *where* a concept may be; on a model whose attention doe
 its look-alikes (the mini model's red star from a red circle or a blue star), they cannot say *whether* it is
 there. The cross-attention layers' inputs can, once read over a whole object: `benchmarks/probe.py` finds a read-out
 of them averaged over an object separates what a per-pixel one cannot. The head is that read-out, applied to the
-components DAG itself forms: a component's feature is the mean over its pixels of the chosen layers' inputs
-(upsampled to the latent, concatenated, smoothed over the guided steps as DAG's evidence is), and its score the
-head's probability on it, linear (`σ(b + w·x)`) or with one hidden layer (`σ(b + v·GELU(Wx + c))`: a conjunction
-such as "red *and* star" is no half-space of the features, and a linear head on the mini model leaves most red stars
-unguided at a 5 % false-detection rate; `benchmarks/RESULTS.md`). It is fitted ([`fit_presence_head`]) on the
-components DAG forms on annotated training images along the guided steps, labelled by whether they overlap an
-unsafe image's mask.
+components DAG itself forms: a component's feature is a pooling over its pixels of the chosen layers' inputs
+(upsampled to the latent, concatenated, smoothed over the guided steps as DAG's evidence is): their mean, and by
+default also their maximum and standard deviation, which say how the object varies inside the component (a star's
+points against a circle's even body) where the mean alone confuses look-alikes (`benchmarks/RESULTS.md`). Its
+score is the head's probability on it, linear (`σ(b + w·x)`) or with one hidden layer (`σ(b + v·GELU(Wx + c))`: a
+conjunction such as "red *and* star" is no half-space of the features, and a linear head on the mini model
+leaves most red stars unguided at a 5 % false-detection rate; `benchmarks/RESULTS.md`). It is fitted
+([`fit_presence_head`]) on the components DAG forms on annotated training images along the guided steps, labelled
+by whether they overlap an unsafe image's mask.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from .attention import CapturedQuery
+from .config import HEAD_POOLINGS
 from .detection import concept_presence, layer_spatial_size, minmax_normalize
 from .guidance import unsafe_components
 
@@ -31,10 +34,11 @@ __all__ = [
     "HEAD_BIAS",
     "HEAD_HIDDEN_BIAS",
     "HEAD_OUTPUT",
+    "HEAD_POOLING",
     "HEAD_PREFIX",
     "HeadFit",
     "PresenceHead",
-    "component_means",
+    "component_features",
     "fit_logistic",
     "fit_mlp",
     "fit_presence_head",
@@ -45,12 +49,14 @@ HEAD_PREFIX = "presence_head."
 HEAD_BIAS = HEAD_PREFIX + "bias"
 HEAD_HIDDEN_BIAS = HEAD_PREFIX + "hidden_bias"
 HEAD_OUTPUT = HEAD_PREFIX + "output"
+HEAD_POOLING = HEAD_PREFIX + "pooling"
 
 
 @dataclass(frozen=True)
 class PresenceHead:
-    """A read-out of cross-attention layer inputs that scores DAG's components by their mean feature `x` (the
-    head's layers' inputs, upsampled to the latent and concatenated in [`layers`] order).
+    """A read-out of cross-attention layer inputs that scores DAG's components by their pooled feature `x`: per
+    layer `l` (in [`layers`] order), the layer's inputs upsampled to the latent and pooled over the component's
+    pixels by each of [`pooling`] in turn, `x_l = [pool_1(l), pool_2(l), …]` (`P·C_l` values).
 
     Linear (`output is None`): `logit = b + Σ_l w_l · x_l`. With a hidden layer of `H` units:
     `logit = b + v · GELU(Σ_l W_l x_l + c)`, which can read a conjunction ("red" *and* "star") that no half-space
@@ -58,20 +64,33 @@ class PresenceHead:
 
     Attributes:
         weights (`dict[str, torch.Tensor]`): per layer (processor name, as `CrossAttentionCapture.layers`), float32
-            weights on its input channels: `(C_l,)` for a linear head, `(H, C_l)` with a hidden layer.
+            weights on its pooled input channels: `(P·C_l,)` for a linear head, `(H, P·C_l)` with a hidden layer,
+            the `P` blocks of `C_l` in [`pooling`]'s order.
         bias (`float`): the output bias `b`.
         hidden_bias (`torch.Tensor`, *optional*): `c`, `(H,)`; with a hidden layer only.
         output (`torch.Tensor`, *optional*): `v`, `(H,)`; with a hidden layer only.
+        pooling (`tuple[str, ...]`): the statistics over a component's pixels, distinct names from [`HEAD_POOLINGS`]:
+            `"mean"`, `"max"` (per channel) and `"std"` (per channel, over the pixels; 0 for one pixel). A head
+            saved without them pools by the mean alone.
     """
 
     weights: dict[str, torch.Tensor]
     bias: float
     hidden_bias: torch.Tensor | None = None
     output: torch.Tensor | None = None
+    pooling: tuple[str, ...] = ("mean",)
 
     def __post_init__(self):
         if not self.weights:
             raise ValueError("A presence head needs the weights of at least one layer.")
+        if (
+            not self.pooling
+            or len(set(self.pooling)) != len(self.pooling)
+            or not set(self.pooling) <= set(HEAD_POOLINGS)
+        ):
+            raise ValueError(
+                f"A presence head's pooling must be distinct names from {HEAD_POOLINGS}, got {list(self.pooling)}."
+            )
         hidden = self.output is not None
         if hidden != (self.hidden_bias is not None):
             raise ValueError("A presence head's hidden layer needs both its bias and its output weights.")
@@ -83,8 +102,10 @@ class PresenceHead:
             shape_ok = isinstance(weight, torch.Tensor) and (
                 weight.ndim == 2 and (weight.shape[0],) == units if hidden else weight.ndim == 1
             )
+            shape_ok = shape_ok and weight.shape[-1] % len(self.pooling) == 0
             if not shape_ok or not torch.isfinite(weight).all():
-                shape = "(H, C) with H its hidden units" if hidden else "(C,)"
+                shape = "(H, P·C) with H its hidden units" if hidden else "(P·C,)"
+                shape += f", P = {len(self.pooling)} poolings"
                 raise ValueError(f"The presence head's weights for {name!r} must be a finite {shape} tensor.")
         if not math.isfinite(self.bias):
             raise ValueError(f"The presence head's bias must be finite, got {self.bias!r}.")
@@ -94,6 +115,11 @@ class PresenceHead:
         """The processor names of the layers it reads, sorted."""
         return tuple(sorted(self.weights))
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The input width `C_l` of each of [`layers`]."""
+        return tuple(self.weights[name].shape[-1] // len(self.pooling) for name in self.layers)
+
     def check_layers(self, widths: dict[str, int], source: str = "The presence head") -> None:
         """Checks every layer exists in a UNet whose cross-attention layers have input widths `widths` (processor
         name → `attn.query_dim`).
@@ -101,20 +127,21 @@ class PresenceHead:
         Raises:
             `ValueError`: a layer is missing or has another width; the message names it.
         """
-        for name, weight in self.weights.items():
+        for name, width in zip(self.layers, self.widths):
             if name not in widths:
                 raise ValueError(
                     f"{source} reads the layer {name!r}, which this UNet does not have: it was fitted on another"
                     " model. Fit a head for this model (`dag-safety calibrate --presence-head`)."
                 )
-            if widths[name] != weight.shape[-1]:
+            if widths[name] != width:
                 raise ValueError(
-                    f"{source} has {weight.shape[-1]} weights for {name!r}, whose input width here is"
+                    f"{source} reads {width} input channels of {name!r}, whose input width here is"
                     f" {widths[name]}: it was fitted on another model. Fit a head for this model."
                 )
 
     def component_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits `(n,)` of `n` components from their mean features `(n, ΣC_l)` ([`features`]' channel order)."""
+        """Logits `(n,)` of `n` components from their pooled features `(n, P·ΣC_l)` ([`component_features`]'
+        order)."""
         weight = torch.cat([self.weights[name] for name in self.layers], dim=-1).to(features)
         if self.output is None:
             return features @ weight + self.bias
@@ -143,7 +170,7 @@ class PresenceHead:
         edit_mask_threshold: float,
         max_edit_area: float,
     ) -> torch.Tensor:
-        """Each unsafe component of `Â` filled with its logit (the head on its mean feature), 0 elsewhere:
+        """Each unsafe component of `Â` filled with its logit (the head on its pooled feature), 0 elsewhere:
         `(B, h, w)` float32 on the CPU. A component's mean over this map is its logit, which is how
         `guidance.area_scaler` reads it (the components found again from the same `Â` and thresholds).
 
@@ -158,16 +185,18 @@ class PresenceHead:
             labels, count = unsafe_components(dag_map, unsafe_threshold, edit_mask_threshold, max_edit_area)
             if count == 0:
                 continue
-            means = component_means(features[index], labels, count)
-            logits = torch.cat([torch.zeros(1), self.component_logits(means)])
+            pooled = component_features(features[index], labels, count, self.pooling, self.widths)
+            logits = torch.cat([torch.zeros(1), self.component_logits(pooled)])
             painted[index] = logits[torch.from_numpy(labels).long()]
         return painted
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The safetensors entries: `presence_head.<layer>` (`(C_l,)` or `(H, C_l)`), `presence_head.bias` `(1,)`,
-        and with a hidden layer `presence_head.hidden_bias` and `presence_head.output` `(H,)`."""
+        """The safetensors entries: `presence_head.<layer>` (`(P·C_l,)` or `(H, P·C_l)`), `presence_head.bias`
+        `(1,)`, `presence_head.pooling` (int64 `(P,)`, indices into [`HEAD_POOLINGS`]), and with a hidden layer
+        `presence_head.hidden_bias` and `presence_head.output` `(H,)`."""
         tensors = {HEAD_PREFIX + name: weight.contiguous() for name, weight in self.weights.items()}
         tensors[HEAD_BIAS] = torch.tensor([self.bias], dtype=torch.float32)
+        tensors[HEAD_POOLING] = torch.tensor([HEAD_POOLINGS.index(name) for name in self.pooling], dtype=torch.int64)
         if self.output is not None:
             tensors[HEAD_HIDDEN_BIAS] = self.hidden_bias.contiguous()
             tensors[HEAD_OUTPUT] = self.output.contiguous()
@@ -186,6 +215,17 @@ class PresenceHead:
             return None
         bias = entries.pop(HEAD_BIAS, None)
         hidden_bias, output = entries.pop(HEAD_HIDDEN_BIAS, None), entries.pop(HEAD_OUTPUT, None)
+        pooling = entries.pop(HEAD_POOLING, None)
+        if pooling is None:
+            pooling = ("mean",)  # saved before heads could pool by more than the mean
+        else:
+            codes = pooling.reshape(-1).tolist()
+            if pooling.dtype.is_floating_point or not all(0 <= code < len(HEAD_POOLINGS) for code in codes):
+                raise ValueError(
+                    f"{source}: its presence head's {HEAD_POOLING!r} must hold indices into {HEAD_POOLINGS}, got"
+                    f" {codes}. The file is damaged; re-save or re-download the embedding."
+                )
+            pooling = tuple(HEAD_POOLINGS[code] for code in codes)
         if bias is None or bias.numel() != 1 or not entries:
             raise ValueError(
                 f"{source}: its presence head is incomplete (it needs {HEAD_BIAS!r} holding one number and at"
@@ -197,18 +237,39 @@ class PresenceHead:
                 float(bias.reshape(())),
                 None if hidden_bias is None else hidden_bias.float(),
                 None if output is None else output.float(),
+                pooling,
             )
         except ValueError as error:
             raise ValueError(f"{source}: {error} The file is damaged; re-save or re-download it.") from None
 
 
-def component_means(features: torch.Tensor, labels: np.ndarray, count: int) -> torch.Tensor:
-    """Mean feature `(count, C)` of each of `count` labelled components (`labels` `(h, w)` from `ndimage.label`) in
-    one image's `features` `(h·w, C)`."""
+def component_features(
+    features: torch.Tensor,
+    labels: np.ndarray,
+    count: int,
+    pooling: tuple[str, ...] = ("mean",),
+    widths: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Pooled feature of each of `count` labelled components (`labels` `(h, w)` from `ndimage.label`, 0 outside
+    them) in one image's `features` `(h·w, C)`: `(count, P·C)`, per layer (`widths`, the `C_l` summing to `C`; one
+    layer of `C` by default) the `P` statistics of [`PresenceHead`]'s layout in `pooling`'s order."""
     flat = torch.from_numpy(labels.reshape(-1)).long()
-    sums = torch.zeros(count + 1, features.shape[1]).index_add_(0, flat, features)
     sizes = torch.bincount(flat, minlength=count + 1).clamp_min(1)[:, None]
-    return (sums / sizes)[1:]
+    mean = torch.zeros(count + 1, features.shape[1]).index_add_(0, flat, features) / sizes
+    stats = {}
+    for name in pooling:
+        if name == "mean":
+            stats[name] = mean
+        elif name == "max":
+            start = torch.full((count + 1, features.shape[1]), -torch.inf)
+            index = flat[:, None].expand_as(features)
+            stats[name] = start.scatter_reduce(0, index, features, reduce="amax", include_self=True)
+        else:  # "std": about the component's own mean, which no rounding of E[x²] − E[x]² can make negative
+            squares = (features - mean[flat]).pow(2)
+            stats[name] = (torch.zeros_like(mean).index_add_(0, flat, squares) / sizes).sqrt()
+    widths = widths or (features.shape[1],)
+    parts = {name: stat[1:].split(list(widths), dim=1) for name, stat in stats.items()}
+    return torch.cat([parts[name][layer] for layer in range(len(widths)) for name in pooling], dim=1)
 
 
 def fit_logistic(
@@ -258,6 +319,7 @@ class HeadFit:
         return {
             "layers": list(self.head.layers),
             "hidden_units": 0 if self.head.output is None else int(self.head.output.shape[0]),
+            "pooling": list(self.head.pooling),
             "training_images": self.images,
             "training_components": self.components,
             "positive_components": self.positives,
@@ -311,15 +373,17 @@ def fit_presence_head(
     batch_size: int = 16,
     hidden: int = 0,
     progress: bool = True,
+    pooling: tuple[str, ...] = HEAD_POOLINGS,
 ) -> HeadFit:
     """Fits a [`PresenceHead`] on the components DAG forms on annotated training `images`.
 
     The images are noised to each guided timestep as calibration does (`calibration.guided_passes`). At each step
     DAG's `Â` (from the running mean of the rows' presence evidence, as under `detection="presence"`) forms the
-    unsafe components, and each component contributes its mean feature over its pixels, the features smoothed
-    over the steps as under `detection="head"`, labelled positive when the image is unsafe and the component
-    overlaps its mask. The fit, on standardised features (the standardisation folded into the head): [`fit_logistic`]
-    (`hidden=0`, L2 1e-2) or [`fit_mlp`] with `hidden` units.
+    unsafe components, and each component contributes its feature pooled over its pixels by `pooling`
+    ([`component_features`]), the features smoothed over the steps as under `detection="head"`, labelled positive
+    when the image is unsafe and the component overlaps its mask. The fit, on standardised features (the
+    standardisation folded into the head): [`fit_logistic`] (`hidden=0`, L2 1e-2) or [`fit_mlp`] with `hidden`
+    units.
 
     Args:
         pipe ([`DAGStableDiffusionPipeline`]): with DAG enabled on one embedding, capturing (at least) the
@@ -328,6 +392,9 @@ def fit_presence_head(
             the concept above all).
         layers (`tuple[str, ...]`): the layers the head reads, processor names (`CrossAttentionCapture.layers`).
         hidden (`int`): hidden units; 0 for a linear head.
+        pooling (`tuple[str, ...]`): the statistics of a component's features the head reads ([`HEAD_POOLINGS`];
+            default all three: on the mini model the mean alone guides fewer red-star generations at the same
+            false-detection rate, `benchmarks/RESULTS.md`).
 
     Raises:
         `ValueError`: DAG is not enabled on one embedding or does not capture `layers`; no safe or no unsafe
@@ -351,7 +418,10 @@ def fit_presence_head(
         )
     config = state.config
     beta = config.presence_smoothing
-    reader = PresenceHead({name: torch.zeros(1) for name in layers}, 0.0)
+    pooling = tuple(pooling)
+    # reads the features, and checks the pooling before the passes rather than after them
+    reader = PresenceHead({name: torch.zeros(len(pooling)) for name in layers}, 0.0, pooling=pooling)
+    widths = [state.capture.attention_modules()[name].query_dim for name in sorted(layers)]
     rows, labels, smoothed, smoothed_features = [], [], {}, {}
     for start, masks, step, latent_size in guided_passes(
         pipe, images, num_inference_steps, seed, batch_size, progress
@@ -368,7 +438,7 @@ def fit_presence_head(
             )
             if count == 0:
                 continue
-            rows.append(component_means(features[offset], labelled, count))
+            rows.append(component_features(features[offset], labelled, count, pooling, tuple(widths)))
             on_mask = np.bincount(labelled[mask], minlength=count + 1)[1:] > 0
             labels.append(torch.from_numpy(on_mask & bool(unsafe[start + offset])))
     if not rows or not torch.cat(labels).any():
@@ -380,12 +450,14 @@ def fit_presence_head(
     features, targets = torch.cat(rows), torch.cat(labels).float()
     mean, std = features.mean(dim=0), features.std(dim=0) + 1e-6
     standardised = (features - mean) / std
-    widths = [state.capture.attention_modules()[name].query_dim for name in sorted(layers)]
+    widths = [len(pooling) * width for width in widths]
     # fold the standardisation into the first layer: W·(x - μ)/σ + c = (W/σ)·x + (c - (W/σ)·μ)
     if hidden == 0:
         weight, bias = fit_logistic(standardised, targets)
         folded = weight / std
-        head = PresenceHead(dict(zip(sorted(layers), folded.split(widths))), float(bias - (folded * mean).sum()))
+        head = PresenceHead(
+            dict(zip(sorted(layers), folded.split(widths))), float(bias - (folded * mean).sum()), pooling=pooling
+        )
     else:
         net = fit_mlp(standardised, targets, hidden)
         first = net[0].weight.detach() / std
@@ -394,6 +466,7 @@ def fit_presence_head(
             float(net[2].bias.detach()),
             hidden_bias=net[0].bias.detach() - first @ mean,
             output=net[2].weight.detach()[0],
+            pooling=pooling,
         )
     scores = head.component_logits(features).numpy()
     return HeadFit(

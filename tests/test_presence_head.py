@@ -12,8 +12,9 @@ from dag_reference import components_of
 from diffusers import StableDiffusionPipeline
 
 from dag_safety.attention import CapturedQuery
+from dag_safety.config import HEAD_POOLINGS
 from dag_safety.guideline_embedding import GuidelineEmbedding
-from dag_safety.presence_head import PresenceHead, fit_logistic
+from dag_safety.presence_head import PresenceHead, component_features, fit_logistic
 
 PROMPT = "a red star and a blue circle"
 
@@ -84,6 +85,51 @@ def test_features_are_the_layers_inputs_at_the_latent_size_and_components_are_sc
         assert got[row].item() == pytest.approx(mlp_by_hand(head, means[row].numpy()), abs=1e-4)
 
 
+def pooled_by_hand(features: np.ndarray, widths: list[int], pooling: tuple[str, ...]) -> np.ndarray:
+    """A component's pooled feature from its pixels' features `(n, ΣC)`: per layer, each statistic in turn."""
+    stats = {"mean": lambda x: x.mean(axis=0), "max": lambda x: x.max(axis=0), "std": lambda x: x.std(axis=0)}
+    bounds = np.cumsum([0, *widths])
+    return np.concatenate(
+        [stats[name](features[:, bounds[i] : bounds[i + 1]]) for i in range(len(widths)) for name in pooling]
+    )
+
+
+@pytest.mark.parametrize("pooling", [("mean",), ("std", "mean", "max"), HEAD_POOLINGS])
+def test_component_features_pool_each_layer_by_each_statistic_in_order(pooling):
+    """Three components (one of a single pixel, whose std is 0) of random two-layer features, against numpy."""
+    generator = torch.Generator().manual_seed(0)
+    features = 3 + 5 * torch.randn(16, 7, generator=generator, dtype=torch.float64).float()
+    labels = np.zeros((4, 4), dtype=np.int32)
+    labels[0, :3], labels[2:, 1:3], labels[3, 3] = 1, 2, 3
+    got = component_features(features, labels, 3, pooling, (4, 3))
+    assert got.shape == (3, 7 * len(pooling))
+    for component in range(1, 4):
+        pixels = features.numpy()[labels.reshape(-1) == component]
+        want = pooled_by_hand(pixels, [4, 3], pooling)
+        np.testing.assert_allclose(got[component - 1].numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pooling_head_scores_the_pooled_feature_and_checks_its_widths():
+    """A head pooling by two statistics reads `2·C_l` weights a layer: its widths are the layers' own, a UNet of
+    another width is refused, and bad poolings are refused by name."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(3, 10, generator=generator), "b": torch.randn(3, 6, generator=generator)}
+    head = PresenceHead(weights, 0.3, torch.randn(3), torch.randn(3), pooling=("max", "mean"))
+    assert head.widths == (5, 3)
+    head.check_layers({"a": 5, "b": 3})
+    with pytest.raises(ValueError, match="reads 5 input channels of 'a'"):
+        head.check_layers({"a": 10, "b": 3})
+    pooled = torch.randn(2, 16, generator=generator)
+    for row in range(2):
+        want = mlp_by_hand(head, pooled[row].numpy())
+        assert head.component_logits(pooled)[row].item() == pytest.approx(want, abs=1e-4)
+    for pooling, message in [(("mean", "mean"), "distinct"), (("median",), "distinct"), ((), "distinct")]:
+        with pytest.raises(ValueError, match=message):
+            PresenceHead({"a": torch.ones(2)}, 0.0, pooling=pooling)
+    with pytest.raises(ValueError, match="3 poolings"):
+        PresenceHead({"a": torch.ones(4)}, 0.0, pooling=HEAD_POOLINGS)
+
+
 def test_logistic_fit_recovers_the_direction_that_separates_two_gaussians():
     """Two classes `N(±μ, I)` (unbalanced 1:9): the Bayes-optimal boundary is orthogonal to `μ`."""
     generator = torch.Generator().manual_seed(0)
@@ -107,6 +153,24 @@ def test_a_head_is_saved_in_the_embeddings_file_and_loads_back(pipe, tmp_path):
     loaded = GuidelineEmbedding.from_pretrained(_saved(pipe, tmp_path / "mlp", mlp)).head
     assert torch.equal(loaded.output, mlp.output) and torch.equal(loaded.hidden_bias, mlp.hidden_bias)
     assert all(torch.equal(loaded.weights[name], mlp.weights[name]) for name in mlp.layers)
+    pooled = PresenceHead({name: weight.repeat(1, 3) for name, weight in mlp.weights.items()}, -0.5,
+                          mlp.hidden_bias, mlp.output, pooling=("std", "max", "mean"))  # fmt: skip
+    loaded = GuidelineEmbedding.from_pretrained(_saved(pipe, tmp_path / "pooled", pooled)).head
+    assert loaded.pooling == ("std", "max", "mean") and loaded.widths == mlp.widths
+
+
+def test_a_head_saved_without_its_pooling_reads_the_mean(pipe, tmp_path):
+    """Files written before heads could pool by more hold no `presence_head.pooling`: their heads pool by the mean."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = _saved(pipe, tmp_path / "emb", head_for(pipe, 0.25)) / "guideline_embeds.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    tensors = load_file(str(path))
+    assert tensors.pop("presence_head.pooling").tolist() == [0]
+    save_file(tensors, str(path), metadata=header)
+    assert GuidelineEmbedding.from_pretrained(path.parent).head.pooling == ("mean",)
 
 
 def _saved(pipe, path, head):
@@ -119,6 +183,22 @@ def _saved(pipe, path, head):
     [
         ({"presence_head.up_blocks.1.x": torch.ones(3)}, "incomplete"),
         ({"presence_head.bias": torch.ones(1)}, "incomplete"),
+        (
+            {
+                "presence_head.x": torch.ones(2),
+                "presence_head.bias": torch.ones(1),
+                "presence_head.pooling": torch.tensor([3]),
+            },
+            "indices into",
+        ),
+        (
+            {
+                "presence_head.x": torch.ones(2),
+                "presence_head.bias": torch.ones(1),
+                "presence_head.pooling": torch.ones(1),
+            },
+            "indices into",
+        ),
         ({"presence_head.x": torch.tensor([1.0, float("nan")]), "presence_head.bias": torch.ones(1)}, "finite"),
         ({"presence_head.x": torch.ones(2), "presence_head.bias": torch.ones(2)}, "incomplete"),
         (
@@ -313,7 +393,7 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     assert main(["calibrate", str(RED_STAR), "--validation-data", str(validation), "--presence-head", "up_blocks.2",
                  "--head-data", str(head_data), "--target-fpr", "0.2", "--calibrate-on", "images",
                  "--calibration-steps", "8", "--default-hold-detection", "--default-erase-mode", "fill_final",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--presence-head-pooling", "max", "mean", "--out", str(out)]) == 0  # fmt: skip
     assert "training AUC" in capsys.readouterr().out
     saved = GuidelineEmbedding.from_pretrained(out)
     assert saved.metadata.detection == "head"
@@ -323,6 +403,8 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     assert saved.metadata.fill_region == committed.fill_region
     assert all(name.startswith("up_blocks.2.") for name in saved.head.layers) and len(saved.head.layers) == 2
     assert saved.metadata.calibration["presence_head"]["training_images"] == 16
+    assert saved.head.pooling == ("max", "mean")
+    assert saved.metadata.calibration["presence_head"]["pooling"] == ["max", "mean"]
     items = load_annotated_folder(validation)
     mini_pipe.enable_dag(out)
     try:
@@ -352,6 +434,10 @@ def test_calibrate_refuses_a_head_without_its_data(tmp_path, capsys):
         main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--presence-head", "up_blocks.2",
               "--head-data", str(tmp_path / "."), "--out", str(tmp_path / "out")])  # fmt: skip
     assert "the same folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--presence-head", "up_blocks.2",
+              "--presence-head-pooling", "median", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert "--presence-head-pooling: invalid choice: 'median'" in capsys.readouterr().err
 
 
 def test_calibrate_refuses_erase_settings_the_embedding_would_never_use(tmp_path, capsys):
@@ -391,12 +477,12 @@ def annotated_images(count: int, side: int = 32) -> list:
     return items
 
 
-@pytest.mark.parametrize("hidden", [0, 8])
-def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_masks(pipe, hidden):
+@pytest.mark.parametrize(("hidden", "pooling"), [(0, ("mean",)), (8, ("max", "std", "mean"))])
+def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_masks(pipe, hidden, pooling):
     """`fit_presence_head`'s training AUC against one recomputed on the inference path: the same passes
     (`guided_passes`), `Â` from the hand-smoothed rows' evidence, components by flood fill, each scored by the
-    fitted head on its mean hand-smoothed feature, labelled by overlap with an unsafe image's (max-pooled) mask, and a
-    pairwise AUC. A fit on other features or labels than inference sees would not reproduce it."""
+    fitted head on its hand-smoothed features pooled by hand, labelled by overlap with an unsafe image's
+    (max-pooled) mask, and a pairwise AUC. A fit on other features or labels than inference sees would not reproduce it."""
     from dag_safety.calibration import guided_passes
     from dag_safety.detection import concept_presence
     from dag_safety.presence_head import fit_presence_head
@@ -407,9 +493,9 @@ def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_
                     max_edit_area=1.0, warmup_steps=3)  # fmt: skip
     try:
         fit = fit_presence_head(
-            pipe, images, blank.layers, num_inference_steps=6, batch_size=4, hidden=hidden, progress=False
+            pipe, images, blank.layers, 6, batch_size=4, hidden=hidden, progress=False, pooling=pooling
         )
-        assert (fit.head.output is None) == (hidden == 0)
+        assert (fit.head.output is None) == (hidden == 0) and fit.head.pooling == pooling
         state = pipe._dag
         beta = state.config.presence_smoothing
         scores, positive, smoothed, smoothed_features = [], [], {}, {}
@@ -424,8 +510,9 @@ def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_
                 share = smoothed[start][offset]
                 labels = components_of((share - share.min()) / (share.max() - share.min()) >= 0.6)
                 for component in range(1, labels.max() + 1):
-                    mean = smoothed_features[start][offset][labels.reshape(-1) == component].mean(axis=0)
-                    scores.append(fit.head.component_logits(torch.from_numpy(mean)[None]).item())
+                    pixels = smoothed_features[start][offset][labels.reshape(-1) == component]
+                    pooled = pooled_by_hand(pixels, list(fit.head.widths), pooling)
+                    scores.append(fit.head.component_logits(torch.from_numpy(pooled)[None]).item())
                     positive.append(images[start + offset].unsafe and masks[offset][labels == component].any())
     finally:
         pipe.disable_dag()
