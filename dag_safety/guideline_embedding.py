@@ -573,9 +573,12 @@ class GuidelineEmbedding(
                     raise ValueError(
                         f"{path} holds no {TENSOR_NAME!r} tensor; is it a dag-safety guideline embedding?"
                     )
-                embeds = handle.get_tensor(TENSOR_NAME)
+                # copies in torch's own memory: a tensor read in place sits wherever the file's header put it, and
+                # the CPU kernels' last bits depend on that alignment (measured: 7e-7 on an image, which sampling
+                # can grow into another image), so the same rows would generate differently from two files
+                embeds = handle.get_tensor(TENSOR_NAME).clone()
                 names = [key for key in handle.keys() if key.startswith(HEAD_PREFIX)]  # noqa: SIM118  # as above
-                head_entries = {key: handle.get_tensor(key) for key in names}
+                head_entries = {key: handle.get_tensor(key).clone() for key in names}
                 header = handle.metadata() or {}
         except SafetensorError as error:
             raise ValueError(
