@@ -191,8 +191,8 @@ class EvidenceTrajectories:
         masks (`torch.Tensor`): `(N, h, w)` bool, each image's mask at the latent's size (max-pooled; all `False`
             for a safe image).
         head (`torch.Tensor` or `None`): under `detection="head"`, at each guided step each unsafe component of DAG's
-            own `Â` filled with the presence head's logit on its mean smoothed feature (`PresenceHead.paint`), `(N,
-            steps, concepts, h, w)`: a component's mean over it is its logit at DAG's thresholds.
+            own `Â` filled with the presence head's logit on its pooled smoothed features (`PresenceHead.paint`),
+            `(N, steps, concepts, h, w)`: a component's mean over it is its logit at DAG's thresholds.
     """
 
     evidence: dict[str, torch.Tensor]

@@ -252,9 +252,9 @@ class DAGConfig:
             validation images (`dag-safety optimize --target-fpr`), so the field default stays the paper's rule
             and a calibrated saved embedding brings `"presence"` and its threshold as its defaults. `"head"`: the
             components of the same `Â` are judged by the embedding's presence head instead (beyond the paper;
-            `dag_safety.presence_head`): a read-out of the component's mean feature (cross-attention layer inputs,
-            smoothed over the guided steps by `presence_smoothing`), its score the head's probability. Needs an
-            embedding with a head (`dag-safety calibrate --presence-head`).
+            `dag_safety.presence_head`): a read-out of the component's pooled features (cross-attention layer
+            inputs, smoothed over the guided steps by `presence_smoothing`, pooled by the head's `pooling`), its
+            score the head's probability. Needs an embedding with a head (`dag-safety calibrate --presence-head`).
         presence_threshold (`float`, *optional*):
             The calibrated threshold on a component's presence score (under `"head"`, the head's probability), in
             `(0, 1)`; required by `"presence"` and `"head"`.

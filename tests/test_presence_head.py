@@ -415,7 +415,9 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
         mini_pipe.disable_dag()
     safe = np.array([not item.unsafe for item in items])
     groups = np.array([item.group for item in items])[safe]
-    assert_lowest_within(np.nan_to_num(scores.any[safe], neginf=0.0), groups, saved.metadata.presence_threshold, 0.2)
+    # a rescored image's score differs from calibration's in the last bits (measured up to 2e-9 between processes)
+    scores = np.nan_to_num(scores.any[safe], neginf=0.0)
+    assert_lowest_within(scores, groups, saved.metadata.presence_threshold, 0.2, tolerance=1e-6)
 
 
 def test_calibrate_refuses_a_head_without_its_data(tmp_path, capsys):
