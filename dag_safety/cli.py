@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import ERASE_MODES, FILL_REGIONS, HEAD_POOLINGS
+from .config import ERASE_MODES, FILL_REGIONS, HEAD_CAPTION_SWAPS, HEAD_POOLINGS
 
 __all__ = ["build_parser", "main"]
 
@@ -439,6 +439,14 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         f" {', '.join(HEAD_POOLINGS)} (default: all; the mean alone confuses look-alikes more often)",
     )
     parser.add_argument(
+        "--presence-head-swapped-captions",
+        choices=HEAD_CAPTION_SWAPS,
+        default="none",
+        help="also fit the presence head on --head-data images under a caption of the other class, so that it"
+        " judges what is drawn rather than the prompt's words: each unsafe image under a safe image's caption"
+        " (unsafe), and each safe image under an unsafe one's too (all); default none",
+    )
+    parser.add_argument(
         "--head-data",
         default=None,
         help="annotated folder (safe and unsafe images) to fit the presence head on (optimize: default its data;"
@@ -592,6 +600,11 @@ def check_optimize(args: argparse.Namespace) -> Path:
             )
     if args.head_data is not None and args.presence_head is None:
         raise CommandError("--head-data is the presence head's training data: pass --presence-head too, or drop it.")
+    if args.presence_head_swapped_captions != "none" and args.presence_head is None:
+        raise CommandError(
+            "--presence-head-swapped-captions changes how the presence head is fitted: pass --presence-head too, or"
+            " drop it."
+        )
     if hasattr(args, "embedding") and args.presence_head is not None and args.head_data is None:
         raise CommandError(
             "--presence-head is fitted on annotated training images: pass --head-data (a folder as for optimize,"
@@ -1008,11 +1021,13 @@ def _with_presence_head(pipe, embedding, args: argparse.Namespace):
             args.calibration_steps,
             hidden=args.presence_head_hidden,
             pooling=tuple(dict.fromkeys(args.presence_head_pooling)),
+            swapped_captions=args.presence_head_swapped_captions,
         )
     finally:
         pipe.disable_dag()
     kind = f"{args.presence_head_hidden} hidden units" if args.presence_head_hidden else "linear"
     kind += f", pooling {'/'.join(fit.head.pooling)}"
+    kind += f", swapped captions: {fit.swapped_captions}" if fit.swapped_captions != "none" else ""
     print(
         f"presence head ({kind}) on {', '.join(args.presence_head)}: {fit.components} training components of"
         f" {fit.images}"

@@ -41,6 +41,10 @@ ERASE_MODES = ("guidance", "fill", "fill_final")
 HEAD_POOLINGS = ("mean", "max", "std")
 """The statistics a presence head can pool a component's features by (`PresenceHead.pooling`)."""
 
+HEAD_CAPTION_SWAPS = ("none", "unsafe", "all")
+"""Which training images a presence head is also fitted on under a caption of the other class
+(`fit_presence_head(swapped_captions=...)`)."""
+
 
 def _check_field_types(config: Any) -> None:
     """Checks every field of a config dataclass against its annotation (`float`, `int`, `bool`,

@@ -12,13 +12,15 @@ score is the head's probability on it, linear (`σ(b + w·x)`) or with one hidde
 conjunction such as "red *and* star" is no half-space of the features, and a linear head on the mini model
 leaves most red stars unguided at a 5 % false-detection rate; `benchmarks/RESULTS.md`). It is fitted
 ([`fit_presence_head`]) on the components DAG forms on annotated training images along the guided steps, labelled
-by whether they overlap an unsafe image's mask.
+by whether they overlap an unsafe image's mask. The UNet runs with each training image's caption, so a head fitted
+on matching captions alone learns the caption's words as much as the image: [`swap_captions`] adds images again
+under a caption of the other class, so that the head has to read what is drawn.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from .attention import CapturedQuery
-from .config import HEAD_POOLINGS
+from .config import HEAD_CAPTION_SWAPS, HEAD_POOLINGS
 from .detection import concept_presence, layer_spatial_size, minmax_normalize
 from .guidance import unsafe_components
 
@@ -43,6 +45,7 @@ __all__ = [
     "fit_mlp",
     "fit_presence_head",
     "roc_auc",
+    "swap_captions",
 ]
 
 HEAD_PREFIX = "presence_head."
@@ -305,6 +308,8 @@ class HeadFit:
         components (`int`), positives (`int`): the training components (one per component per guided step), and
             those overlapping an unsafe image's mask.
         images (`int`): the training images.
+        swapped_captions (`str`): which of them were also fitted under a caption of the other class
+            ([`HEAD_CAPTION_SWAPS`]).
         train_auc (`float`): ROC AUC of the head's component scores on its own training components.
     """
 
@@ -313,6 +318,7 @@ class HeadFit:
     positives: int
     images: int
     train_auc: float
+    swapped_captions: str = "none"
 
     def as_metadata(self) -> dict:
         """The summary stored in the embedding's `calibration` metadata (`presence_head`)."""
@@ -321,6 +327,7 @@ class HeadFit:
             "hidden_units": 0 if self.head.output is None else int(self.head.output.shape[0]),
             "pooling": list(self.head.pooling),
             "training_images": self.images,
+            "swapped_captions": self.swapped_captions,
             "training_components": self.components,
             "positive_components": self.positives,
             "train_auc": round(self.train_auc, 4),
@@ -363,6 +370,31 @@ def fit_mlp(
     return net
 
 
+def swap_captions(images: list, seed: int = 0) -> list:
+    """Each of `images` again, captioned as an image of the other class: an unsafe image with the caption of a safe
+    one, a safe image with the caption of an unsafe one (drawn with `seed`, uniformly, with replacement).
+
+    The masks stay: an unsafe image under a safe caption is the concept drawn where the prompt does not name it
+    (an adversarial or unprompted one, which DAG must still catch), a safe image under an unsafe caption is the
+    concept named where it is not drawn. Fitted on both, a presence head cannot tell the classes by the caption.
+
+    Args:
+        images (`list[AnnotatedImage]`): safe and unsafe images.
+
+    Returns:
+        `list[AnnotatedImage]`: as many images as `images`, in their order.
+
+    Raises:
+        `ValueError`: no safe or no unsafe image (nothing to swap with).
+    """
+    unsafe = [item.caption for item in images if item.unsafe]
+    safe = [item.caption for item in images if not item.unsafe]
+    if not unsafe or not safe:
+        raise ValueError("Swapping captions needs safe and unsafe images; got only one kind.")
+    generator = np.random.default_rng(seed)
+    return [replace(item, caption=str(generator.choice(safe if item.unsafe else unsafe))) for item in images]
+
+
 @torch.no_grad()
 def fit_presence_head(
     pipe,
@@ -374,6 +406,7 @@ def fit_presence_head(
     hidden: int = 0,
     progress: bool = True,
     pooling: tuple[str, ...] = HEAD_POOLINGS,
+    swapped_captions: str = "none",
 ) -> HeadFit:
     """Fits a [`PresenceHead`] on the components DAG forms on annotated training `images`.
 
@@ -395,6 +428,10 @@ def fit_presence_head(
         pooling (`tuple[str, ...]`): the statistics of a component's features the head reads ([`HEAD_POOLINGS`];
             default all three: on the mini model the mean alone guides fewer red-star generations at the same
             false-detection rate, `benchmarks/RESULTS.md`).
+        swapped_captions (`str`): `"unsafe"` also fits on each unsafe image under a safe image's caption (the
+            concept drawn where the prompt does not name it), `"all"` on every image under a caption of the other
+            class ([`swap_captions`], drawn with `seed`), so that the head reads the image rather than the
+            caption's words; `"none"` (default) fits on the images' own captions only.
 
     Raises:
         `ValueError`: DAG is not enabled on one embedding or does not capture `layers`; no safe or no unsafe
@@ -410,12 +447,19 @@ def fit_presence_head(
         raise ValueError(f"DAG does not capture the head's layers {missing or '(none given)'}; enable it on them.")
     if hidden < 0:
         raise ValueError(f"`hidden` must be >= 0 (0: a linear head), got {hidden}.")
+    if swapped_captions not in HEAD_CAPTION_SWAPS:
+        raise ValueError(f"`swapped_captions` must be one of {HEAD_CAPTION_SWAPS}, got {swapped_captions!r}.")
     unsafe = np.array([item.unsafe for item in images])
     if unsafe.all() or not unsafe.any():
         raise ValueError(
             "Fitting a presence head needs safe images (no mask) and unsafe images (with a mask); got"
             f" {int(unsafe.sum())} unsafe and {int((~unsafe).sum())} safe."
         )
+    fitted = list(images)
+    if swapped_captions != "none":
+        swapped = swap_captions(images, seed)
+        fitted += [item for item in swapped if swapped_captions == "all" or item.unsafe]
+    unsafe = np.array([item.unsafe for item in fitted])
     config = state.config
     beta = config.presence_smoothing
     pooling = tuple(pooling)
@@ -424,7 +468,7 @@ def fit_presence_head(
     widths = [state.capture.attention_modules()[name].query_dim for name in sorted(layers)]
     rows, labels, smoothed, smoothed_features = [], [], {}, {}
     for start, masks, step, latent_size in guided_passes(
-        pipe, images, num_inference_steps, seed, batch_size, progress
+        pipe, fitted, num_inference_steps, seed, batch_size, progress
     ):
         shares = state.shares(latent_size, concept_presence)[0]  # (B, h, w) of the one concept
         features = reader.features(state.capture.store.queries, latent_size).cpu()  # (B, h·w, ΣC)
@@ -475,4 +519,5 @@ def fit_presence_head(
         positives=int(targets.sum()),
         images=len(images),
         train_auc=roc_auc(scores, targets.numpy().astype(bool)),
+        swapped_captions=swapped_captions,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -393,7 +394,8 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     assert main(["calibrate", str(RED_STAR), "--validation-data", str(validation), "--presence-head", "up_blocks.2",
                  "--head-data", str(head_data), "--target-fpr", "0.2", "--calibrate-on", "images",
                  "--calibration-steps", "8", "--default-hold-detection", "--default-erase-mode", "fill_final",
-                 "--presence-head-pooling", "max", "mean", "--out", str(out)]) == 0  # fmt: skip
+                 "--presence-head-pooling", "max", "mean", "--presence-head-swapped-captions", "unsafe",
+                 "--out", str(out)]) == 0  # fmt: skip
     assert "training AUC" in capsys.readouterr().out
     saved = GuidelineEmbedding.from_pretrained(out)
     assert saved.metadata.detection == "head"
@@ -403,6 +405,7 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     assert saved.metadata.fill_region == committed.fill_region
     assert all(name.startswith("up_blocks.2.") for name in saved.head.layers) and len(saved.head.layers) == 2
     assert saved.metadata.calibration["presence_head"]["training_images"] == 16
+    assert saved.metadata.calibration["presence_head"]["swapped_captions"] == "unsafe"
     assert saved.head.pooling == ("max", "mean")
     assert saved.metadata.calibration["presence_head"]["pooling"] == ["max", "mean"]
     items = load_annotated_folder(validation)
@@ -440,6 +443,10 @@ def test_calibrate_refuses_a_head_without_its_data(tmp_path, capsys):
         main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--presence-head", "up_blocks.2",
               "--presence-head-pooling", "median", "--out", str(tmp_path / "out")])  # fmt: skip
     assert "--presence-head-pooling: invalid choice: 'median'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(RED_STAR), "--validation-data", str(tmp_path), "--presence-head-swapped-captions",
+              "all", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert "--presence-head-swapped-captions changes how" in capsys.readouterr().err
 
 
 def test_calibrate_refuses_erase_settings_the_embedding_would_never_use(tmp_path, capsys):
@@ -479,29 +486,56 @@ def annotated_images(count: int, side: int = 32) -> list:
     return items
 
 
-@pytest.mark.parametrize(("hidden", "pooling"), [(0, ("mean",)), (8, ("max", "std", "mean"))])
-def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_masks(pipe, hidden, pooling):
+def test_swapped_captions_give_each_image_a_caption_of_the_other_class_and_keep_its_mask():
+    from dag_safety.presence_head import swap_captions
+
+    images = annotated_images(10)
+    images = [dataclasses.replace(item, caption=f"caption {index}") for index, item in enumerate(images)]
+    unsafe_captions = {item.caption for item in images if item.unsafe}
+    swapped = swap_captions(images, seed=3)
+    assert [item.name for item in swapped] == [item.name for item in images]
+    for item, copy in zip(images, swapped):
+        assert copy.image is item.image and copy.mask is item.mask and copy.unsafe == item.unsafe
+        assert (copy.caption in unsafe_captions) != item.unsafe
+    assert [item.caption for item in swap_captions(images, seed=3)] == [item.caption for item in swapped]
+    assert {item.caption for item in swapped} != {item.caption for item in swap_captions(images, seed=4)}
+    with pytest.raises(ValueError, match="safe and unsafe images"):
+        swap_captions(images[:5])
+
+
+@pytest.mark.parametrize(
+    ("hidden", "pooling", "swapped"),
+    [(0, ("mean",), "none"), (8, ("max", "std", "mean"), "none"), (0, ("max",), "all"), (0, ("mean",), "unsafe")],
+)
+def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_masks(pipe, hidden, pooling, swapped):
     """`fit_presence_head`'s training AUC against one recomputed on the inference path: the same passes
     (`guided_passes`), `Â` from the hand-smoothed rows' evidence, components by flood fill, each scored by the
     fitted head on its hand-smoothed features pooled by hand, labelled by overlap with an unsafe image's
-    (max-pooled) mask, and a pairwise AUC. A fit on other features or labels than inference sees would not reproduce it."""
+    (max-pooled) mask, and a pairwise AUC. A fit on other features or labels than inference sees would not reproduce it.
+    With swapped captions the passes also run each image (`"all"`) or each unsafe one (`"unsafe"`) under the other
+    class's caption (one caption per class here, so the swap is known without drawing), labelled by its own mask."""
     from dag_safety.calibration import guided_passes
     from dag_safety.detection import concept_presence
     from dag_safety.presence_head import fit_presence_head
 
-    images = annotated_images(8)
+    captions = {True: "a red star", False: "a blue circle"}
+    images = [dataclasses.replace(item, caption=captions[item.unsafe]) for item in annotated_images(8)]
+    swaps = [item for item in images if swapped == "all" or (swapped == "unsafe" and item.unsafe)]
+    passes = images + [dataclasses.replace(item, caption=captions[not item.unsafe]) for item in swaps]
     blank = head_for(pipe, 0.0)
     pipe.enable_dag(with_head(make_embedding(pipe), blank), detection="head", presence_threshold=0.5,
                     max_edit_area=1.0, warmup_steps=3)  # fmt: skip
     try:
         fit = fit_presence_head(
-            pipe, images, blank.layers, 6, batch_size=4, hidden=hidden, progress=False, pooling=pooling
-        )
+            pipe, images, blank.layers, 6, batch_size=4, hidden=hidden, progress=False, pooling=pooling,
+            swapped_captions=swapped,
+        )  # fmt: skip
         assert (fit.head.output is None) == (hidden == 0) and fit.head.pooling == pooling
+        assert fit.images == len(images) and fit.swapped_captions == swapped
         state = pipe._dag
         beta = state.config.presence_smoothing
         scores, positive, smoothed, smoothed_features = [], [], {}, {}
-        for start, masks, step, latent_size in guided_passes(pipe, images, 6, 0, 4, progress=False):
+        for start, masks, step, latent_size in guided_passes(pipe, passes, 6, 0, 4, progress=False):
             shares = state.shares(latent_size, concept_presence)[0].numpy()
             queries = state.capture.store.queries
             features = fit.head.features(queries, latent_size).numpy()
@@ -515,7 +549,7 @@ def test_the_fit_scores_the_components_inference_forms_with_the_labels_of_their_
                     pixels = smoothed_features[start][offset][labels.reshape(-1) == component]
                     pooled = pooled_by_hand(pixels, list(fit.head.widths), pooling)
                     scores.append(fit.head.component_logits(torch.from_numpy(pooled)[None]).item())
-                    positive.append(images[start + offset].unsafe and masks[offset][labels == component].any())
+                    positive.append(passes[start + offset].unsafe and masks[offset][labels == component].any())
     finally:
         pipe.disable_dag()
     scores, positive = np.array(scores), np.array(positive)
