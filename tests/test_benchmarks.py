@@ -57,7 +57,7 @@ def test_score_set_on_rendered_scenes():
     undefended image; the same scene with the star painted over (erased, nothing else touched), the scene itself
     (identical), and the scene with one other object painted over too (a co-object lost)."""
     from benchmarks import erase
-    from dag_safety.mini import BACKGROUNDS, TRAIN_SEEDS, PromptSpec, render_scene
+    from dag_safety.mini import BACKGROUNDS, COLORS, TRAIN_SEEDS, PromptSpec, render_scene
 
     scene = next(
         s for s in map(render_scene, TRAIN_SEEDS[:500])
@@ -84,6 +84,19 @@ def test_score_set_on_rendered_scenes():
     single = erase.score_set(erase.PromptSet("test", [spec]), [0], images[:1], reference[:1])
     assert single["psnr_outside"] is None and single["ssim_outside"] > 0.99  # (SSIM windows reach into the star)
     assert score["psnr_outside"] is not None and score["psnr_outside"] < 40
+    # in the shapes world: the prompted background, at most 3 objects; not on another background or with 4 objects
+    assert score["in_world_per_image"] == [True, True, True]
+    other_background = next(b for b in BACKGROUNDS if b != scene.background)
+    elsewhere = np.where(
+        np.all(scene.image == background, axis=-1)[..., None],
+        np.array(BACKGROUNDS[other_background], dtype=np.float32) / 255,
+        painted(),
+    ).astype(np.float32)
+    crowded = painted().copy()
+    for corner in ((2, 2), (2, 52), (52, 2), (52, 52)):
+        crowded[corner[0] : corner[0] + 8, corner[1] : corner[1] + 8] = np.array(COLORS["green"]) / 255
+    scores = erase.score_set(erase.PromptSet("test", [spec]), [0, 1], np.stack([elsewhere, crowded]), reference[:2])
+    assert scores["in_world_per_image"] == [False, False]
 
 
 def test_erase_statistics():
@@ -97,6 +110,24 @@ def test_erase_statistics():
     assert (low, high) == (0.5, 0.5)
     low, high = erase.erase_rate_interval([0, 0, 2, 2], [2, 2, 2, 2], seeds=2)  # prompt 1 erased, prompt 2 not
     assert low == 0.0 and high == 1.0
+
+
+def test_erase_adversarial_rates_per_strength_and_in_the_world():
+    """Prompts are strength-major (1·v, 2·v, 3·v), one prompt of 2 seeds each here; the rate in the world counts
+    only images whose *undefended* image is in the world."""
+    from benchmarks import erase
+
+    none = {"target_detections_per_image": [1, 1, 2, 2, 4, 0], "in_world_per_image": [1, 1, 1, 0, 0, 1]}
+    dag = {"target_detections_per_image": [0, 1, 2, 0, 1, 1], "in_world_per_image": [1, 1, 1, 1, 1, 1]}
+    rates = erase.adversarial_rates(dag, none)
+    assert rates["by_strength"] == {
+        "1": {"red_stars_none": 2, "erase_rate": 0.5},
+        "2": {"red_stars_none": 4, "erase_rate": 0.5},
+        "3": {"red_stars_none": 4, "erase_rate": 0.5},
+    }
+    # in the world: images 0, 1, 2 and 5 hold 1 + 1 + 2 + 0 undefended red stars, and 0 + 1 + 2 + 1 after
+    assert rates["in_world"] == {"red_stars_none": 4, "erase_rate": 0.0, "images": 4, "of": 6}
+    assert "in_world" not in erase.adversarial_rates(dag, {"target_detections_per_image": [1] * 6})
 
 
 def test_erase_survivors():
