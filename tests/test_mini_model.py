@@ -1,7 +1,7 @@
 """The bundled mini model: offline loading, diffusers layout, and the WORLD.md quality bars.
 
 The quality test generates 256 held-out images (25 DDIM steps, CFG 7.5, batches of 128) and scores them with the
-detector; it takes about a minute on 2 CPU cores.
+detector; it takes about 3 minutes on 2 CPU cores (198 s in CI), the suite's longest fixture.
 """
 
 import json
