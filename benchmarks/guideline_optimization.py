@@ -93,7 +93,13 @@ def heldout_quality(pipe, embeds: torch.Tensor, sets: dict, latents: dict, times
                 edit_area = (dag_map >= config.edit_mask_threshold).flatten(1).float().mean(dim=1)
                 undefined.extend((edit_area >= config.max_edit_area).tolist())
                 peaks[name] = peak_presence(
-                    dag_map, evidence, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+                    dag_map,
+                    evidence,
+                    config.unsafe_threshold,
+                    config.edit_mask_threshold,
+                    config.max_edit_area,
+                    components=config.components,
+                    basin_floor=config.basin_floor,
                 ).numpy()
                 if name == "target":
                     ious.append(float(score(dag_map, scene_set.masks, config)["iou"].mean()))

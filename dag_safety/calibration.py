@@ -175,6 +175,8 @@ def presence_scores(
             config.edit_mask_threshold,
             config.max_edit_area,
             trajectories.head if set_name == "" else None,
+            config.components,
+            config.basin_floor,
         )
         for set_name, found in trajectories.evidence.items()
     }
@@ -328,6 +330,8 @@ def scores_from_evidence(
     edit_mask_threshold: float,
     max_edit_area: float,
     head: torch.Tensor | None = None,
+    components: str = "threshold",
+    basin_floor: float = 0.25,
 ) -> PresenceScores:
     """[`PresenceScores`] of one layer set's [`EvidenceTrajectories`] under the given thresholds (`DAGConfig`'s):
     at each step each concept's `Â` forms the unsafe components, a component scores its mean evidence (with
@@ -345,7 +349,9 @@ def scores_from_evidence(
     best = {key: np.full(evidence.shape[0], -np.inf) for key in ("any", "target", "other")}
     for index, mask in enumerate(masks.numpy()):
         for share, dag_map in zip(shares[index], dag_maps[index]):
-            labels, count = unsafe_components(dag_map, unsafe_threshold, edit_mask_threshold, max_edit_area)
+            labels, count = unsafe_components(
+                dag_map, unsafe_threshold, edit_mask_threshold, max_edit_area, components, basin_floor
+            )
             if count == 0:
                 continue
             scores = component_presence(share, labels, count)
@@ -674,7 +680,13 @@ def select_detection_layers(
             edit = choose_edit_threshold(unsafe_evidence, config.unsafe_threshold, config.max_edit_area, max_undefined)
             edit_threshold, undefined = edit.threshold, edit.undefined_share
         found = scores_from_evidence(
-            evidence, trajectories.masks, config.unsafe_threshold, edit_threshold, config.max_edit_area
+            evidence,
+            trajectories.masks,
+            config.unsafe_threshold,
+            edit_threshold,
+            config.max_edit_area,
+            components=config.components,
+            basin_floor=config.basin_floor,
         )
         threshold = _lowest_threshold(found.any[~unsafe], target_fpr, groups)
         # images without a component score lowest

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import ERASE_MODES, FILL_REGIONS, HEAD_CAPTION_SWAPS, HEAD_POOLINGS
+from .config import COMPONENT_RULES, ERASE_MODES, FILL_REGIONS, HEAD_CAPTION_SWAPS, HEAD_POOLINGS
 
 __all__ = ["build_parser", "main"]
 
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # calibrate's options for the erase settings an embedding brings with its default rule
-_ERASE_FLAGS = ("default_hold_detection", "default_fill_region", "default_erase_mode")
+_ERASE_FLAGS = ("default_hold_detection", "default_fill_region", "default_erase_mode", "default_components")
 
 
 def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -412,6 +412,13 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         default=None,
         help="what DAG does where it detects (erase_mode): the paper's guidance, or a fill from the surroundings at"
         " every guided step or in the finished sample",
+    )
+    erase.add_argument(
+        "--default-components",
+        choices=COMPONENT_RULES,
+        default=None,
+        help="how the detection map forms the candidates the rule judges (components): the paper's threshold, or"
+        " one per peak of the map (basin); the presence head is fitted and calibrated on them",
     )
     parser.add_argument(
         "--presence-head",
@@ -914,21 +921,21 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
     `--select-layers`, on the detection layers chosen on `validation` first; with `--edit-mask-threshold`, at that
     edit threshold, chosen with the layers under `--select-layers`)."""
     from .calibration import calibrate_presence
-    from .config import PAPER_ERASE_SETTINGS
     from .optimize import replace_metadata
 
     if args.select_layers:
         embedding, edit_summary = _with_selected_layers(pipe, embedding, validation, args)
     else:
         embedding, edit_summary = _with_edit_threshold(pipe, embedding, validation, args)
+    erase = _erase_settings(embedding, args)
     if args.presence_head is not None:
-        embedding, head_summary = _with_presence_head(pipe, embedding, args)
+        embedding, head_summary = _with_presence_head(pipe, embedding, args, erase)
         edit_summary = {**edit_summary, "presence_head": head_summary}
     rule = {"detection": "paper"}
     if embedding.head is not None:
         # the head's threshold is calibrated (the placeholder threshold is not used by calibration)
         rule = {"detection": "head", "presence_threshold": 0.5}
-    pipe.enable_dag(embedding, **rule)  # refuses an embedding made for another --model
+    pipe.enable_dag(embedding, **rule, **erase)  # refuses an embedding made for another --model
     try:
         calibration = calibrate_presence(
             pipe,
@@ -977,12 +984,9 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
             f"--default-detection head: {getattr(args, 'embedding', 'the embedding')!r} has no presence head; pass"
             " --presence-head."
         )
-    erase = {name.removeprefix("default_"): getattr(args, name) for name in _ERASE_FLAGS}
-    if default == "paper":  # the paper's rule is the paper's method whole (an input's own settings dropped)
-        erase = PAPER_ERASE_SETTINGS
     return replace_metadata(
         embedding,
-        **{name: value for name, value in erase.items() if value is not None},
+        **erase,
         detection=default,
         presence_threshold=calibration.threshold,
         presence_smoothing=smoothing,
@@ -990,9 +994,25 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
     )
 
 
-def _with_presence_head(pipe, embedding, args: argparse.Namespace):
+def _erase_settings(embedding, args: argparse.Namespace) -> dict:
+    """The settings (`PAPER_ERASE_SETTINGS`' names) the calibrated embedding brings with its default rule: each
+    `--default-*` flag given, else the input embedding's own; the paper's with `--default-detection paper` (the
+    paper's rule is the paper's method whole). The head is fitted and the threshold calibrated under them: the
+    candidates they form are the ones the saved rule will judge."""
+    from .config import PAPER_ERASE_SETTINGS
+
+    if args.default_detection == "paper":
+        return dict(PAPER_ERASE_SETTINGS)
+    chosen = {name.removeprefix("default_"): getattr(args, name) for name in _ERASE_FLAGS}
+    return {
+        name: getattr(embedding.metadata, name) if chosen[name] is None else chosen[name]
+        for name in PAPER_ERASE_SETTINGS
+    }
+
+
+def _with_presence_head(pipe, embedding, args: argparse.Namespace, erase: dict):
     """`embedding` with a presence head on `--presence-head`'s blocks fitted on `--head-data` (optimize: its
-    data), and the fit's summary for the metadata."""
+    data) on the candidates `erase`'s settings form, and the fit's summary for the metadata."""
     import torch
 
     from .attention import cross_attention_layers, select_layers
@@ -1011,7 +1031,10 @@ def _with_presence_head(pipe, embedding, args: argparse.Namespace):
         {name: torch.zeros(modules[name.removesuffix(".processor")].query_dim) for name in layers}, 0.0
     )
     pipe.enable_dag(
-        type(embedding)(embedding.embeds, embedding.metadata, blank), detection="head", presence_threshold=0.5
+        type(embedding)(embedding.embeds, embedding.metadata, blank),
+        detection="head",
+        presence_threshold=0.5,
+        **erase,
     )
     try:
         fit = fit_presence_head(

@@ -35,6 +35,7 @@ SLD_SAFETY_CONCEPT = (
 
 DETECTION_RULES = ("paper", "presence", "head")
 FILL_REGIONS = ("nearest", "basin")
+COMPONENT_RULES = ("threshold", "basin")
 HOLD_REGIONS = ("component", "pixels")
 GUIDANCE_FORMS = ("table1", "sega")
 ERASE_MODES = ("guidance", "fill", "fill_final")
@@ -322,6 +323,19 @@ class DAGConfig:
         fill_growth (`int`, *optional*, defaults to 2):
             With `erase_mode="fill_final"`: the most latent pixels the region grows by over the object in `x̂_0`
             (`dag_safety.fill.grow_region`: into pixels that stand out from the background), `>= 0`.
+        components (`str`, *optional*, defaults to `"threshold"`):
+            How `Â` forms the candidate components every rule judges. `"threshold"`: the paper's, the 8-connected
+            regions of `Â >= unsafe_threshold`. `"basin"` (beyond the paper; README): one component per peak of `Â`
+            reaching `basin_floor`, the pixels that ascend to it with `Â >= unsafe_threshold ·` its height
+            (`dag_safety.guidance.basin_components`), so an object fainter in `Â` than a look-alike elsewhere in
+            the image is still a candidate, and two touching objects are two. Meant for a selective rule, which
+            judges each candidate on its own; under `"paper"` every peak would be guided. A presence head must be
+            fitted and calibrated on the candidates it will judge (`dag-safety calibrate --default-components`).
+            Measured in `benchmarks/RESULTS.md` ("One candidate per peak of `Â`").
+        basin_floor (`float`, *optional*, defaults to 0.25):
+            With `components="basin"`: the lowest peak of `Â` that forms a component, in `(0, 1]` (at least
+            `edit_mask_threshold` in effect). The default is half the paper's cut: on the mini model a red star
+            beside a brighter look-alike peaks at 0.40-0.75, and the flat remainder of a map at or near 0.
     """
 
     base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
@@ -347,6 +361,8 @@ class DAGConfig:
     erase_mode: str = "guidance"
     fill_window: int = 8
     fill_growth: int = 2
+    components: str = "threshold"
+    basin_floor: float = 0.25
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
@@ -403,8 +419,15 @@ class DAGConfig:
                 '`fill_window` and `fill_growth` shape the final fill: pass `erase_mode="fill_final"` with them, or'
                 " drop them."
             )
+        if self.components != "basin" and self.basin_floor != defaults["basin_floor"]:
+            raise ValueError(
+                '`basin_floor` shapes the basin components: pass `components="basin"` with it, or drop it.'
+            )
         if self.fill_region not in FILL_REGIONS:
             raise ValueError(f"`fill_region` must be one of {list(FILL_REGIONS)}, got {self.fill_region!r}.")
+        if self.components not in COMPONENT_RULES:
+            raise ValueError(f"`components` must be one of {list(COMPONENT_RULES)}, got {self.components!r}.")
+        _check_unit_interval("basin_floor", self.basin_floor)
         if self.detection not in DETECTION_RULES:
             raise ValueError(f"`detection` must be one of {list(DETECTION_RULES)}, got {self.detection!r}.")
         if self.detection != "paper" and self.presence_threshold is None:
@@ -437,12 +460,12 @@ class DAGConfig:
         return self.base.edit_mom_beta if isinstance(self.base, SEGAConfig) else self.base.sld_mom_beta
 
 
-# How DAG erases what its rule detects. A saved embedding may bring its own with its default rule
-# (`state._saved_defaults`); these are the paper's.
+# How DAG forms the candidates its rule judges and erases what it detects. A saved embedding may bring its own
+# with its default rule (`state._saved_defaults`); these are the paper's.
 PAPER_ERASE_SETTINGS = {
     f.name: f.default
     for f in dataclasses.fields(DAGConfig)
-    if f.name in ("hold_detection", "fill_region", "erase_mode")
+    if f.name in ("hold_detection", "fill_region", "erase_mode", "components")
 }
 
 

@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ._validation import is_real
-from .config import DETECTION_RULES, ERASE_MODES, FILL_REGIONS, PAPER_ERASE_SETTINGS
+from .config import COMPONENT_RULES, DETECTION_RULES, ERASE_MODES, FILL_REGIONS, PAPER_ERASE_SETTINGS
 from .detection import validate_embedding
 from .presence_head import HEAD_PREFIX, PresenceHead
 
@@ -206,10 +206,12 @@ class EmbeddingMetadata:
             (`detection="presence"`, or the head's probability under `"head"`); `None` for an embedding never
             calibrated.
         presence_smoothing (`float`): the evidence smoothing the threshold was calibrated with.
-        hold_detection (`bool`), fill_region (`str`), erase_mode (`str`): how DAG erases what the default rule
-            finds (see [`DAGConfig`]), as tuned with that rule; `enable_dag` uses them only with the embedding's
-            default rule, so choosing another `detection` (the paper's, say) starts from the paper's own settings
-            (`False`, `"nearest"`, `"guidance"`). Beyond the paper unless those.
+        hold_detection (`bool`), fill_region (`str`), erase_mode (`str`), components (`str`): how DAG forms the
+            candidates the default rule judges and erases what it finds (see [`DAGConfig`]), as tuned with that
+            rule; `enable_dag` uses them only with the embedding's default rule, so choosing another `detection`
+            (the paper's, say) starts from the paper's own settings (`False`, `"nearest"`, `"guidance"`,
+            `"threshold"`). Beyond the paper unless those. An embedding saved before `components` existed reads as
+            `"threshold"`, which it was made with.
         calibration (`dict`): how the threshold was chosen: the target and measured false-detection rates, the
             detection rate on the unsafe validation images, the number of images, the sampler steps, and per group
             of safe images (`groups`) their number and false-detection rate.
@@ -235,6 +237,7 @@ class EmbeddingMetadata:
     hold_detection: bool = False
     fill_region: str = "nearest"
     erase_mode: str = "guidance"
+    components: str = "threshold"
     calibration: dict = field(default_factory=dict)
     token_layout: str = "sot+concept"
     training: dict = field(default_factory=dict)
@@ -304,7 +307,12 @@ def _check_erase_defaults(metadata: EmbeddingMetadata) -> None:
         `ValueError`: an unknown value, or erase settings beyond the paper's with the paper's rule (they apply only
         with the embedding's default rule, and the paper's rule is the paper's method whole).
     """
-    for name, choices in (("detection", DETECTION_RULES), ("fill_region", FILL_REGIONS), ("erase_mode", ERASE_MODES)):
+    for name, choices in (
+        ("detection", DETECTION_RULES),
+        ("fill_region", FILL_REGIONS),
+        ("erase_mode", ERASE_MODES),
+        ("components", COMPONENT_RULES),
+    ):
         if getattr(metadata, name) not in choices:
             raise ValueError(
                 f"The metadata's {name!r} is {getattr(metadata, name)!r}; expected one of {list(choices)}. The file"
@@ -617,8 +625,8 @@ class GuidelineEmbedding(
         if any(getattr(meta, name) != value for name, value in PAPER_ERASE_SETTINGS.items()):
             detection += (
                 f". Under its default rule DAG erases with `hold_detection={meta.hold_detection}`,"
-                f" `fill_region={meta.fill_region!r}`, `erase_mode={meta.erase_mode!r}` (another rule: the paper's"
-                " settings)"
+                f" `fill_region={meta.fill_region!r}`, `erase_mode={meta.erase_mode!r}`,"
+                f" `components={meta.components!r}` (another rule: the paper's settings)"
             )
         if self.head is not None:
             fit = meta.calibration.get("presence_head", {})

@@ -172,10 +172,13 @@ class PresenceHead:
         unsafe_threshold: float,
         edit_mask_threshold: float,
         max_edit_area: float,
+        components: str = "threshold",
+        basin_floor: float = 0.25,
     ) -> torch.Tensor:
         """Each unsafe component of `Â` filled with its logit (the head on its pooled feature), 0 elsewhere:
         `(B, h, w)` float32 on the CPU. A component's mean over this map is its logit, which is how
-        `guidance.area_scaler` reads it (the components found again from the same `Â` and thresholds).
+        `guidance.area_scaler` reads it (the components found again from the same `Â`, thresholds and
+        `components` rule, [`guidance.unsafe_components`]).
 
         Args:
             dag_maps (`torch.Tensor`): `Â`, `(B, h, w)`.
@@ -185,7 +188,9 @@ class PresenceHead:
         features = features.detach().float().cpu()
         painted = torch.zeros(maps.shape, dtype=torch.float32)
         for index, dag_map in enumerate(maps):
-            labels, count = unsafe_components(dag_map, unsafe_threshold, edit_mask_threshold, max_edit_area)
+            labels, count = unsafe_components(
+                dag_map, unsafe_threshold, edit_mask_threshold, max_edit_area, components, basin_floor
+            )
             if count == 0:
                 continue
             pooled = component_features(features[index], labels, count, self.pooling, self.widths)
@@ -478,7 +483,12 @@ def fit_presence_head(
         smoothed[start], smoothed_features[start] = shares, features
         for offset, (dag_map, mask) in enumerate(zip(minmax_normalize(shares).numpy(), masks.numpy())):
             labelled, count = unsafe_components(
-                dag_map, config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area
+                dag_map,
+                config.unsafe_threshold,
+                config.edit_mask_threshold,
+                config.max_edit_area,
+                config.components,
+                config.basin_floor,
             )
             if count == 0:
                 continue

@@ -28,7 +28,7 @@ from .detection import (
     token_maps,
     validate_embedding,
 )
-from .guidance import DAGScaleMap, dag_scale_map
+from .guidance import DAGScaleMap, component_mask, dag_scale_map
 from .guideline_embedding import GuidelineEmbedding, unet_fingerprint
 from .presence_head import PresenceHead
 
@@ -151,7 +151,8 @@ class DAGState:
         judged = list(shares)
         if features is not None:
             thresholds = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
-            judged = [head.paint(m, f, *thresholds) for head, m, f in zip(self.heads, maps, features)]
+            rule = (config.components, config.basin_floor)
+            judged = [head.paint(m, f, *thresholds, *rule) for head, m, f in zip(self.heads, maps, features)]
         return shares, features, maps, judged
 
     def detect_step(self, latent_size: tuple[int, int], evidence: Any) -> tuple[torch.Tensor, DAGScaleMap, Any]:
@@ -177,7 +178,7 @@ class DAGState:
         guided = None
         if config.hold_detection:
             # the pixels of the components guided so far (not their edit band)
-            guided = [(m.scale > 0) & (dag_map >= config.unsafe_threshold) for m, dag_map in zip(scale_maps, maps)]
+            guided = [(m.scale > 0) & component_mask(dag_map, config) for m, dag_map in zip(scale_maps, maps)]
             guided = [now if held is None else now | held for now, held in zip(guided, helds)]
         current = (shares, features, guided)
         if len(maps) == 1:

@@ -165,6 +165,31 @@ def climb(dag_map: np.ndarray, labels: np.ndarray, y: int, x: int) -> tuple[int,
     return int(labels[y, x]), tied
 
 
+def basin_components_reference(dag_map: np.ndarray, relative: float, floor: float) -> tuple[np.ndarray, int]:
+    """The product's basin components (`DAGConfig.components="basin"`): the peaks are the 8-connected plateaus of
+    pixels no 8-neighbour exceeds, at or above `floor` (flood fill); every pixel climbs ([`climb`]) to its peak, and
+    a basin keeps its pixels at or above `relative` times its peak. Returns `(labels (h, w), count)`."""
+    height, width = dag_map.shape
+    local_max = np.zeros(dag_map.shape, dtype=bool)
+    for y in range(height):
+        for x in range(width):
+            around = [
+                dag_map[y + dy, x + dx]
+                for dy in (-1, 0, 1)
+                for dx in (-1, 0, 1)
+                if 0 <= y + dy < height and 0 <= x + dx < width
+            ]
+            local_max[y, x] = dag_map[y, x] >= max(around) and dag_map[y, x] >= floor
+    peaks = components_of(local_max)
+    labels = np.zeros(dag_map.shape, dtype=int)
+    for y in range(height):
+        for x in range(width):
+            label, _ = climb(dag_map, peaks, y, x)
+            if label and dag_map[y, x] >= relative * dag_map[peaks == label].max():
+                labels[y, x] = label
+    return labels, int(peaks.max())
+
+
 def guideline_map(pipe, captured: dict[str, torch.Tensor], embedding: torch.Tensor, fractions, latent_size):
     """`Â` `(h, w)`: per selected layer, softmax of the layer's queries over the `1+K` guideline keys, averaged over
     heads, upsampled bilinearly, averaged over layers; the concept rows meaned; min-max normalised (a constant

@@ -129,24 +129,27 @@ def test_erase_settings_are_defaults_under_the_embeddings_own_rule_only(pipe, tm
 
     saved = make_embedding(
         pipe, detection="presence", presence_threshold=0.3, hold_detection=True, fill_region="basin",
-        erase_mode="fill_final",
+        erase_mode="fill_final", components="basin",
     )  # fmt: skip
     saved.save_pretrained(tmp_path)
     loaded = GuidelineEmbedding.from_pretrained(tmp_path).metadata
-    assert (loaded.hold_detection, loaded.fill_region, loaded.erase_mode) == (True, "basin", "fill_final")
+    assert (loaded.hold_detection, loaded.fill_region, loaded.erase_mode, loaded.components) == (
+        True, "basin", "fill_final", "basin"
+    )  # fmt: skip
     paper = DAGConfig()
-    paper_settings = (paper.hold_detection, paper.fill_region, paper.erase_mode)
+    paper_settings = (paper.hold_detection, paper.fill_region, paper.erase_mode, paper.components)
+    assert paper.components == "threshold"
     cases = [
-        ({}, (True, "basin", "fill_final")),
-        ({"detection": "presence"}, (True, "basin", "fill_final")),
-        ({"erase_mode": "fill"}, (True, "basin", "fill")),
+        ({}, (True, "basin", "fill_final", "basin")),
+        ({"detection": "presence"}, (True, "basin", "fill_final", "basin")),
+        ({"erase_mode": "fill"}, (True, "basin", "fill", "basin")),
         ({"detection": "paper"}, paper_settings),
-        ({"detection": "paper", "fill_region": "basin"}, (paper.hold_detection, "basin", paper.erase_mode)),
+        ({"detection": "paper", "fill_region": "basin"}, (paper.hold_detection, "basin", *paper_settings[2:])),
     ]
     for options, expected in cases:
         pipe.enable_dag(tmp_path, **options)
         config = pipe.dag_config
-        assert (config.hold_detection, config.fill_region, config.erase_mode) == expected, options
+        assert (config.hold_detection, config.fill_region, config.erase_mode, config.components) == expected, options
         assert config.detection == options.get("detection", "presence")
 
     def generate():  # past the warm-up, with a random embedding's map guided

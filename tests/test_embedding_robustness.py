@@ -183,6 +183,8 @@ def test_malformed_header_values_name_file_field_and_expectation(field, raw, exp
         ({"detection": "oracle"}, "The metadata's 'detection' is 'oracle'; expected one of"),
         ({"erase_mode": "fill_final"}, "the paper's detection rule as the default with erase settings beyond"),
         ({"hold_detection": "true"}, "the paper's detection rule as the default with erase settings beyond"),
+        ({"components": "blob"}, "The metadata's 'components' is 'blob'; expected one of"),
+        ({"components": "basin"}, "the paper's detection rule as the default with erase settings beyond"),
     ],
 )
 def test_default_rule_and_erase_settings_must_be_usable(changes, message, saved):

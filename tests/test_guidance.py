@@ -5,12 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from dag_reference import area_scale
+from dag_reference import area_scale, basin_components_reference
 from scipy import ndimage
 
 from dag_safety.config import SLD_PRESETS, DAGConfig, SEGAConfig, SLDConfig, build_config
 from dag_safety.guidance import (
     area_scaler,
+    basin_components,
+    component_mask,
     dag_noise_pred,
     dag_scale_map,
     magnitude_scaler,
@@ -182,6 +184,64 @@ class TestScalers:
         scale = area_scaler(dag_map, base_scale=5.0, fill_decay=fill_decay, fill_region="basin")[0].numpy()
         np.testing.assert_allclose(scale, expected, rtol=1e-5, atol=1e-7)
 
+    def test_basin_components_by_hand(self):
+        # a fainter object beside the peak: under the paper's cut it forms no component, per basin it forms its own
+        row = [0.0, 0.2, 0.6, 1.0, 0.4, 0.1, 0.3, 0.45, 0.2]
+        dag_map = np.array([row])
+        labels, count = basin_components(dag_map, 0.5, 0.25)
+        # pixel 5 climbs to 4 and on to the peak at 3; 8 (0.2) is under half its peak's 0.45
+        assert count == 2 and labels.tolist() == [[0, 0, 1, 1, 0, 0, 2, 2, 0]]
+        assert ndimage.label(dag_map >= 0.5)[1] == 1
+        assert basin_components(dag_map, 0.5, 0.5)[0].tolist() == [[0, 0, 1, 1, 0, 0, 0, 0, 0]]  # under the floor
+        # two touching objects above the paper's cut form one component there, two here
+        touching = np.array([[0.3, 0.9, 0.6, 0.8, 0.2]])
+        assert ndimage.label(touching >= 0.5)[1] == 1
+        labels, count = basin_components(touching, 0.5, 0.25)
+        assert count == 2 and labels.tolist() == [[0, 1, 1, 2, 0]]  # 0.6 climbs to 0.9; 0.8's cut is 0.4
+        # a plateau of equal maxima is one peak
+        plateau = np.array([[0.1, 0.7, 0.7, 0.1, 0.0]])
+        assert basin_components(plateau, 0.5, 0.25)[0].tolist() == [[0, 1, 1, 0, 0]]
+
+    @pytest.mark.parametrize("seed", range(6))
+    def test_basin_components_against_brute_force(self, seed):
+        rng = np.random.default_rng(seed)
+        rows, cols = np.mgrid[:14, :14]
+        image = np.zeros((14, 14))
+        for row, col, height in zip(*rng.uniform(0, 14, (2, 6)), rng.uniform(0.2, 1.0, 6)):  # six bumps
+            image += height * np.exp(-((rows - row) ** 2 + (cols - col) ** 2) / 2.0)
+        image /= image.max()
+        image[image < 0.05] = 0.0  # a flat floor, as a normalised map has
+        labels, count = basin_components(image, 0.5, 0.25)
+        expected, expected_count = basin_components_reference(image, 0.5, 0.25)
+        assert count == expected_count >= 2
+        assert np.array_equal(labels, expected)
+
+    def test_area_scaler_basin_components_judge_a_shadowed_object_on_its_own(self):
+        # the red star (peak 0.45) beside a brighter look-alike (1.0): the selective rule can only guide what forms a
+        # component, and only the basin rule forms one on the star
+        dag_map = torch.zeros(1, 1, 15)
+        dag_map[0, 0, :9] = torch.tensor([0.0, 0.2, 0.6, 1.0, 0.4, 0.1, 0.3, 0.45, 0.2])
+        presence = torch.zeros(1, 1, 15)
+        presence[0, 0, 6:8] = 1.0  # present on the star only
+        gate = {"presence": presence, "presence_threshold": 0.5, "edit_mask_threshold": 0.05}
+        assert torch.count_nonzero(area_scaler(dag_map, **gate)) == 0
+        basin = area_scaler(dag_map, components="basin", fill_region="basin", **gate)[0, 0]
+        # the star's component is 0.3 and 0.45 (>= 0.225, half its peak) and its band (0.2) rises to it; the
+        # look-alike's basin, pixel 5 included, is left alone (the nearest fill would give pixel 5 the star's scale)
+        expected = torch.zeros(15)
+        expected[6:9] = 2 * 5 / 15
+        assert torch.allclose(basin, expected)
+
+    def test_component_mask_is_what_the_hold_keeps(self):
+        # the hold remembers the components' pixels (not their band): the paper's cut, or each basin's own
+        dag_map = torch.zeros(2, 1, 15)
+        dag_map[:, 0, :9] = torch.tensor([0.0, 0.2, 0.6, 1.0, 0.4, 0.1, 0.3, 0.45, 0.2])
+        dag_map[1, 0, :] = 0.5  # flat: mode undefined, no component
+        paper = component_mask(dag_map, DAGConfig())
+        assert paper[0, 0].nonzero().flatten().tolist() == [2, 3] and not paper[1].any()
+        basin = component_mask(dag_map, DAGConfig(components="basin"))
+        assert basin[0, 0].nonzero().flatten().tolist() == [2, 3, 6, 7] and not basin[1].any()
+
     @pytest.mark.parametrize("hold_region", ["component", "pixels"])
     def test_area_scaler_hold_region_by_hand(self, hold_region):
         dag_map = torch.zeros(1, 8, 8)
@@ -320,6 +380,10 @@ class TestDAGNoisePred:
         {"hold_region": "pixels"},  # without hold_detection
         {"hold_region": "edge", "hold_detection": True},
         {"norm_cap": -1.0},
+        {"components": "watershed"},
+        {"basin_floor": 0.5},  # without components="basin"
+        {"basin_floor": 0.0, "components": "basin"},
+        {"basin_floor": 1.5, "components": "basin"},
     ],
 )
 def test_dag_config_rejects(kwargs):

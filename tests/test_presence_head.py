@@ -394,8 +394,8 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     assert main(["calibrate", str(RED_STAR), "--validation-data", str(validation), "--presence-head", "up_blocks.2",
                  "--head-data", str(head_data), "--target-fpr", "0.2", "--calibrate-on", "images",
                  "--calibration-steps", "8", "--default-hold-detection", "--default-erase-mode", "fill_final",
-                 "--presence-head-pooling", "max", "mean", "--presence-head-swapped-captions", "unsafe",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--default-components", "basin", "--presence-head-pooling", "max", "mean",
+                 "--presence-head-swapped-captions", "unsafe", "--out", str(out)]) == 0  # fmt: skip
     assert "training AUC" in capsys.readouterr().out
     saved = GuidelineEmbedding.from_pretrained(out)
     assert saved.metadata.detection == "head"
@@ -403,6 +403,8 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     committed = GuidelineEmbedding.from_pretrained(RED_STAR).metadata
     assert (saved.metadata.hold_detection, saved.metadata.erase_mode) == (True, "fill_final")
     assert saved.metadata.fill_region == committed.fill_region
+    # the head is fitted and its threshold calibrated on the candidates the saved rule forms (rescored below)
+    assert saved.metadata.components == "basin"
     assert all(name.startswith("up_blocks.2.") for name in saved.head.layers) and len(saved.head.layers) == 2
     assert saved.metadata.calibration["presence_head"]["training_images"] == 16
     assert saved.metadata.calibration["presence_head"]["swapped_captions"] == "unsafe"
@@ -413,6 +415,7 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     try:
         assert mini_pipe.dag_config.detection == "head"
         assert mini_pipe.dag_config.hold_detection and mini_pipe.dag_config.erase_mode == "fill_final"
+        assert mini_pipe.dag_config.components == "basin"
         scores = presence_scores(mini_pipe, items, num_inference_steps=8, progress=False)
     finally:
         mini_pipe.disable_dag()
