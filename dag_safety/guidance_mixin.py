@@ -67,10 +67,10 @@ class SafetyGuidanceMixin:
                 tensor (a start-of-text row, then `K` concept rows, in the text encoder's output space,
                 `D = unet.config.cross_attention_dim`). A list gives several concepts. A saved embedding's
                 `layer_fractions`, thresholds and default `detection` rule are the defaults for the options below,
-                and so are its erase settings (`hold_detection`, `fill_region`, `erase_mode`) under that rule:
-                choosing another rule, e.g. `detection="paper"`, starts from the paper's own settings. Without one, the
-                embeddings shipped with dag-safety that were made for this UNet (matched by fingerprint; today the
-                bundled mini model's red star), else a `ValueError` saying how to get one.
+                and so are its erase settings (`hold_detection`, `fill_region`, `erase_mode`, `components`) under
+                that rule: choosing another rule, e.g. `detection="paper"`, starts from the paper's own settings.
+                Without one, the embeddings shipped with dag-safety that were made for this UNet (matched by
+                fingerprint; today the bundled mini model's red star), else a `ValueError` saying how to get one.
             check_fingerprint (`bool`, *optional*, defaults to `True`):
                 Refuse a saved embedding whose base-model fingerprint differs from this UNet's (an embedding is tied
                 to the `to_q` / `to_k` projections it was optimized against). `False` skips the check.
