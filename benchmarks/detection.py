@@ -160,21 +160,28 @@ def selective_detected(
     pipe, latents: torch.Tensor, captions: list[str], timestep: int, seed: int, batch: int = 64
 ) -> np.ndarray:
     """Per image, whether DAG's selective rule as enabled on `pipe` (`"presence"`, or `"head"` for an embedding with
-    a presence head) guides it at one step (no smoothing over steps), the latents noised as [`maps_at`] does."""
+    a presence head) guides it at one step (no smoothing over steps, and a step that passes counts as found: an
+    embedding's `confirm_steps` counts passing steps along a generation, which the per-generation figure measures),
+    the latents noised as [`maps_at`] does."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     t = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
     noisy = pipe.scheduler.add_noise(latents, noise, t)
     state, size = pipe._dag, tuple(side * pipe.vae_scale_factor for side in latents.shape[-2:])
+    saved = state.config
+    state.config = replace(saved, confirm_steps=1)
     detected = []
-    for start in range(0, len(captions), batch):
-        text, added = unet_conditioning(pipe, captions[start : start + batch], latents.device, 1, size)
-        with state.capture:
-            state.capture.store.arm(slice(None))
-            pipe.unet(noisy[start : start + batch], timestep, encoder_hidden_states=text, added_cond_kwargs=added)
-            state.capture.store.disarm()
-            _, scale_map, _ = state.detect_step(tuple(latents.shape[-2:]), None)
-        detected.append(scale_map.detected.numpy())
+    try:
+        for start in range(0, len(captions), batch):
+            text, added = unet_conditioning(pipe, captions[start : start + batch], latents.device, 1, size)
+            with state.capture:
+                state.capture.store.arm(slice(None))
+                pipe.unet(noisy[start : start + batch], timestep, encoder_hidden_states=text, added_cond_kwargs=added)
+                state.capture.store.disarm()
+                _, scale_map, _ = state.detect_step(tuple(latents.shape[-2:]), None)
+            detected.append(scale_map.detected.numpy())
+    finally:
+        state.config = saved
     return np.concatenate(detected)
 
 

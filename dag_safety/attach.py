@@ -45,7 +45,8 @@ class DAGGuidanceOutput:
         dag_maps (`torch.Tensor` or `None`): the last detection map `Â`, `(B, h, w)` at latent resolution, float32 on
             the CPU (`None` if no step got past warm-up).
         presence_scores (`list[float]` or `None`): under `detection="presence"` or `"head"`, per image the highest
-            component presence score of any guided step; `None` under the paper's rule.
+            component presence score of any guided step (with `confirm_steps=k`, the `k`-th highest of the steps'
+            highest); `None` under the paper's rule.
     """
 
     unsafe_detected: list[bool]

@@ -7,7 +7,8 @@ Two ways to get that score (`source=`):
 - `"generations"` (the default): generate each validation caption once, unguided, and read the pipeline's own
   `presence_scores`. This is exact for the quantity a user cares about, the share of benign *generations* DAG
   guides: until its first guided step a guided generation follows the unguided one, so it is guided at some step
-  exactly when its unguided score reaches the threshold.
+  exactly when its unguided score reaches the threshold. With `confirm_steps=k` the score is the `k`-th highest
+  of the steps' highest scores, and the same holds: nothing is guided before the `k`-th step that passes.
 - `"images"`: approximate the trajectory from the annotated images: each image's latent is noised with one noise
   draw to each guided timestep (`x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε`, the same `ε` at every step, as a deterministic
   sampler's path to that image would be), the UNet runs with the image's caption, and the evidence is smoothed
@@ -551,12 +552,20 @@ def calibrate_presence(
         guidance_scale (`float`): CFG scale of the generations (`source="generations"`).
 
     Raises:
-        `ValueError`: `target_fpr` outside `(0, 1)`, an unknown `source`, or no safe or no unsafe image.
+        `ValueError`: `target_fpr` outside `(0, 1)`, an unknown `source`, `source="images"` with DAG's
+            `confirm_steps` above 1, or no safe or no unsafe image.
     """
     if not 0 < target_fpr < 1:
         raise ValueError(f"`target_fpr` must be in (0, 1), got {target_fpr!r}.")
     if source not in CALIBRATION_SOURCES:
         raise ValueError(f"`source` must be one of {CALIBRATION_SOURCES}, got {source!r}.")
+    if source == "images" and pipe._dag is not None and pipe._dag.config.confirm_steps > 1:
+        # the images' scores are each step's own (`scores_from_evidence`), not a count of steps along a generation
+        raise ValueError(
+            f"Calibrating on images scores the steps one by one, so it cannot calibrate `confirm_steps="
+            f"{pipe._dag.config.confirm_steps}`: calibrate on generations (`--calibrate-on generations`, the"
+            " default), or confirm at the first step."
+        )
     unsafe = np.array([item.unsafe for item in images])
     if unsafe.all() or not unsafe.any():
         raise ValueError(

@@ -364,7 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # calibrate's options for the erase settings an embedding brings with its default rule
-_ERASE_FLAGS = ("default_hold_detection", "default_fill_region", "default_erase_mode", "default_components")
+_ERASE_FLAGS = (
+    "default_hold_detection",
+    "default_fill_region",
+    "default_erase_mode",
+    "default_components",
+    "default_confirm_steps",
+)
 
 
 def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -392,7 +398,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
     erase = parser.add_argument_group(
         "how the calibrated embedding erases",
         "saved with the embedding as enable_dag's defaults under its default rule (any other rule gets the paper's"
-        " own: no hold, nearest, guidance); default: the input embedding's, the paper's for a new one",
+        " own: no hold, nearest, guidance, threshold components, guided from the first step that passes); default:"
+        " the input embedding's, the paper's for a new one",
     )
     erase.add_argument(
         "--default-hold-detection",
@@ -419,6 +426,14 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, required: bool) 
         default=None,
         help="how the detection map forms the candidates the rule judges (components): the paper's threshold, or"
         " one per peak of the map (basin); the presence head is fitted and calibrated on them",
+    )
+    erase.add_argument(
+        "--default-confirm-steps",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="guide an image only once a component has passed the threshold at N guided steps (confirm_steps;"
+        " the threshold is calibrated for it)",
     )
     parser.add_argument(
         "--presence-head",
@@ -931,10 +946,12 @@ def _calibrated(pipe, embedding, validation: list, args: argparse.Namespace):
     if args.presence_head is not None:
         embedding, head_summary = _with_presence_head(pipe, embedding, args, erase)
         edit_summary = {**edit_summary, "presence_head": head_summary}
-    rule = {"detection": "paper"}
-    if embedding.head is not None:
-        # the head's threshold is calibrated (the placeholder threshold is not used by calibration)
-        rule = {"detection": "head", "presence_threshold": 0.5}
+    elif embedding.head is not None and "presence_head" in embedding.metadata.calibration:
+        # the input's head is kept and recalibrated, so what it was fitted on still describes it
+        edit_summary = {**edit_summary, "presence_head": embedding.metadata.calibration["presence_head"]}
+    # the selective rule the threshold is calibrated for, which the saved settings (`confirm_steps`) need; its
+    # placeholder threshold is not used by calibration
+    rule = {"detection": "head" if embedding.head is not None else "presence", "presence_threshold": 0.5}
     pipe.enable_dag(embedding, **rule, **erase)  # refuses an embedding made for another --model
     try:
         calibration = calibrate_presence(

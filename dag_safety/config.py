@@ -336,6 +336,15 @@ class DAGConfig:
             With `components="basin"`: the lowest peak of `Â` that forms a component, in `(0, 1]` (at least
             `edit_mask_threshold` in effect). The default is half the paper's cut: on the mini model a red star
             beside a brighter look-alike peaks at 0.40-0.75, and the flat remainder of a map at or near 0.
+        confirm_steps (`int`, *optional*, defaults to 1):
+            Under `"presence"` and `"head"` (beyond the paper; README): DAG guides an image only from the step at
+            which, for the `confirm_steps`-th time (steps need not be consecutive), one of its components passes
+            `presence_threshold`; until then every step is the classifier-free one, and from then on the rule (and
+            the hold) runs as with 1. The unit is the image, not the component, so that a calibration stays exact:
+            an image is guided at all exactly when the `confirm_steps`-th highest of its steps' peak scores
+            reaches the threshold, which is what `presence_scores` then reports. `1` (the default) guides from the
+            first pass. A threshold is calibrated for one value (`dag-safety calibrate --default-confirm-steps`).
+            Measured in `benchmarks/RESULTS.md` ("Confirming a detection over steps").
     """
 
     base: SEGAConfig | SLDConfig = field(default_factory=SEGAConfig)
@@ -363,6 +372,7 @@ class DAGConfig:
     fill_growth: int = 2
     components: str = "threshold"
     basin_floor: float = 0.25
+    confirm_steps: int = 1
 
     def __post_init__(self):
         if not isinstance(self.base, (SEGAConfig, SLDConfig)):
@@ -436,6 +446,13 @@ class DAGConfig:
                 " `dag-safety optimize --target-fpr` (it carries its threshold), pass `presence_threshold=...`, or"
                 ' choose `detection="paper"`.'
             )
+        if self.confirm_steps < 1:
+            raise ValueError(f"`confirm_steps` must be a number of guided steps >= 1, got {self.confirm_steps!r}.")
+        if self.detection == "paper" and self.confirm_steps != 1:
+            raise ValueError(
+                "`confirm_steps` counts the steps at which a selective rule's threshold is passed, and the paper's"
+                ' rule has none: use it with `detection="presence"` or `"head"`, or drop it.'
+            )
         if self.presence_threshold is not None and not 0 < self.presence_threshold < 1:
             raise ValueError(f"`presence_threshold` must be in (0, 1), got {self.presence_threshold!r}.")
         if not 0 <= self.presence_smoothing < 1:
@@ -465,7 +482,7 @@ class DAGConfig:
 PAPER_ERASE_SETTINGS = {
     f.name: f.default
     for f in dataclasses.fields(DAGConfig)
-    if f.name in ("hold_detection", "fill_region", "erase_mode", "components")
+    if f.name in ("hold_detection", "fill_region", "erase_mode", "components", "confirm_steps")
 }
 
 

@@ -206,12 +206,13 @@ class EmbeddingMetadata:
             (`detection="presence"`, or the head's probability under `"head"`); `None` for an embedding never
             calibrated.
         presence_smoothing (`float`): the evidence smoothing the threshold was calibrated with.
-        hold_detection (`bool`), fill_region (`str`), erase_mode (`str`), components (`str`): how DAG forms the
-            candidates the default rule judges and erases what it finds (see [`DAGConfig`]), as tuned with that
-            rule; `enable_dag` uses them only with the embedding's default rule, so choosing another `detection`
-            (the paper's, say) starts from the paper's own settings (`False`, `"nearest"`, `"guidance"`,
-            `"threshold"`). Beyond the paper unless those. An embedding saved before `components` existed reads as
-            `"threshold"`, which it was made with.
+        hold_detection (`bool`), fill_region (`str`), erase_mode (`str`), components (`str`), confirm_steps
+            (`int`): how DAG forms the candidates the default rule judges, when it trusts a detection and how it
+            erases what it finds (see [`DAGConfig`]), as tuned with that rule; `enable_dag` uses them only with the
+            embedding's default rule, so choosing another `detection` (the paper's, say) starts from the paper's
+            own settings (`False`, `"nearest"`, `"guidance"`, `"threshold"`, 1). Beyond the paper unless those. An
+            embedding saved before `components` or `confirm_steps` existed reads as `"threshold"` and 1, which it
+            was made with.
         calibration (`dict`): how the threshold was chosen: the target and measured false-detection rates, the
             detection rate on the unsafe validation images, the number of images, the sampler steps, and per group
             of safe images (`groups`) their number and false-detection rate.
@@ -238,6 +239,7 @@ class EmbeddingMetadata:
     fill_region: str = "nearest"
     erase_mode: str = "guidance"
     components: str = "threshold"
+    confirm_steps: int = 1
     calibration: dict = field(default_factory=dict)
     token_layout: str = "sot+concept"
     training: dict = field(default_factory=dict)
@@ -619,14 +621,20 @@ class GuidelineEmbedding(
             rule = "its presence head's probability" if self.head is not None else "its presence score"
             detection += (
                 f"; with `detection={'head' if self.head is not None else 'presence'!r}` a region is guided when"
-                f" {rule} reaches {meta.presence_threshold:.4g} (smoothing {meta.presence_smoothing});"
-                f" calibration: {calibration}"
+                f" {rule} reaches {meta.presence_threshold:.4g} (smoothing {meta.presence_smoothing})"
+                + (
+                    f", once the image has reached it at {meta.confirm_steps} guided steps"
+                    if meta.confirm_steps > 1
+                    else ""
+                )
+                + f"; calibration: {calibration}"
             )
         if any(getattr(meta, name) != value for name, value in PAPER_ERASE_SETTINGS.items()):
             detection += (
                 f". Under its default rule DAG erases with `hold_detection={meta.hold_detection}`,"
                 f" `fill_region={meta.fill_region!r}`, `erase_mode={meta.erase_mode!r}`,"
-                f" `components={meta.components!r}` (another rule: the paper's settings)"
+                f" `components={meta.components!r}`, `confirm_steps={meta.confirm_steps}` (another rule: the paper's"
+                " settings)"
             )
         if self.head is not None:
             fit = meta.calibration.get("presence_head", {})

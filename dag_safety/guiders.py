@@ -131,8 +131,9 @@ class DAGGuider(SafetyGuider):
         modified (`bool`): whether the last step's prediction differs from the classifier-free one (under
             `erase_mode="fill_final"` only at the last step, whatever `scale` says).
         unsafe_detected (`torch.Tensor | None`): `(B,)` bool, whether any guided step detected something.
-        presence_peak (`torch.Tensor | None`): under `detection="presence"` or `"head"`, `(B,)` the highest component presence
-            of any guided step.
+        presence_peak (`torch.Tensor | None`): under `detection="presence"` or `"head"`, `(B,)` the
+            `confirm_steps`-th highest of the guided steps' peak component presence (with the default 1, the
+            highest): an image is guided at some step exactly when it reaches `presence_threshold`.
     """
 
     def __init__(
@@ -158,6 +159,7 @@ class DAGGuider(SafetyGuider):
         self.scale: torch.Tensor | None = None
         self.unsafe_detected: torch.Tensor | None = None
         self.presence_peak: torch.Tensor | None = None
+        self._top_peaks: torch.Tensor | None = None
         self._evidence = None  # `DAGState.detect_step`'s running evidence
         self._safety_last_step = False
 
@@ -187,7 +189,9 @@ class DAGGuider(SafetyGuider):
         if self.unsafe_detected is None:
             self.unsafe_detected = torch.zeros(batch, dtype=torch.bool)
             if self.config.detection != "paper":
-                self.presence_peak = torch.zeros(batch)
+                # the `confirm_steps` highest peaks so far, highest first
+                self._top_peaks = torch.zeros(batch, self.config.confirm_steps)
+                self.presence_peak = self._top_peaks[:, -1]
         if self._detects(step):
             # on the host, from the maps `DAGState.shares` copied there: no further synchronisation
             self.dag_map, scale_map, self._evidence = self.state.detect_step(
@@ -198,7 +202,9 @@ class DAGGuider(SafetyGuider):
         if self._guided(step):
             self.unsafe_detected |= scale_map.detected
             if self.presence_peak is not None:
-                self.presence_peak = torch.maximum(self.presence_peak, scale_map.presence)
+                peaks = torch.cat([self._top_peaks, scale_map.presence[:, None]], dim=1)
+                self._top_peaks = peaks.topk(self.config.confirm_steps, dim=1).values
+                self.presence_peak = self._top_peaks[:, -1]
             if bool(scale_map.detected.any()):
                 # non-blocking only where it is known to be safe from pageable memory (CUDA stages it)
                 device = noise_pred_uncond.device

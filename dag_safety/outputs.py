@@ -28,7 +28,8 @@ class DAGPipelineOutput(StableDiffusionPipelineOutput):
         presence_scores (`list[float]` or `None`):
             One per image under DAG's selective rules (`detection="presence"` or `"head"`, where the score is the
             presence head's probability): the highest presence score any unsafe component reached at any guided
-            step (0 if none formed). An image is guided once its score
+            step (0 if none formed); with `confirm_steps=k`, the `k`-th highest of the steps' highest scores. An
+            image is guided once its score
             reaches `presence_threshold`, so the score says how close a benign image came to being guided and,
             on unguided generations, which threshold would have guided it (what `dag-safety calibrate` uses).
             `None` under the paper's rule or without DAG.

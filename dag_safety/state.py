@@ -159,8 +159,9 @@ class DAGState:
         """One denoising step's detection from the captured queries: `(Â, S_dag's DAGScaleMap, evidence)`.
 
         Under a selective rule the evidence is [`selective_evidence`]'s smoothed `(shares, features)` (pass the
-        previous step's, `None` at the first) and, under `config.hold_detection`, per concept the pixels of the
-        components guided at any step so far, `(B, h, w)` bool, which the next step holds (else `None`). Each
+        previous step's, `None` at the first), under `config.hold_detection` per concept the pixels of the
+        components guided at any step so far, `(B, h, w)` bool, which the next step holds (else `None`), and per
+        image the steps so far at which a component passed the threshold, `(B,)` int64 ([`confirm`]). Each
         concept keeps only its own present components, so the scale is the element-wise max of the concepts'
         scales. Under `"paper"` the evidence stays `None`.
         """
@@ -168,19 +169,20 @@ class DAGState:
         if config.detection == "paper":
             dag_map = self.detect(latent_size)
             return dag_map, dag_scale_map(dag_map, config), None
-        previous, helds = (None, None) if evidence is None else (evidence[:2], evidence[2])
+        previous, helds, passes = (None, None, None) if evidence is None else (evidence[:2], evidence[2], evidence[3])
         shares, features, maps, judged = self.selective_evidence(latent_size, previous)
         helds = helds or [None] * len(maps)
         scale_maps = [
             dag_scale_map(dag_map, config, presence=score, held=held)
             for dag_map, score, held in zip(maps, judged, helds)
         ]
+        scale_maps, passes = confirm(scale_maps, passes, config.confirm_steps)
         guided = None
         if config.hold_detection:
             # the pixels of the components guided so far (not their edit band)
             guided = [(m.scale > 0) & component_mask(dag_map, config) for m, dag_map in zip(scale_maps, maps)]
             guided = [now if held is None else now | held for now, held in zip(guided, helds)]
-        current = (shares, features, guided)
+        current = (shares, features, guided, passes)
         if len(maps) == 1:
             return maps[0], scale_maps[0], current
         scale_map = DAGScaleMap(
@@ -189,6 +191,32 @@ class DAGState:
             presence=torch.stack([m.presence for m in scale_maps]).amax(dim=0),
         )
         return combine_concepts(maps), scale_map, current
+
+
+def confirm(
+    scale_maps: list[DAGScaleMap], passes: torch.Tensor | None, confirm_steps: int
+) -> tuple[list[DAGScaleMap], torch.Tensor]:
+    """`DAGConfig.confirm_steps`: each concept's scale map of one step with the images not yet confirmed left
+    unguided, and the updated count of passes, `(B,)` int64.
+
+    An image passes at a step when a component of any concept would be guided at it (`DAGScaleMap.detected`), and
+    is confirmed once it has passed at `confirm_steps` steps, this one included. `passes` is the count before this
+    step (`None` at the first guided step). With `confirm_steps=1` every map comes back as it is.
+    """
+    detected = torch.stack([m.detected for m in scale_maps]).any(dim=0)
+    passes = detected.long() if passes is None else passes + detected.long()
+    confirmed = passes >= confirm_steps
+    if confirm_steps == 1 or bool(confirmed.all()):
+        return scale_maps, passes
+    keep = confirmed[:, None, None]
+    return [
+        DAGScaleMap(
+            scale=torch.where(keep.to(m.scale.device), m.scale, torch.zeros_like(m.scale)),
+            detected=m.detected & confirmed,
+            presence=m.presence,
+        )
+        for m in scale_maps
+    ], passes
 
 
 def _saved_defaults(saved: list[GuidelineEmbedding], detection: str | None = None) -> dict[str, Any]:

@@ -129,27 +129,30 @@ def test_erase_settings_are_defaults_under_the_embeddings_own_rule_only(pipe, tm
 
     saved = make_embedding(
         pipe, detection="presence", presence_threshold=0.3, hold_detection=True, fill_region="basin",
-        erase_mode="fill_final", components="basin",
+        erase_mode="fill_final", components="basin", confirm_steps=3,
     )  # fmt: skip
     saved.save_pretrained(tmp_path)
     loaded = GuidelineEmbedding.from_pretrained(tmp_path).metadata
-    assert (loaded.hold_detection, loaded.fill_region, loaded.erase_mode, loaded.components) == (
-        True, "basin", "fill_final", "basin"
-    )  # fmt: skip
+
+    def settings(item):
+        return (item.hold_detection, item.fill_region, item.erase_mode, item.components, item.confirm_steps)
+
+    assert settings(loaded) == (True, "basin", "fill_final", "basin", 3)
     paper = DAGConfig()
-    paper_settings = (paper.hold_detection, paper.fill_region, paper.erase_mode, paper.components)
-    assert paper.components == "threshold"
+    paper_settings = settings(paper)
+    assert (paper.components, paper.confirm_steps) == ("threshold", 1)
     cases = [
-        ({}, (True, "basin", "fill_final", "basin")),
-        ({"detection": "presence"}, (True, "basin", "fill_final", "basin")),
-        ({"erase_mode": "fill"}, (True, "basin", "fill", "basin")),
+        ({}, (True, "basin", "fill_final", "basin", 3)),
+        ({"detection": "presence"}, (True, "basin", "fill_final", "basin", 3)),
+        ({"erase_mode": "fill"}, (True, "basin", "fill", "basin", 3)),
+        ({"confirm_steps": 1}, (True, "basin", "fill_final", "basin", 1)),
         ({"detection": "paper"}, paper_settings),
         ({"detection": "paper", "fill_region": "basin"}, (paper.hold_detection, "basin", *paper_settings[2:])),
     ]
     for options, expected in cases:
         pipe.enable_dag(tmp_path, **options)
         config = pipe.dag_config
-        assert (config.hold_detection, config.fill_region, config.erase_mode, config.components) == expected, options
+        assert settings(config) == expected, options
         assert config.detection == options.get("detection", "presence")
 
     def generate():  # past the warm-up, with a random embedding's map guided

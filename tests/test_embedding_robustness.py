@@ -166,6 +166,8 @@ def _rewrite(saved, **changes):
         ("training", "[]", "a JSON object"),
         ("detection_quality", "notjson", "a JSON object"),
         ("final_loss", '"low"', "a number or 'null'"),
+        ("confirm_steps", "0", "a positive integer"),
+        ("confirm_steps", "2.5", "a positive integer"),
     ],
 )
 def test_malformed_header_values_name_file_field_and_expectation(field, raw, expected, saved):
@@ -185,6 +187,7 @@ def test_malformed_header_values_name_file_field_and_expectation(field, raw, exp
         ({"hold_detection": "true"}, "the paper's detection rule as the default with erase settings beyond"),
         ({"components": "blob"}, "The metadata's 'components' is 'blob'; expected one of"),
         ({"components": "basin"}, "the paper's detection rule as the default with erase settings beyond"),
+        ({"confirm_steps": "2"}, "the paper's detection rule as the default with erase settings beyond"),
     ],
 )
 def test_default_rule_and_erase_settings_must_be_usable(changes, message, saved):

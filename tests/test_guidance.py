@@ -384,6 +384,9 @@ class TestDAGNoisePred:
         {"basin_floor": 0.5},  # without components="basin"
         {"basin_floor": 0.0, "components": "basin"},
         {"basin_floor": 1.5, "components": "basin"},
+        {"confirm_steps": 0, "detection": "presence", "presence_threshold": 0.5},
+        {"confirm_steps": 1.5, "detection": "presence", "presence_threshold": 0.5},
+        {"confirm_steps": 2},  # the paper's rule has no threshold to pass
     ],
 )
 def test_dag_config_rejects(kwargs):

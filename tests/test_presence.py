@@ -332,6 +332,23 @@ def test_calibrate_refuses_an_embedding_made_for_another_model(mini_pipe, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_calibrate_on_images_refuses_to_confirm_over_steps(red_star_rows, tmp_path, capsys):
+    """An image's score is each step's own, not a count of passing steps along a generation."""
+    from dag_safety.cli import main
+    from dag_safety.mini.guideline_data import write_folder
+
+    folder = write_folder(tmp_path / "validation", n_unsafe=1, n_safe=2, validation=True)
+    try:
+        status = main(["calibrate", str(red_star_rows), "--validation-data", str(folder), "--calibrate-on", "images",
+                       "--calibration-steps", "8", "--default-confirm-steps", "2", "--out", str(tmp_path / "out")])  # fmt: skip
+    except SystemExit as error:
+        status = error.code
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "cannot calibrate `confirm_steps=2`" in error and "--calibrate-on generations" in error
+    assert not (tmp_path / "out").exists()
+
+
 def _one_by_one(pipe, embedding, prompts: list[str], **options) -> tuple[np.ndarray, list[bool]]:
     """Presence scores and `unsafe_detected` of prompt `i` generated alone with seed `i` (8 steps, CFG 7.5)."""
     pipe.enable_dag(embedding, detection="presence", **options)
@@ -345,25 +362,66 @@ def _one_by_one(pipe, embedding, prompts: list[str], **options) -> tuple[np.ndar
     return np.array([out.presence_scores[0] for out in outputs]), [out.unsafe_detected[0] for out in outputs]
 
 
+PROMPTS = ["a red star and a blue circle on a white background", "a red square on a gray background",
+           "a green star and a red triangle on a black background", "a blue circle on a white background",
+           "a red star on a gray background", "a yellow star and a red circle on a white background"]  # fmt: skip
+
+
+@pytest.mark.parametrize("confirm_steps", [1, 2])
 def test_a_generation_is_guided_exactly_when_its_unguided_presence_score_reaches_the_threshold(
-    red_star_rows, mini_pipe
+    red_star_rows, mini_pipe, confirm_steps
 ):
     """What calibrating on generations rests on: until its first guided step a guided generation follows the
-    unguided one, so the unguided run's score decides, for every threshold, whether it is guided at all."""
-
-    prompts = ["a red star and a blue circle on a white background", "a red square on a gray background",
-               "a green star and a red triangle on a black background", "a blue circle on a white background",
-               "a red star on a gray background", "a yellow star and a red circle on a white background"]  # fmt: skip
-    unguided, detected = _one_by_one(mini_pipe, red_star_rows, prompts, presence_threshold=float(np.nextafter(1.0, 0)))
+    unguided one, so the unguided run's score decides, for every threshold, whether it is guided at all; with
+    `confirm_steps`, nothing is guided before the confirming step either."""
+    options = {"confirm_steps": confirm_steps}
+    unguided, detected = _one_by_one(
+        mini_pipe, red_star_rows, PROMPTS, presence_threshold=float(np.nextafter(1.0, 0)), **options
+    )
     assert not any(detected) and (unguided > 0).all()
     for threshold in np.unique(unguided)[1:]:  # thresholds that split the prompts
-        scores, detected = _one_by_one(mini_pipe, red_star_rows, prompts, presence_threshold=float(threshold))
+        scores, detected = _one_by_one(
+            mini_pipe, red_star_rows, PROMPTS, presence_threshold=float(threshold), **options
+        )
         assert detected == list(unguided >= threshold)
         unchanged = unguided < threshold
         np.testing.assert_array_equal(scores[unchanged], unguided[unchanged])  # unguided path, bit for bit
 
 
-def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(red_star_rows, mini_pipe, tmp_path):
+def test_with_confirm_steps_the_presence_score_is_that_order_statistic_of_the_steps_peaks(
+    red_star_rows, mini_pipe, monkeypatch
+):
+    """The oracle: each guided step's peak presence, read where DAG computes it (`DAGState.detect_step`), sorted by
+    hand; `presence_scores` under `confirm_steps=k` is its `k`-th highest."""
+    from dag_safety.state import DAGState
+
+    peaks = []
+    detect_step = DAGState.detect_step
+
+    def recording(self, latent_size, evidence):
+        result = detect_step(self, latent_size, evidence)
+        peaks.append(result[1].presence[0].item())
+        return result
+
+    monkeypatch.setattr(DAGState, "detect_step", recording)
+    never = float(np.nextafter(1.0, 0))
+    for prompt in PROMPTS[:3]:
+        peaks.clear()
+        scores = [_one_by_one(mini_pipe, red_star_rows, [prompt], presence_threshold=never)[0][0]]
+        steps = sorted(peaks, reverse=True)
+        for k in range(2, len(steps) + 2):
+            scores.append(
+                _one_by_one(mini_pipe, red_star_rows, [prompt], presence_threshold=never, confirm_steps=k)[0][0]
+            )
+        assert len(steps) >= 3
+        # more steps than were guided: no score yet
+        np.testing.assert_allclose(scores, [*steps, 0.0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("confirm_steps", [1, 2])
+def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(
+    red_star_rows, mini_pipe, tmp_path, confirm_steps
+):
     from dag_safety.cli import main
     from dag_safety.guideline_embedding import GuidelineEmbedding
     from dag_safety.mini.guideline_data import write_folder
@@ -371,17 +429,20 @@ def test_calibrate_on_generations_bounds_the_share_of_safe_generations_guided(re
 
     folder = write_folder(tmp_path / "validation", n_unsafe=3, n_safe=8, validation=True)
     out = tmp_path / "calibrated"
+    confirm = ["--default-confirm-steps", str(confirm_steps)] if confirm_steps > 1 else []
     assert main(["calibrate", str(red_star_rows), "--validation-data", str(folder), "--target-fpr", "0.25",
-                 "--calibration-steps", "8", "--out", str(out)]) == 0  # fmt: skip
-    calibration = GuidelineEmbedding.from_pretrained(out).metadata.calibration
-    threshold = GuidelineEmbedding.from_pretrained(out).metadata.presence_threshold
+                 "--calibration-steps", "8", *confirm, "--out", str(out)]) == 0  # fmt: skip
+    metadata = GuidelineEmbedding.from_pretrained(out).metadata
+    calibration, threshold = metadata.calibration, metadata.presence_threshold
     assert calibration["source"] == "generations" and calibration["co_object_rate"] is None
+    assert metadata.confirm_steps == confirm_steps
 
     # the oracle: each caption generated on its own with the seed the calibration gave it, under the threshold
     items = load_annotated_folder(folder)
     prompts = [item.caption for item in items]
     safe = np.array([not item.unsafe for item in items])
-    unguided, _ = _one_by_one(mini_pipe, red_star_rows, prompts, presence_threshold=float(np.nextafter(1.0, 0)))
+    never = float(np.nextafter(1.0, 0))
+    unguided, _ = _one_by_one(mini_pipe, red_star_rows, prompts, presence_threshold=never, confirm_steps=confirm_steps)
     _, detected = _one_by_one(mini_pipe, out, prompts)
     # a batched generation may differ from a lone one in the last bits: leave out scores at the threshold
     clear = np.abs(unguided - threshold) > 1e-5

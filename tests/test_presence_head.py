@@ -295,13 +295,16 @@ def test_a_head_that_finds_everything_guides_as_the_presence_rule_with_every_com
     np.testing.assert_array_equal(head.images, presence.images)
 
 
-@pytest.mark.parametrize(("hidden", "hold"), [(False, False), (True, False), (True, True)])
-def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_passes(pipe, hidden, hold):
+@pytest.mark.parametrize(
+    ("hidden", "hold", "confirm_steps"), [(False, False, 1), (True, False, 1), (True, True, 1), (True, True, 2)]
+)
+def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_passes(pipe, hidden, hold, confirm_steps):
     """`DAGState.detect_step` on random captured inputs, three steps, against an oracle: the rows' evidence
     (`state.shares`) and the head's features (the captured inputs, concatenated by hand) smoothed by hand, `Â`
     min-max normalised, 8-connected components by flood fill, and a component guided iff the head's probability on
     its mean smoothed feature (by loops) reaches `τ` or, with `hold_detection`, it overlaps a pixel of a component
-    guided at an earlier step.
+    guided at an earlier step, and, with `confirm_steps`, its image has had a component reach `τ` at that many
+    steps, this one included (counted by hand).
 
     A first run collects the oracle's probabilities; the second puts `τ` between the middle two, so that both
     outcomes are exercised whatever the machine's rounding does to a random head."""
@@ -310,26 +313,37 @@ def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_pas
     middle = len(probabilities) // 2
     threshold = (probabilities[middle - 1] + probabilities[middle]) / 2
     assert probabilities[middle] - probabilities[middle - 1] > 2e-4, "the random head scores two components alike"
-    probabilities, held_only = _check_detect_steps(pipe, head, threshold, hold)
+    probabilities, held_only, unconfirmed = _check_detect_steps(pipe, head, threshold, hold, confirm_steps)
     assert any(p >= threshold for p in probabilities) and any(p < threshold for p in probabilities)
     assert (held_only > 0) == hold  # the hold was exercised, and only when asked for
+    assert (unconfirmed > 0) == (confirm_steps > 1)  # so was the confirmation
 
 
-def _check_detect_steps(pipe, head: PresenceHead, threshold: float, hold: bool) -> tuple[list[float], int]:
+def _check_detect_steps(
+    pipe, head: PresenceHead, threshold: float, hold: bool, confirm_steps: int = 1
+) -> tuple[list[float], int, int]:
     """Run three detection steps under `threshold`, check them against the oracle and return every component's
-    probability and the number of components guided only because they were held."""
+    probability, the number of components guided only because they were held, and the number left unguided only
+    because their image was not yet confirmed."""
     from dag_safety.state import prepare_dag
 
     embedding = with_head(make_embedding(pipe, unsafe_threshold=0.5), head)
     state = prepare_dag(
-        pipe.unet, embedding, detection="head", presence_threshold=threshold, max_edit_area=1.0, hold_detection=hold
+        pipe.unet,
+        embedding,
+        detection="head",
+        presence_threshold=threshold,
+        max_edit_area=1.0,
+        hold_detection=hold,
+        confirm_steps=confirm_steps,
     )
     modules = state.capture.attention_modules()
     latent = (8, 8)
     generator = torch.Generator().manual_seed(3)
     evidence, smoothed_shares, smoothed_features = None, None, None
     held = np.zeros((3, *latent), dtype=bool)
-    probabilities, held_only = [], 0
+    passes = np.zeros(3, dtype=int)
+    probabilities, held_only, unconfirmed = [], 0, 0
     for _ in range(3):
         queries = {}
         for name, attn in modules.items():
@@ -348,26 +362,33 @@ def _check_detect_steps(pipe, head: PresenceHead, threshold: float, hold: bool) 
             np.testing.assert_allclose(dag_map[image].numpy(), normalised, atol=1e-5)
             labels = components_of(normalised >= 0.5)
             scale = scale_map.scale[image].numpy()
-            peak = 0.0
+            found = []
             for component in range(1, labels.max() + 1):
                 pixels = labels == component
                 mean = smoothed_features[image][pixels.reshape(-1)].mean(axis=0)
                 probability = 1 / (1 + math.exp(-mlp_by_hand(head, mean)))
                 probabilities.append(probability)
-                peak = max(peak, probability)
-                kept = hold and bool(held[image][pixels].any())
+                found.append((pixels, probability, hold and bool(held[image][pixels].any())))
+            # the image passes when any component would be guided; held pixels exist only once it is confirmed
+            passes[image] += any(p >= threshold or kept for _, p, kept in found)
+            confirmed = passes[image] >= confirm_steps
+            for pixels, probability, kept in found:
                 if abs(probability - threshold) < 1e-4 and not kept:
                     guided_now[image] |= pixels & (scale > 0)  # either way; what DAG did is what it holds
                     continue
                 present = probability >= threshold or kept
                 held_only += present and probability < threshold
+                unconfirmed += present and not confirmed
+                present = present and confirmed
                 assert (scale[pixels] > 0).all() == present
                 assert (scale[pixels] == 0).all() == (not present)
                 if present:
                     guided_now[image] |= pixels
+            peak = max((p for _, p, _ in found), default=0.0)
             assert scale_map.presence[image].item() == pytest.approx(peak, abs=1e-4)
+            assert bool(scale_map.detected[image]) == bool(guided_now[image].any())
         held |= guided_now
-    return probabilities, held_only
+    return probabilities, held_only, unconfirmed
 
 
 def _presence(layer_averaged):
@@ -424,6 +445,56 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     # a rescored image's score differs from calibration's in the last bits (measured up to 2e-9 between processes)
     scores = np.nan_to_num(scores.any[safe], neginf=0.0)
     assert_lowest_within(scores, groups, saved.metadata.presence_threshold, 0.2, tolerance=1e-6)
+
+
+def test_recalibrating_a_head_to_confirm_over_steps_keeps_the_head(mini_pipe, tmp_path):
+    """`dag-safety calibrate <embedding with a head> --default-confirm-steps 2`, no `--presence-head`: the head and
+    what it was fitted on stay, the setting is saved, and the threshold is the lowest that bounds each group of the
+    validation generations' scores, read by the oracle under the saved setting: each caption generated on its own
+    with the seed the calibration gave it, its score the second highest of the steps' peaks (recorded where DAG
+    computes them)."""
+    from test_presence import assert_lowest_within
+
+    from dag_safety.cli import main
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.mini.guideline_data import write_folder
+    from dag_safety.optimize import load_annotated_folder
+    from dag_safety.state import DAGState
+
+    validation = write_folder(tmp_path / "validation", n_unsafe=2, n_safe=6, validation=True)
+    out = tmp_path / "confirmed"
+    assert main(["calibrate", str(RED_STAR), "--validation-data", str(validation), "--target-fpr", "0.2",
+                 "--calibration-steps", "8", "--default-confirm-steps", "2", "--out", str(out)]) == 0  # fmt: skip
+    committed, saved = GuidelineEmbedding.from_pretrained(RED_STAR), GuidelineEmbedding.from_pretrained(out)
+    assert saved.metadata.confirm_steps == 2 and saved.metadata.detection == "head"
+    assert saved.metadata.calibration["presence_head"] == committed.metadata.calibration["presence_head"]
+    assert saved.head.layers == committed.head.layers
+    for name in committed.head.layers:
+        assert torch.equal(saved.head.weights[name], committed.head.weights[name])
+    items = load_annotated_folder(validation)
+    peaks, scores = [], []
+    detect_step = DAGState.detect_step
+
+    def recording(self, latent_size, evidence):
+        result = detect_step(self, latent_size, evidence)
+        peaks.append(result[1].presence[0].item())
+        return result
+
+    mini_pipe.enable_dag(RED_STAR, presence_threshold=float(np.nextafter(1.0, 0)))  # the committed head, never guiding
+    try:
+        DAGState.detect_step = recording
+        for index, item in enumerate(items):
+            peaks.clear()
+            generator = torch.Generator().manual_seed(index)
+            mini_pipe(item.caption, num_inference_steps=8, generator=generator, output_type="latent")
+            scores.append(sorted(peaks)[-2])
+    finally:
+        DAGState.detect_step = detect_step
+        mini_pipe.disable_dag()
+    safe = np.array([not item.unsafe for item in items])
+    groups = np.array([item.group for item in items])[safe]
+    # a lone generation may differ from a batched one in the last bits
+    assert_lowest_within(np.array(scores)[safe], groups, saved.metadata.presence_threshold, 0.2, tolerance=1e-5)
 
 
 def test_calibrate_refuses_a_head_without_its_data(tmp_path, capsys):
