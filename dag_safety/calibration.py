@@ -564,7 +564,7 @@ def calibrate_presence(
         raise ValueError(
             f"Calibrating on images scores the steps one by one, so it cannot calibrate `confirm_steps="
             f"{pipe._dag.config.confirm_steps}`: calibrate on generations (`--calibrate-on generations`, the"
-            " default), or confirm at the first step."
+            " default), or confirm at the first step (`confirm_steps=1`, `--default-confirm-steps 1`)."
         )
     unsafe = np.array([item.unsafe for item in images])
     if unsafe.all() or not unsafe.any():

@@ -296,7 +296,8 @@ def test_a_head_that_finds_everything_guides_as_the_presence_rule_with_every_com
 
 
 @pytest.mark.parametrize(
-    ("hidden", "hold", "confirm_steps"), [(False, False, 1), (True, False, 1), (True, True, 1), (True, True, 2)]
+    ("hidden", "hold", "confirm_steps"),
+    [(False, False, 1), (True, False, 1), (True, True, 1), (True, False, 2), (True, True, 2)],
 )
 def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_passes(pipe, hidden, hold, confirm_steps):
     """`DAGState.detect_step` on random captured inputs, three steps, against an oracle: the rows' evidence
@@ -315,7 +316,9 @@ def test_each_step_guides_exactly_the_components_whose_smoothed_mean_feature_pas
     assert probabilities[middle] - probabilities[middle - 1] > 2e-4, "the random head scores two components alike"
     probabilities, held_only, unconfirmed = _check_detect_steps(pipe, head, threshold, hold, confirm_steps)
     assert any(p >= threshold for p in probabilities) and any(p < threshold for p in probabilities)
-    assert (held_only > 0) == hold  # the hold was exercised, and only when asked for
+    # the hold was exercised, and only when asked for; after a confirmation two steps in, the third step may hold
+    # nothing, depending on the machine's rounding, and the oracle checks whatever it holds
+    assert held_only == 0 if not hold else (held_only > 0 or confirm_steps > 1)
     assert (unconfirmed > 0) == (confirm_steps > 1)  # so was the confirmation
 
 
@@ -415,7 +418,7 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     assert main(["calibrate", str(RED_STAR), "--validation-data", str(validation), "--presence-head", "up_blocks.2",
                  "--head-data", str(head_data), "--target-fpr", "0.2", "--calibrate-on", "images",
                  "--calibration-steps", "8", "--default-hold-detection", "--default-erase-mode", "fill_final",
-                 "--default-components", "basin", "--presence-head-pooling", "max", "mean",
+                 "--default-components", "basin", "--default-confirm-steps", "1", "--presence-head-pooling", "max", "mean",
                  "--presence-head-swapped-captions", "unsafe", "--out", str(out)]) == 0  # fmt: skip
     assert "training AUC" in capsys.readouterr().out
     saved = GuidelineEmbedding.from_pretrained(out)
@@ -426,6 +429,7 @@ def test_calibrate_fits_a_head_and_bounds_each_group_at_its_threshold(mini_pipe,
     assert saved.metadata.fill_region == committed.fill_region
     # the head is fitted and its threshold calibrated on the candidates the saved rule forms (rescored below)
     assert saved.metadata.components == "basin"
+    assert saved.metadata.confirm_steps == 1  # images score steps one by one: the input's two steps are refused
     assert all(name.startswith("up_blocks.2.") for name in saved.head.layers) and len(saved.head.layers) == 2
     assert saved.metadata.calibration["presence_head"]["training_images"] == 16
     assert saved.metadata.calibration["presence_head"]["swapped_captions"] == "unsafe"
