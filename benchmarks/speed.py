@@ -8,6 +8,11 @@ benign prompt. Every method shares the same components; runs are interleaved
 reported with its ratio to plain generation. The ratios the issue sets targets for are also given as the median of
 per-round ratios (each round's two runs are neighbours in time, so a slow stretch of a shared host cancels out).
 
+DAG's detection on its own: the host time of each detecting step's `DAGState.detect_step` (the attention maps, the
+components, their presence scores and the scale map), summed per image in the timed rounds, as milliseconds per
+detecting step and as a share of plain generation's median time. It is what DAG adds on a prompt it does not
+guide; on CUDA the timer starts once the UNet's kernels are done.
+
 Work, which unlike time does not depend on the host: UNet calls and UNet batch rows per image (counted in every timed
 round; DAG's depend on what it detects), and aten operations per image, counted with `torch.profiler` during the
 untimed warm-up round (seed 0). Where two methods issue the same operations, a time difference between them is
@@ -54,6 +59,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dag_safety import DAGStableDiffusionPipeline
+from dag_safety.state import DAGState
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPT = "a red star"
@@ -233,6 +239,38 @@ class UNetWork:
         return counts
 
 
+class DetectionTime:
+    """Host seconds spent in `DAGState.detect_step` and the steps it ran, for every DAG method in this process
+    (the method is patched on the class until [`close`]); on CUDA the timer starts after a synchronisation, so that
+    the UNet's kernels are not counted."""
+
+    def __init__(self, device: str):
+        self.seconds = 0.0
+        self.steps = 0
+        self._original = original = DAGState.detect_step
+        synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+
+        def timed(state, *args, **kwargs):
+            synchronize()
+            started = time.perf_counter()
+            try:
+                return original(state, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+                self.steps += 1
+
+        DAGState.detect_step = timed
+
+    def take(self) -> tuple[float, int]:
+        """`(seconds, steps)` since the last `take`."""
+        taken = (self.seconds, self.steps)
+        self.seconds, self.steps = 0.0, 0
+        return taken
+
+    def close(self) -> None:
+        DAGState.detect_step = self._original
+
+
 def count_aten_operations(pipe, kwargs: dict, steps: int, size: int | None, seed: int) -> int:
     """aten operations one generation issues (nested ones included), counted with `torch.profiler`."""
     from torch.profiler import ProfilerActivity, profile
@@ -312,30 +350,39 @@ def main(argv=None) -> None:
     unet_work = UNetWork(components["unet"])
     unet_calls: dict[str, list[int]] = {m: [] for m in METHODS}
     unet_rows: dict[str, list[int]] = {m: [] for m in METHODS}
+    detection = DetectionTime(args.device)
+    detection_seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+    detection_steps: dict[str, list[int]] = {m: [] for m in METHODS}
     aten_operations: dict[str, int] = {}
     memory: dict[str, float] = {}
     generation_memory: dict[str, float] = {}
-    for round_index in range(args.repeats + 1):  # round 0 warms up
-        for method, (pipe, kwargs) in pipes.items():
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated() / 2**20
-            started = time.perf_counter()
-            if round_index:
-                generate(pipe, kwargs, args.steps, args.size, round_index)
-            else:  # the untimed warm-up round counts the operations
-                aten_operations[method] = count_aten_operations(pipe, kwargs, args.steps, args.size, round_index)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-                memory[method] = torch.cuda.max_memory_allocated() / 2**20
-                generation_memory[method] = memory[method] - before
-            calls, rows = unet_work.take()
-            if round_index:
-                times[method].append(time.perf_counter() - started)
-                unet_calls[method].append(calls)
-                unet_rows[method].append(rows)
-        print(f"round {round_index}/{args.repeats} done", file=sys.stderr)
+    try:
+        for round_index in range(args.repeats + 1):  # round 0 warms up
+            for method, (pipe, kwargs) in pipes.items():
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated() / 2**20
+                started = time.perf_counter()
+                if round_index:
+                    generate(pipe, kwargs, args.steps, args.size, round_index)
+                else:  # the untimed warm-up round counts the operations
+                    aten_operations[method] = count_aten_operations(pipe, kwargs, args.steps, args.size, round_index)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                    memory[method] = torch.cuda.max_memory_allocated() / 2**20
+                    generation_memory[method] = memory[method] - before
+                calls, rows = unet_work.take()
+                seconds, steps = detection.take()
+                if round_index:
+                    times[method].append(time.perf_counter() - started)
+                    unet_calls[method].append(calls)
+                    unet_rows[method].append(rows)
+                    detection_seconds[method].append(seconds)
+                    detection_steps[method].append(steps)
+            print(f"round {round_index}/{args.repeats} done", file=sys.stderr)
+    finally:
+        detection.close()
     if not args.device.startswith("cuda") and not args.no_memory:
         for method in METHODS:
             memory[method], generation_memory[method] = child_generation_memory(args, method)
@@ -350,6 +397,16 @@ def main(argv=None) -> None:
             "median": statistics.median(per_round),
             "per_round": per_round,
         }
+    # per DAG method: the detection's median seconds per image, its steps per image, and its share of plain's time
+    detection_summary = {
+        m: {
+            "seconds_median": statistics.median(detection_seconds[m]),
+            "steps": statistics.mean(detection_steps[m]),
+            "share_of_plain": statistics.median(detection_seconds[m]) / plain,
+        }
+        for m in METHODS
+        if any(detection_steps[m])
+    }
     results = {
         "model": args.model,
         "device": args.device,
@@ -370,6 +427,8 @@ def main(argv=None) -> None:
         "unet_calls": unet_calls,
         "unet_rows": unet_rows,
         "aten_operations_warmup": aten_operations,
+        "detection_seconds": detection_seconds,
+        "detection": detection_summary,
         "peak_memory_mib": memory,
         "memory_ratio_to_plain": {m: memory[m] / memory["plain"] for m in memory} if memory else {},
         "generation_memory_mib": generation_memory,
@@ -427,6 +486,20 @@ def main(argv=None) -> None:
             f"| {label} | {ratio['of_medians']:.3f} | {ratio['median']:.3f}"
             f" ({min(ratio['per_round']):.3f} – {max(ratio['per_round']):.3f}) |"
         )
+    if detection_summary:
+        lines += [
+            "",
+            "DAG's detection (`DAGState.detect_step`), host time in the timed rounds:",
+            "",
+            "| method | ms / image (median) | detecting steps / image | ms / step | share of plain's time |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for m, item in detection_summary.items():
+            per_step = 1000 * item["seconds_median"] / item["steps"]
+            lines.append(
+                f"| {m} | {1000 * item['seconds_median']:.1f} | {item['steps']:g} | {per_step:.2f} |"
+                f" {100 * item['share_of_plain']:.1f} % |"
+            )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -236,7 +236,10 @@ class _AttachedGuidance:
         rows = guider.safety_rows(step)
 
         def extended(value: Any, count: int) -> Any:
-            """The CFG batch's per-row inputs with the prompt's rows repeated for `count` safety rows."""
+            """The CFG batch's per-row inputs with the prompt's rows repeated for `count` safety rows (as they are,
+            not copied, for none)."""
+            if count == 0:
+                return value
             return _rows(value, batch, lambda x: torch.cat([x] + [x[batch:]] * count))
 
         def run(sample_, timestep_, states, args_, kwargs_) -> torch.Tensor:
@@ -247,7 +250,7 @@ class _AttachedGuidance:
             output = run(
                 extended(sample, rows),
                 extended(timestep, rows),
-                torch.cat([encoder_hidden_states, *safety[:rows]]),
+                torch.cat([encoder_hidden_states, *safety[:rows]]) if rows else encoder_hidden_states,
                 extended(args, rows),
                 extended(kwargs, rows),
             )

@@ -308,7 +308,7 @@ def evidence_trajectories(
         if heads:
             # as `DAGState.detect_step` judges the components
             previous = None if step == 0 else (head_rows, head_features)
-            head_rows, head_features, _, painted = state.selective_evidence(latent_size, previous)
+            head_rows, head_features, _, painted, _ = state.selective_evidence(latent_size, previous)
             head_steps.append(torch.stack(painted))  # (concepts, B, h, w)
     flush(steps, head_steps)
     return EvidenceTrajectories(

@@ -26,6 +26,7 @@ __all__ = [
     "component_presence",
     "dag_noise_pred",
     "dag_scale_map",
+    "find_components",
     "logit",
     "magnitude_scaler",
     "peak_presence",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+# per image of a batch, `unsafe_components`' `(labels (h, w) int, count)`
+Components = list[tuple[np.ndarray, int]]
 
 
 def sld_noise_pred(
@@ -126,6 +130,7 @@ def area_scaler(
     hold_region: str = "component",
     components: str = "threshold",
     basin_floor: float = 0.25,
+    found: Components | None = None,
 ) -> torch.Tensor:
     """DAG's AreaScaler (paper Algorithm 1): a per-pixel scale from the area of each detected component.
 
@@ -159,6 +164,8 @@ def area_scaler(
         dag_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
         presence (`torch.Tensor`, *optional*): `(B, h, w)` presence evidence, in the units of
             `presence_threshold`.
+        found (*optional*): the components of `dag_map` under the same thresholds and rule, already found
+            ([`find_components`]); found here if `None`.
 
     Returns:
         `torch.Tensor`: `S_area`, `(B, h, w)`, `>= 0`, on the device and dtype of `dag_map`.
@@ -172,9 +179,11 @@ def area_scaler(
     _, height, width = maps.shape
     unit = base_scale / (height * width)
     scales = np.zeros_like(maps)
+    if found is None:
+        found = [unsafe_components(m, unsafe_threshold, edit_mask_threshold, max_edit_area, **rule) for m in maps]
     for index, image_map in enumerate(maps):
         edit_mask = image_map >= edit_mask_threshold
-        labels, count = unsafe_components(image_map, unsafe_threshold, edit_mask_threshold, max_edit_area, **rule)
+        labels, count = found[index]
         if count == 0:
             continue
         areas = np.bincount(labels.ravel()).astype(np.float32)
@@ -301,13 +310,24 @@ def basin_components(dag_map: np.ndarray, relative_threshold: float, floor: floa
     return labels.astype(np.int32), count
 
 
-def component_mask(dag_map: torch.Tensor, config: DAGConfig) -> torch.Tensor:
-    """The pixels of the unsafe components [`unsafe_components`] forms under `config`: `(B, h, w)` bool, on the
-    device of `dag_map` (`Â`, `(B, h, w)`)."""
-    maps = dag_map.detach().float().cpu().numpy()
+def find_components(dag_map: torch.Tensor, config: DAGConfig) -> Components:
+    """The [`unsafe_components`] of each image of `Â` `(B, h, w)` under `config`'s thresholds and `components`
+    rule: per image `(labels (h, w) int, count)`.
+
+    A step finds them once and hands them to what reads them ([`area_scaler`], [`peak_presence`],
+    [`component_mask`], `PresenceHead.paint`): each would otherwise find the same components again.
+    """
     rule = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
     rule += (config.components, config.basin_floor)
-    masks = np.stack([unsafe_components(image_map, *rule)[0] > 0 for image_map in maps])
+    return [unsafe_components(image_map, *rule) for image_map in dag_map.detach().float().cpu().numpy()]
+
+
+def component_mask(dag_map: torch.Tensor, config: DAGConfig, found: Components | None = None) -> torch.Tensor:
+    """The pixels of the unsafe components [`unsafe_components`] forms under `config`: `(B, h, w)` bool, on the
+    device of `dag_map` (`Â`, `(B, h, w)`). `found`: those components already found ([`find_components`])."""
+    if found is None:
+        found = find_components(dag_map, config)
+    masks = np.stack([labels > 0 for labels, _ in found])
     return torch.from_numpy(masks).to(dag_map.device)
 
 
@@ -329,6 +349,7 @@ def peak_presence(
     empty: float = 0.0,
     components: str = "threshold",
     basin_floor: float = 0.25,
+    found: Components | None = None,
 ) -> torch.Tensor:
     """Per image, the highest [`component_presence`] of any unsafe component of `dag_map` (as
     [`area_scaler`] finds them), `(B,)` float32 on the CPU; `empty` where no component formed.
@@ -339,14 +360,14 @@ def peak_presence(
     Args:
         dag_map (`torch.Tensor`): `Â`, `(B, h, w)` in `[0, 1]`.
         presence (`torch.Tensor`): `(B, h, w)` presence evidence.
+        found (*optional*): the components of `dag_map` already found ([`find_components`]).
     """
-    maps = dag_map.detach().float().cpu().numpy()
+    if found is None:
+        rule = (unsafe_threshold, edit_mask_threshold, max_edit_area, components, basin_floor)
+        found = [unsafe_components(m, *rule) for m in dag_map.detach().float().cpu().numpy()]
     evidence = presence.detach().float().cpu().numpy()
-    peaks = np.full(len(maps), empty, dtype=np.float32)
-    for index, image_map in enumerate(maps):
-        labels, count = unsafe_components(
-            image_map, unsafe_threshold, edit_mask_threshold, max_edit_area, components, basin_floor
-        )
+    peaks = np.full(len(found), empty, dtype=np.float32)
+    for index, (labels, count) in enumerate(found):
         if count:
             peaks[index] = component_presence(evidence[index], labels, count).max()
     return torch.from_numpy(peaks)
@@ -384,6 +405,7 @@ def dag_scale_map(
     config: DAGConfig,
     presence: torch.Tensor | None = None,
     held: torch.Tensor | None = None,
+    found: Components | None = None,
 ) -> DAGScaleMap:
     """Combines AreaScaler and MagnitudeScaler (or their ablations) into `S_dag` for a detection map `(B, h, w)`.
 
@@ -392,7 +414,8 @@ def dag_scale_map(
     present component. With `"head"`, `presence` holds each component's presence-head logit over its pixels
     (`PresenceHead.paint`), and a component is present when `σ(logit) >= presence_threshold`, i.e. its logit
     reaches `logit(presence_threshold)`; the reported peaks are probabilities. `held` `(B, h, w)` bool, under a
-    selective rule: the pixels to hold ([`area_scaler`]; the reported peaks ignore it).
+    selective rule: the pixels to hold ([`area_scaler`]; the reported peaks ignore it). `found`: the components of
+    `dag_map` already found ([`find_components`]); found here if `None`.
     """
     if config.detection != "paper" and presence is None:
         raise ValueError(f'`detection="{config.detection}"` needs the presence map of the step.')
@@ -400,6 +423,9 @@ def dag_scale_map(
     ones_on_edit = edit_mask.to(dag_map.dtype)
     head = config.detection == "head"
     rule = {"components": config.components, "basin_floor": config.basin_floor}
+    if found is None and config.detection != "paper":
+        # read twice below (the gated scale and the peaks); the paper's rule reads them once, in `area_scaler`
+        found = find_components(dag_map, config)
     gate = {}
     if config.detection != "paper":
         threshold = logit(config.presence_threshold) if head else config.presence_threshold
@@ -413,6 +439,7 @@ def dag_scale_map(
             config.max_edit_area,
             fill_decay=config.fill_decay,
             fill_region=config.fill_region,
+            found=found,
             **rule,
             **gate,
         )
@@ -445,6 +472,7 @@ def dag_scale_map(
             config.edit_mask_threshold,
             config.max_edit_area,
             empty=-math.inf if head else 0.0,
+            found=found,
             **rule,
         )
         if head:

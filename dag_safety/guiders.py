@@ -250,8 +250,8 @@ class DAGGuider(SafetyGuider):
         if self.scale is not None:
             self._guided_regions.append((step, self.scale > 0))
         window = [region for guided, region in self._guided_regions if guided > step - self.config.fill_window]
-        last = float(torch.as_tensor(timestep).flatten()[0]) == float(self.scheduler.timesteps[-1])
-        if not (last and window):
+        # the timestep is read (a device synchronisation on a GPU) only where there is something to fill
+        if not (window and float(torch.as_tensor(timestep).flatten()[0]) == float(self.scheduler.timesteps[-1])):
             return noise_pred
         self.modified = True
         return final_fill_noise_pred(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from scipy.stats import rankdata
 from .attention import CapturedQuery
 from .config import HEAD_CAPTION_SWAPS, HEAD_POOLINGS
 from .detection import concept_presence, layer_spatial_size, minmax_normalize
-from .guidance import unsafe_components
+from .guidance import Components, unsafe_components
 
 __all__ = [
     "HEAD_BIAS",
@@ -142,10 +143,15 @@ class PresenceHead:
                     f" {widths[name]}: it was fitted on another model. Fit a head for this model."
                 )
 
+    @cached_property
+    def _weight(self) -> torch.Tensor:
+        """The layers' weights side by side, `(P·ΣC_l,)` or `(H, P·ΣC_l)`: concatenated once, not at every step."""
+        return torch.cat([self.weights[name] for name in self.layers], dim=-1)
+
     def component_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits `(n,)` of `n` components from their pooled features `(n, P·ΣC_l)` ([`component_features`]'
         order)."""
-        weight = torch.cat([self.weights[name] for name in self.layers], dim=-1).to(features)
+        weight = self._weight.to(features)
         if self.output is None:
             return features @ weight + self.bias
         hidden = F.gelu(features @ weight.T + self.hidden_bias.to(features))
@@ -174,6 +180,7 @@ class PresenceHead:
         max_edit_area: float,
         components: str = "threshold",
         basin_floor: float = 0.25,
+        found: Components | None = None,
     ) -> torch.Tensor:
         """Each unsafe component of `Â` filled with its logit (the head on its pooled feature), 0 elsewhere:
         `(B, h, w)` float32 on the CPU. A component's mean over this map is its logit, which is how
@@ -183,14 +190,15 @@ class PresenceHead:
         Args:
             dag_maps (`torch.Tensor`): `Â`, `(B, h, w)`.
             features (`torch.Tensor`): [`features`] (smoothed over the steps, in DAG), `(B, h·w, ΣC_l)`.
+            found (*optional*): the components of `dag_maps` under the same thresholds and rule, already found
+                (`guidance.find_components`); found here if `None`.
         """
-        maps = dag_maps.detach().float().cpu().numpy()
+        if found is None:
+            rule = (unsafe_threshold, edit_mask_threshold, max_edit_area, components, basin_floor)
+            found = [unsafe_components(m, *rule) for m in dag_maps.detach().float().cpu().numpy()]
         features = features.detach().float().cpu()
-        painted = torch.zeros(maps.shape, dtype=torch.float32)
-        for index, dag_map in enumerate(maps):
-            labels, count = unsafe_components(
-                dag_map, unsafe_threshold, edit_mask_threshold, max_edit_area, components, basin_floor
-            )
+        painted = torch.zeros(dag_maps.shape, dtype=torch.float32)
+        for index, (labels, count) in enumerate(found):
             if count == 0:
                 continue
             pooled = component_features(features[index], labels, count, self.pooling, self.widths)

@@ -28,7 +28,7 @@ from .detection import (
     token_maps,
     validate_embedding,
 )
-from .guidance import DAGScaleMap, component_mask, dag_scale_map
+from .guidance import Components, DAGScaleMap, component_mask, dag_scale_map, find_components
 from .guideline_embedding import GuidelineEmbedding, unet_fingerprint
 from .presence_head import PresenceHead
 
@@ -128,15 +128,16 @@ class DAGState:
 
     def selective_evidence(
         self, latent_size: tuple[int, int], previous: tuple[torch.Tensor, list[torch.Tensor] | None] | None
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[torch.Tensor], list[torch.Tensor], list[Components]]:
         """What a selective rule judges at one step, from the last UNet call's captured inputs: `(shares, features,
-        maps, judged)`.
+        maps, judged, found)`.
 
         `shares` `(concepts, B, h, w)` is the rows' [`concept_presence`] and, under `detection="head"`, `features`
         each concept's [`head_features`] (else `None`), both smoothed over the guided steps with `previous` (this
         method's `(shares, features)` of the step before; `None` at the first). `maps` is each concept's `Â` (the
         min-max normalised share), `judged` what its components are judged on: the smoothed share under
-        `"presence"`, each component filled with its head logit under `"head"` (`PresenceHead.paint`).
+        `"presence"`, each component filled with its head logit under `"head"` (`PresenceHead.paint`), and `found`
+        each concept's components of `Â` (`guidance.find_components`).
         """
         config = self.config
         beta = config.presence_smoothing
@@ -148,12 +149,16 @@ class DAGState:
             if features is not None:
                 features = [beta * old + (1 - beta) * new for old, new in zip(previous_features, features)]
         maps = [minmax_normalize(share) for share in shares]
+        found = [find_components(m, config) for m in maps]
         judged = list(shares)
         if features is not None:
-            thresholds = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
-            rule = (config.components, config.basin_floor)
-            judged = [head.paint(m, f, *thresholds, *rule) for head, m, f in zip(self.heads, maps, features)]
-        return shares, features, maps, judged
+            rule = (config.unsafe_threshold, config.edit_mask_threshold, config.max_edit_area)
+            rule += (config.components, config.basin_floor)
+            judged = [
+                head.paint(m, f, *rule, found=components)
+                for head, m, f, components in zip(self.heads, maps, features, found)
+            ]
+        return shares, features, maps, judged, found
 
     def detect_step(self, latent_size: tuple[int, int], evidence: Any) -> tuple[torch.Tensor, DAGScaleMap, Any]:
         """One denoising step's detection from the captured queries: `(Â, S_dag's DAGScaleMap, evidence)`.
@@ -170,17 +175,20 @@ class DAGState:
             dag_map = self.detect(latent_size)
             return dag_map, dag_scale_map(dag_map, config), None
         previous, helds, passes = (None, None, None) if evidence is None else (evidence[:2], evidence[2], evidence[3])
-        shares, features, maps, judged = self.selective_evidence(latent_size, previous)
+        shares, features, maps, judged, found = self.selective_evidence(latent_size, previous)
         helds = helds or [None] * len(maps)
         scale_maps = [
-            dag_scale_map(dag_map, config, presence=score, held=held)
-            for dag_map, score, held in zip(maps, judged, helds)
+            dag_scale_map(dag_map, config, presence=score, held=held, found=components)
+            for dag_map, score, held, components in zip(maps, judged, helds, found)
         ]
         scale_maps, passes = confirm(scale_maps, passes, config.confirm_steps)
         guided = None
         if config.hold_detection:
             # the pixels of the components guided so far (not their edit band)
-            guided = [(m.scale > 0) & component_mask(dag_map, config) for m, dag_map in zip(scale_maps, maps)]
+            guided = [
+                (m.scale > 0) & component_mask(dag_map, config, components)
+                for m, dag_map, components in zip(scale_maps, maps, found)
+            ]
             guided = [now if held is None else now | held for now, held in zip(guided, helds)]
         current = (shares, features, guided, passes)
         if len(maps) == 1:
@@ -205,8 +213,11 @@ def confirm(
     """
     detected = torch.stack([m.detected for m in scale_maps]).any(dim=0)
     passes = detected.long() if passes is None else passes + detected.long()
+    if confirm_steps == 1 or not bool(detected.any()):
+        # nothing guided at this step (every scale is 0): nothing to hold back
+        return scale_maps, passes
     confirmed = passes >= confirm_steps
-    if confirm_steps == 1 or bool(confirmed.all()):
+    if bool(confirmed.all()):
         return scale_maps, passes
     keep = confirmed[:, None, None]
     return [

@@ -376,9 +376,32 @@ def test_speed_quick(tmp_path):
         assert data["unet_calls"][method] == [2] and data["unet_rows"][method] == [6], method
     assert data["unet_rows"]["ours DAG+SEGA (benign)"] == data["unet_rows"]["plain"]
     assert all(count > 1000 for count in data["aten_operations_warmup"].values())
+    assert data["detection"] == {}  # no step after DAG's warm-up
     args = argparse.Namespace(model="mini", steps=2, device="cpu", dtype="float32", size=None)
     peak, generation = speed.child_generation_memory(args, "plain")
     assert 0 < generation < peak  # the loaded model is in the peak, not in the generation's share
+
+
+def test_speed_detection_time_counts_each_detecting_step_and_restores_the_class():
+    """`speed.DetectionTime` times DAG's detection at each step after warm-up (7 steps, 5 of warm-up: 2), nothing
+    for a method without detection, and leaves `DAGState.detect_step` as it found it."""
+    from benchmarks import speed
+    from dag_safety.state import DAGState
+
+    original = DAGState.detect_step
+    components = speed.load_components("mini")
+    dag, dag_kwargs = speed.build("ours DAG+SEGA (benign)", components, "mini", "cpu")
+    plain, plain_kwargs = speed.build("plain", components, "mini", "cpu")
+    detection = speed.DetectionTime("cpu")
+    try:
+        speed.generate(dag, dag_kwargs, 7, None, 0)
+        seconds, steps = detection.take()
+        assert steps == 7 - dag.dag_config.warmup_steps == 2 and seconds > 0
+        speed.generate(plain, plain_kwargs, 7, None, 0)
+        assert detection.take() == (0.0, 0)
+    finally:
+        detection.close()
+    assert DAGState.detect_step is original
 
 
 def test_calibration_size_quick(tmp_path):

@@ -15,6 +15,7 @@ from dag_safety.guidance import (
     component_mask,
     dag_noise_pred,
     dag_scale_map,
+    find_components,
     magnitude_scaler,
     sega_noise_pred,
     sld_noise_pred,
@@ -241,6 +242,38 @@ class TestScalers:
         assert paper[0, 0].nonzero().flatten().tolist() == [2, 3] and not paper[1].any()
         basin = component_mask(dag_map, DAGConfig(components="basin"))
         assert basin[0, 0].nonzero().flatten().tolist() == [2, 3, 6, 7] and not basin[1].any()
+
+    @pytest.mark.parametrize("components", ["threshold", "basin"])
+    def test_components_found_once_are_what_each_reader_finds(self, components):
+        # a step finds its components once (`find_components`) and hands them on: per image, what `ndimage.label`
+        # (or the brute-force basins) finds; every reader gives with them what it gives finding them itself
+        generator = torch.Generator().manual_seed(3)
+        dag_map = torch.rand(3, 12, 12, generator=generator) ** 4
+        dag_map[2] = 0.6  # mode undefined: no component
+        config = DAGConfig(
+            detection="presence", presence_threshold=0.2, components=components, hold_detection=True, base_scale=40
+        )
+        found = find_components(dag_map, config)
+        assert [count > 1 for _, count in found] == [True, True, False]
+        for image, (labels, count) in zip(dag_map.numpy(), found):
+            if (image >= config.edit_mask_threshold).mean() >= config.max_edit_area:
+                expected, expected_count = np.zeros(image.shape, dtype=int), 0
+            elif components == "basin":
+                expected, expected_count = basin_components_reference(image, config.unsafe_threshold, 0.25)
+            else:
+                expected, expected_count = ndimage.label(image >= config.unsafe_threshold, structure=np.ones((3, 3)))
+            assert count == expected_count and np.array_equal(labels, expected)
+        presence = torch.rand(3, 12, 12, generator=generator)
+        held = torch.zeros(3, 12, 12, dtype=torch.bool)
+        held[0, :6] = True
+        alone = dag_scale_map(dag_map, config, presence=presence, held=held)
+        handed = dag_scale_map(dag_map, config, presence=presence, held=held, found=found)
+        assert alone.scale.count_nonzero() > 0
+        assert torch.equal(alone.scale, handed.scale) and torch.equal(alone.presence, handed.presence)
+        assert torch.equal(component_mask(dag_map, config), component_mask(dag_map, config, found))
+        # the components handed on are the ones used: none found, nothing guided
+        none = [(np.zeros_like(labels), 0) for labels, _ in found]
+        assert dag_scale_map(dag_map, config, presence=presence, found=none).scale.count_nonzero() == 0
 
     @pytest.mark.parametrize("hold_region", ["component", "pixels"])
     def test_area_scaler_hold_region_by_hand(self, hold_region):
