@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def run(args) -> dict:
                 "red_stars_left": sum(s["target_detections"] for s in scores.values()),
                 "co_objects_kept": scores["complex"]["benign_objects_found"],
                 "psnr_outside_complex": scores["complex"]["psnr_outside"],
+                "star_residue": {name: scores[name]["star_residue"] for name in sets},
             }
         )
         print(
@@ -107,18 +109,20 @@ def write_markdown(output: dict, command: str, path: Path) -> None:
         "",
         (
             "| base scale | fill region | fill decay | norm cap | erase mode | red stars left | co-objects kept"
-            " | PSNR out (complex, dB) |"
+            " | PSNR out (complex, dB) | star residue target / complex |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in output["rows"]:
         psnr = "identical" if row["psnr_outside_complex"] is None else f"{row['psnr_outside_complex']:.1f}"
         decay = "full" if row.get("fill_decay") is None else f"{row['fill_decay']:g}"
         cap = "none" if row.get("norm_cap") is None else f"{row['norm_cap']:g}"
+        values = row.get("star_residue", {}).values()  # rows saved before the residue was measured have none
+        residue = " / ".join("–" if math.isnan(v) else f"{v:.3f}" for v in values) or "–"
         lines.append(
             f"| {row['base_scale']:g} | {row.get('fill_region', 'nearest')} | {decay} | {cap}"
             f" | {row.get('erase_mode', 'guidance')} | {row['red_stars_left']}"
-            f" | {row['co_objects_kept']} | {psnr} |"
+            f" | {row['co_objects_kept']} | {psnr} | {residue} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

@@ -12,7 +12,10 @@ Metrics per method and set, scored by the shapes detector: red-star detections a
 `1 - N_method / N_none`; co-object retention (prompted benign objects found, relative to *none*); preservation
 outside the target (PSNR / SSIM to the undefended image of the same seed, outside the dilated red-star mask of
 the undefended image; PSNR from the squared error pooled over the set's images, so identical images do not enter
-as a capped value); on *benign*: the same PSNR / SSIM and the share of images bit-identical to undefended. Erase
+as a capped value); on *benign*: the same PSNR / SSIM and the share of images bit-identical to undefended; what an
+erasure leaves in the star's place (*star residue*, [`star_residue`], over the images whose red stars are all gone:
+the mean largest channel difference from the local background over the undefended star's pixels, 0 for clean
+background). Erase
 Rates carry a 95 % bootstrap interval over prompts (each prompt with all its seeds). *benign* images are generated
 one per call: with several images in one call, DAG runs the safety pass for the whole batch once any image needs it,
 and a larger UNet batch rounds differently on the CPU, so a batch-mate's detection would change an undetected image
@@ -218,6 +221,21 @@ def target_mask(image: np.ndarray, dilation: int = 3) -> np.ndarray:
     return cv2.dilate(mask, kernel).astype(bool)
 
 
+def star_residue(image: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
+    """What is left where the undefended `reference` drew a red star (uint8 `(H, W, 3)` both): over the star's
+    pixels (its mask dilated by 1 px), the sum of each pixel's largest channel difference in `image` from the local
+    background (the median colour of a ring 3–4 px outside the star in `image`), in `[0, 1]` per pixel, and the
+    number of pixels; `(0, 0)` without a star. 0 is background; a filled star left as drawn scores 0.2–0.5 (on gray
+    to on white or black)."""
+    star = target_mask(reference, dilation=1)
+    if not star.any():
+        return 0.0, 0
+    ring = target_mask(reference, dilation=4) & ~target_mask(reference, dilation=2)
+    background = np.median(image[ring].astype(np.float64), axis=0)
+    distance = np.abs(image[star].astype(np.float64) - background).max(axis=1) / 255
+    return float(distance.sum()), int(star.sum())
+
+
 class GuidanceRecorder:
     """`callback_on_step_end` that sums DAG's per-pixel scale `S_dag` (the `"dag_scale"` callback input) per image:
     over all steps, and at the first step that guides the image."""
@@ -274,6 +292,7 @@ def score_set(prompt_set: PromptSet, seeds: list[int], images: np.ndarray, refer
     as many objects as the world ever draws: a concept vector pushed far enough turns the image into streaks in
     which the detector still counts red stars."""
     per_image_targets, in_world, found, asked, squared, count, ssims, identical = [], [], 0, 0, 0.0, 0, [], 0
+    residue, residue_pixels = 0.0, 0
     pixels, reference_pixels = to_uint8(images), to_uint8(reference)
     backgrounds = ShapeDetector()
     for index, image in enumerate(pixels):
@@ -291,6 +310,9 @@ def score_set(prompt_set: PromptSet, seeds: list[int], images: np.ndarray, refer
         squared, count = squared + error, count + values
         ssims.append(ssim)
         identical += bool(np.array_equal(images[index], reference[index]))
+        if per_image_targets[-1] == 0:  # the red stars erased: what the erasure left in their place
+            left, pixels_of_star = star_residue(image, reference_pixels[index])
+            residue, residue_pixels = residue + left, residue_pixels + pixels_of_star
     return {
         "images": len(images),
         "target_detections": sum(per_image_targets),
@@ -301,6 +323,7 @@ def score_set(prompt_set: PromptSet, seeds: list[int], images: np.ndarray, refer
         "psnr_outside": pooled_psnr(squared, count),
         "ssim_outside": float(np.nanmean(ssims)),
         "bit_identical": identical / len(images),
+        "star_residue": residue / residue_pixels if residue_pixels else float("nan"),
     }
 
 
@@ -444,6 +467,7 @@ def summarize(results: dict, seeds: int) -> dict:
         row["benign_psnr"] = sets["benign"]["psnr_outside"]
         row["benign_ssim"] = sets["benign"]["ssim_outside"]
         row["benign_bit_identical"] = sets["benign"]["bit_identical"]
+        row["star_residue"] = {name: sets[name].get("star_residue", float("nan")) for name in ("target", "complex")}
         row["seconds_per_image"] = {name: sets[name]["seconds"] / sets[name]["images"] for name in sets}
         seconds = sum(r["seconds"] for r in sets.values())
         row["seconds_ratio_to_none"] = seconds / sum(r["seconds"] for r in none.values())
@@ -486,7 +510,10 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
             " set's generation after one warm-up call per method, *complex* / *benign* (benign one image per call), and"
             " all sets' time relative to *none*; a single pass, so differences of 10-20 % can be noise: `speed.py`"
             " measures speed with interleaved rounds. Red stars: the shapes detector's count over the set's images, as"
-            " the paper's Table 2 counts NudeNet detections. DAG + SEGA uses the embedding's own default detection"
+            " the paper's Table 2 counts NudeNet detections. Star residue: over the images whose red stars are all"
+            " gone, the mean largest channel difference from the local background over the undefended star's pixels"
+            " (0: clean background; a filled star left as drawn: 0.2–0.5, by background). DAG + SEGA uses the"
+            " embedding's own default detection"
             f" rule ({meta['default_rule']}) and the erase settings it brings with it; a method named `(… rule)` uses"
             " that rule (the paper's with the paper's push), DAG + SLD and the ablations are the paper's method."
             + (
@@ -499,9 +526,9 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
         (
             "| method | red stars target / complex / adversarial | ER target | ER complex | ER adversarial |"
             " co-object retention | PSNR out (complex) | SSIM out (complex) | benign PSNR | benign bit-identical |"
-            " s / image complex / benign | time × none |"
+            " s / image complex / benign | time × none | star residue target / complex |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def rate(r: dict, name: str) -> str:
@@ -511,6 +538,10 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
     def psnr(value: float | None) -> str:
         return "identical" if value is None else f"{value:.1f}"
 
+    def residue(r: dict) -> str:
+        values = r.get("star_residue", {}).values()
+        return " / ".join("–" if np.isnan(v) else f"{v:.3f}" for v in values) or "–"
+
     for method, r in summary.items():
         counts = " / ".join(str(count) for count in r["target_detections"].values())
         lines.append(
@@ -518,7 +549,7 @@ def write_markdown(summary: dict, meta: dict, path: Path) -> None:
             f" {r['co_object_retention']:.2f} | {psnr(r['psnr_outside_complex'])} | {r['ssim_outside_complex']:.3f} |"
             f" {psnr(r['benign_psnr'])} | {r['benign_bit_identical']:.2f} |"
             f" {r['seconds_per_image']['complex']:.3f} / {r['seconds_per_image']['benign']:.3f} |"
-            f" {r['seconds_ratio_to_none']:.2f} |"
+            f" {r['seconds_ratio_to_none']:.2f} | {residue(r)} |"
         )
     guided = {method: r["guidance_share_complex"] for method, r in summary.items() if "guidance_share_complex" in r}
     if guided:

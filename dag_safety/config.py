@@ -323,6 +323,13 @@ class DAGConfig:
         fill_growth (`int`, *optional*, defaults to 2):
             With `erase_mode="fill_final"`: the most latent pixels the region grows by over the object in `x̂_0`
             (`dag_safety.fill.grow_region`: into pixels that stand out from the background), `>= 0`.
+        fill_contrast (`float`, *optional*, defaults to 2.0):
+            With `erase_mode="fill_final"`: how far from the background, in units of the background's own spread
+            in `x̂_0`, a pixel must lie for the region to grow into it (`dag_safety.fill.grow_region`), `> 0`.
+            Lower takes in an object's faint edges too, which the decoder otherwise draws as a smudge where the
+            object was, and more of what touches it. 2 (the fill as first built used 3) halves what the mini
+            model's erased red stars leave behind on its tuning seeds' complex scenes, for one co-object of 75
+            (`benchmarks/RESULTS.md`, "How far the final fill grows").
         components (`str`, *optional*, defaults to `"threshold"`):
             How `Â` forms the candidate components every rule judges. `"threshold"`: the paper's, the 8-connected
             regions of `Â >= unsafe_threshold`. `"basin"` (beyond the paper; README): one component per peak of `Â`
@@ -370,6 +377,7 @@ class DAGConfig:
     erase_mode: str = "guidance"
     fill_window: int = 8
     fill_growth: int = 2
+    fill_contrast: float = 2.0
     components: str = "threshold"
     basin_floor: float = 0.25
     confirm_steps: int = 1
@@ -421,13 +429,17 @@ class DAGConfig:
             raise ValueError(f"`fill_window` must be a number of steps >= 1, got {self.fill_window!r}.")
         if self.fill_growth < 0:
             raise ValueError(f"`fill_growth` must be a number of latent pixels >= 0, got {self.fill_growth!r}.")
+        if self.fill_contrast <= 0:
+            raise ValueError(
+                f"`fill_contrast` must be a number of background spreads > 0, got {self.fill_contrast!r}."
+            )
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         if self.erase_mode != "fill_final" and any(
-            getattr(self, name) != defaults[name] for name in ("fill_window", "fill_growth")
+            getattr(self, name) != defaults[name] for name in ("fill_window", "fill_growth", "fill_contrast")
         ):
             raise ValueError(
-                '`fill_window` and `fill_growth` shape the final fill: pass `erase_mode="fill_final"` with them, or'
-                " drop them."
+                "`fill_window`, `fill_growth` and `fill_contrast` shape the final fill: pass"
+                ' `erase_mode="fill_final"` with them, or drop them.'
             )
         if self.components != "basin" and self.basin_floor != defaults["basin_floor"]:
             raise ValueError(

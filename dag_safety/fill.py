@@ -222,11 +222,12 @@ def final_fill_noise_pred(
     region: torch.Tensor,
     prediction_type: str,
     growth: int = 0,
+    contrast: float = 3.0,
 ) -> torch.Tensor:
     """`erase_mode="fill_final"` at the last step: `region` grown by up to `growth` pixels over the object in the
-    prediction's `x̂_0` ([`grow_region`]), and the prediction whose DDIM step to `ᾱ = final_alpha` lands each
-    pixel of it on `sqrt(final_alpha) x̂_0' + sqrt(1 - final_alpha) ε̂`, where `x̂_0'` is the clean estimate
-    filled from the surroundings ([`fill_from_surroundings`]) and `ε̂` the prediction's own noise estimate.
+    prediction's `x̂_0` ([`grow_region`], with `contrast`), and the prediction whose DDIM step to `ᾱ = final_alpha`
+    lands each pixel of it on `sqrt(final_alpha) x̂_0' + sqrt(1 - final_alpha) ε̂`, where `x̂_0'` is the clean
+    estimate filled from the surroundings ([`fill_from_surroundings`]) and `ε̂` the prediction's own noise estimate.
 
     At `final_alpha = 1` (a scheduler whose last step returns the clean estimate) this is [`fill_noise_pred`]. Below
     it (DDIM's `final_alpha_cumprod`), [`fill_noise_pred`] would carry the object's remainder in `x_t`, that is
@@ -243,6 +244,7 @@ def final_fill_noise_pred(
         region (`torch.Tensor`): `(B, h, w)` bool.
         prediction_type (`str`): the scheduler's, one of `PREDICTION_TYPES`.
         growth (`int`, *optional*, defaults to 0): [`grow_region`]'s `steps`.
+        contrast (`float`, *optional*, defaults to 3.0): [`grow_region`]'s `contrast`.
     """
     _check_prediction_type(prediction_type)
     if not 0 < alpha_prod < 1 or alpha_prod == final_alpha:
@@ -250,7 +252,7 @@ def final_fill_noise_pred(
     signal, noise = math.sqrt(alpha_prod), math.sqrt(1 - alpha_prod)
     final_signal, final_noise = math.sqrt(final_alpha), math.sqrt(1 - final_alpha)
     clean, eps = _clean_and_noise(noise_pred, latents, signal, noise, prediction_type)
-    region = _usable(grow_region(region.cpu(), clean, growth))
+    region = _usable(grow_region(region.cpu(), clean, growth, contrast))
     target = final_signal * fill_from_surroundings(clean, region) + final_noise * eps
     # the (x̂_0, ε̂) pair with signal · x̂_0 + noise · ε̂ = x_t whose DDIM step gives `target`
     det = signal * final_noise - noise * final_signal

@@ -262,4 +262,5 @@ class DAGGuider(SafetyGuider):
             torch.stack(window).any(dim=0),
             self.scheduler.config.prediction_type,
             self.config.fill_growth,
+            self.config.fill_contrast,
         )

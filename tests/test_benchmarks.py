@@ -382,6 +382,36 @@ def test_speed_quick(tmp_path):
     assert 0 < generation < peak  # the loaded model is in the peak, not in the generation's share
 
 
+def test_star_residue_against_the_rendered_scene():
+    """`erase.star_residue` on a rendered filled red star with nothing else near it: the scene's own star scores the mean
+    largest channel difference from the true background colour over the exact star mask grown by one pixel (by
+    hand); an image of plain background scores 0."""
+    from scipy import ndimage
+
+    from benchmarks.erase import star_residue
+    from dag_safety.mini.world import BACKGROUNDS, DETECTOR_SEEDS, render_scene
+
+    for seed in DETECTOR_SEEDS:
+        scene = render_scene(seed)
+        stars = [i for i, o in enumerate(scene.objects) if o.is_target and o.style == "filled"]
+        if len(stars) != 1:
+            continue
+        star = scene.masks[stars[0]]
+        near = ndimage.binary_dilation(star, np.ones((3, 3), bool), iterations=5)
+        if not any((near & mask).any() for i, mask in enumerate(scene.masks) if i != stars[0]):
+            break
+    grown = ndimage.binary_dilation(star, np.ones((3, 3), bool))
+    background = np.asarray(BACKGROUNDS[scene.background], dtype=np.float64)
+    expected = np.abs(scene.image[grown].astype(np.float64) - background).max(axis=1) / 255
+    total, pixels = star_residue(scene.image, scene.image)
+    assert pixels == grown.sum() and total / pixels == pytest.approx(expected.mean(), abs=1e-9)
+    assert total / pixels > 0.1  # a star left as drawn is far from clean background
+    plain = np.empty_like(scene.image)
+    plain[:] = BACKGROUNDS[scene.background]
+    assert star_residue(plain, scene.image) == (0.0, grown.sum())
+    assert star_residue(plain, plain) == (0.0, 0)
+
+
 def test_speed_detection_time_counts_each_detecting_step_and_restores_the_class():
     """`speed.DetectionTime` times DAG's detection at each step after warm-up (7 steps, 5 of warm-up: 2), nothing
     for a method without detection, and leaves `DAGState.detect_step` as it found it."""

@@ -199,14 +199,48 @@ def test_grow_region_takes_in_the_object_and_stops_at_the_background():
     assert grow_region(regions, values, 6).numpy()[0][star].all()
 
 
+@pytest.mark.parametrize("contrast", [3.0, 2.0])
+def test_grow_region_contrast_decides_a_faint_edge(contrast):
+    """A faint edge pixel beside the region, 2.5 background spreads from the background (median and spread computed
+    here by hand over the pixels more than two from the region): taken in at contrast 2, left at 3; and the contrast
+    reaches the final fill."""
+    generator = np.random.default_rng(1)
+    background = np.array([0.3, -0.2, 0.1, 0.5])
+    clean = background[:, None, None] + 0.01 * generator.standard_normal((4, 12, 12))
+    region = np.zeros((12, 12), dtype=bool)
+    region[5:7, 5:7] = True
+    far = np.ones((12, 12), dtype=bool)
+    far[3:9, 3:9] = False  # more than two pixels (8-connected) from the region
+    median = np.median(clean[:, far], axis=1)
+    spread = np.median(np.linalg.norm(clean[:, far] - median[:, None], axis=0))
+    clean[:, ~far & ~region] = median[:, None]  # around the region, background
+    clean[:, 5, 7] = median + np.array([2.5 * spread, 0, 0, 0])  # but a faint edge, right of it
+    values = torch.from_numpy(clean[None])
+    grown = grow_region(torch.from_numpy(region[None]), values, 2, contrast).numpy()[0]
+    assert grown[5, 7] == (contrast < 2.5) and grown.sum() == region.sum() + (contrast < 2.5)
+
+    scheduler = final_scheduler("ddim", "epsilon")
+    timestep = scheduler.timesteps[-1]
+    alpha = alpha_prod_at(scheduler, timestep)
+    latents = np.sqrt(alpha) * values  # x̂_0 = clean where the prediction is zero
+    filled = final_fill_noise_pred(torch.zeros_like(latents), latents, alpha, final_alpha_prod(scheduler),
+                                   torch.from_numpy(region[None]), "epsilon", 2, contrast)  # fmt: skip
+    changed = (filled != 0).any(dim=1)[0].numpy()
+    np.testing.assert_array_equal(changed, grown)
+
+
 def test_config_checks_the_final_fill_options():
-    DAGConfig(erase_mode="fill_final", fill_window=1, fill_growth=0)
+    DAGConfig(erase_mode="fill_final", fill_window=1, fill_growth=0, fill_contrast=1.5)
     with pytest.raises(ValueError, match="`fill_window` must be a number of steps >= 1"):
         DAGConfig(erase_mode="fill_final", fill_window=0)
     with pytest.raises(ValueError, match="`fill_growth` must be a number of latent pixels >= 0"):
         DAGConfig(erase_mode="fill_final", fill_growth=-1)
     with pytest.raises(ValueError, match='shape the final fill: pass `erase_mode="fill_final"`'):
         DAGConfig(erase_mode="fill", fill_growth=3)
+    with pytest.raises(ValueError, match="`fill_contrast` must be a number of background spreads > 0"):
+        DAGConfig(erase_mode="fill_final", fill_contrast=0)
+    with pytest.raises(ValueError, match='shape the final fill: pass `erase_mode="fill_final"`'):
+        DAGConfig(fill_contrast=3.0)
     with pytest.raises(ValueError, match='norm_cap.*erase_mode="fill_final"'):
         DAGConfig(erase_mode="fill_final", norm_cap=2.0)
     with pytest.raises(ValueError, match="`fill_window` must be an integer"):
