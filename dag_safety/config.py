@@ -327,9 +327,9 @@ class DAGConfig:
             With `erase_mode="fill_final"`: how far from the background, in units of the background's own spread
             in `x̂_0`, a pixel must lie for the region to grow into it (`dag_safety.fill.grow_region`), `> 0`.
             Lower takes in an object's faint edges too, which the decoder otherwise draws as a smudge where the
-            object was, and more of what touches it. 2 (the fill as first built used 3) halves what the mini
-            model's erased red stars leave behind on its tuning seeds' complex scenes, for one co-object of 75
-            (`benchmarks/RESULTS.md`, "How far the final fill grows").
+            object was, and more of what touches it. 2 (the fill as first built used 3) leaves a third less of the
+            mini model's erased red stars on its tuning seeds' complex scenes, for one co-object of 75 and a few
+            pixels of a close neighbour's rim (`benchmarks/RESULTS.md`, "How far the final fill grows").
         components (`str`, *optional*, defaults to `"threshold"`):
             How `Â` forms the candidate components every rule judges. `"threshold"`: the paper's, the 8-connected
             regions of `Â >= unsafe_threshold`. `"basin"` (beyond the paper; README): one component per peak of `Â`
