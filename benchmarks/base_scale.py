@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -29,7 +28,17 @@ from dag_safety.config import ERASE_MODES, FILL_REGIONS, HOLD_REGIONS
 from dag_safety.guideline_embedding import GuidelineEmbedding
 from dag_safety.mini import HELDOUT_SEEDS, MODEL_PATH, SAFETY_CONCEPT_TEXT
 
-from .erase import EMBEDDING, ROOT, PromptSet, add_dag_options, complex_prompts, generate, prompt_sets, score_set
+from .erase import (
+    EMBEDDING,
+    ROOT,
+    PromptSet,
+    add_dag_options,
+    complex_prompts,
+    format_residue,
+    generate,
+    prompt_sets,
+    score_set,
+)
 
 TUNING_SEEDS = (1000, 1001, 1002, 1003)
 SCALES = (5.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
@@ -117,12 +126,10 @@ def write_markdown(output: dict, command: str, path: Path) -> None:
         psnr = "identical" if row["psnr_outside_complex"] is None else f"{row['psnr_outside_complex']:.1f}"
         decay = "full" if row.get("fill_decay") is None else f"{row['fill_decay']:g}"
         cap = "none" if row.get("norm_cap") is None else f"{row['norm_cap']:g}"
-        values = row.get("star_residue", {}).values()  # rows saved before the residue was measured have none
-        residue = " / ".join("–" if math.isnan(v) else f"{v:.3f}" for v in values) or "–"
         lines.append(
             f"| {row['base_scale']:g} | {row.get('fill_region', 'nearest')} | {decay} | {cap}"
             f" | {row.get('erase_mode', 'guidance')} | {row['red_stars_left']}"
-            f" | {row['co_objects_kept']} | {psnr} | {residue} |"
+            f" | {row['co_objects_kept']} | {psnr} | {format_residue(row)} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
