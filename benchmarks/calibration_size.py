@@ -16,7 +16,8 @@ and the share of held-out benign generations each threshold would guide (the per
 It then compares, on all the safe captions, the pooled calibration with one that bounds the rate on each
 look-alike kind (`guideline_data.LOOKALIKE_KINDS`) separately, per kind of held-out benign prompt, and what each
 costs: the share of `--heldout` held-out red-star prompts (`erase.py`'s *complex* kind) whose generations it guides.
-Every score is kept in the JSON.
+The embedding's own threshold (from `dag-safety calibrate` on its validation folder) is scored the same way, so that
+embeddings calibrated alike can be compared on prompts none of them saw (`--embedding`). Every score is kept in the JSON.
 
     python -m benchmarks.calibration_size                 # 1,000 + 200 generations (~10 min on one core)
     python -m benchmarks.calibration_size --quick         # smoke test
@@ -43,6 +44,7 @@ from .erase import EMBEDDING, ROOT, benign_prompts, complex_prompts
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--embedding", type=Path, default=EMBEDDING, help="guideline embedding directory")
     parser.add_argument("--safe", type=int, default=1000, help="safe validation captions scored")
     parser.add_argument("--heldout", type=int, default=200, help="held-out benign prompts scored")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200, 500, 1000])
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = DAGStableDiffusionPipeline.from_pretrained(MODEL_PATH, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.enable_dag(EMBEDDING, **({} if args.layers is None else {"layers": tuple(args.layers)}))
+    pipe.enable_dag(str(args.embedding), **({} if args.layers is None else {"layers": tuple(args.layers)}))
     _, safe_scenes = select_validation_scenes(n_unsafe=0, n_safe=args.safe)
     heldout = benign_prompts(args.heldout, HELDOUT_SEEDS[950_000])
     safe = generation_presence_scores(pipe, [scene.caption for scene in safe_scenes], num_inference_steps=steps)
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         _lowest_threshold(safe[safe_kinds == kind], args.target_fpr) for kind in LOOKALIKE_KINDS if kind in safe_kinds
     )
     rules = []
-    for name, threshold in (("pooled", full), ("per look-alike kind", per_kind)):
+    own = pipe.dag_config.presence_threshold
+    for name, threshold in (("pooled", full), ("per look-alike kind", per_kind), ("the embedding's own", own)):
         rules.append(
             {
                 "rule": name,
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             " validation"
             f" captions and {len(held)} held-out benign prompts, each generated once unguided and scored; target"
             f" {args.target_fpr:.0%} of generations guided. All {len(safe)} captions: threshold {full:.4f}, held-out"
-            f" benign generations guided {results['all_captions_heldout_fpr']:.1%} (the committed embedding's"
+            f" benign generations guided {results['all_captions_heldout_fpr']:.1%} (the embedding's"
             f" threshold: {results['embedding_threshold']}). Detection layers:"
             f" {list(args.layers) if args.layers else 'the embedding' + chr(39) + 's own'}."
         ),
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         "",
         (
-            f"Pooled against per-kind calibration, on all {len(safe)} captions; held-out benign generations guided,"
+            f"Pooled against per-kind calibration, on all {len(safe)} captions, and the embedding's own threshold;"
+            " held-out benign generations guided,"
             f" by kind (prompts); held-out red-star prompts' generations guided ({len(star_scores)})."
         ),
         "",

@@ -435,10 +435,17 @@ def test_speed_detection_time_counts_each_detecting_step_and_restores_the_class(
 
 
 def test_calibration_size_quick(tmp_path):
-    """Bootstrap thresholds for each calibration size, and the held-out rate each would guide, from one scoring."""
+    """Bootstrap thresholds for each calibration size, and the held-out rate each would guide, from one scoring;
+    the embedding given (here the committed one with another threshold) is the one scored, its own threshold too."""
     from benchmarks import calibration_size
+    from dag_safety.embeddings import RED_STAR
+    from dag_safety.guideline_embedding import GuidelineEmbedding
+    from dag_safety.optimize import replace_metadata
 
-    calibration_size.main(["--quick", "--out", str(tmp_path / "size")])
+    replace_metadata(GuidelineEmbedding.from_pretrained(RED_STAR), presence_threshold=0.5).save_pretrained(
+        tmp_path / "embedding"
+    )
+    calibration_size.main(["--quick", "--embedding", str(tmp_path / "embedding"), "--out", str(tmp_path / "size")])
     data = json.loads((tmp_path / "size.json").read_text())
     assert data["safe_captions"] == 16 and data["heldout_prompts"] == 8
     assert [row["captions"] for row in data["rows"]] == [8, 16]
@@ -447,9 +454,14 @@ def test_calibration_size_quick(tmp_path):
         assert low <= row["threshold_median"] <= high
         assert 0 <= row["heldout_fpr_median"] <= 1
     assert "| 16 |" in (tmp_path / "size.md").read_text()
-    pooled, per_kind = data["rules"]
-    assert (pooled["rule"], per_kind["rule"]) == ("pooled", "per look-alike kind")
+    pooled, per_kind, own = data["rules"]
+    assert (pooled["rule"], per_kind["rule"], own["rule"]) == ("pooled", "per look-alike kind", "the embedding's own")
     assert per_kind["threshold"] >= pooled["threshold"]  # bounding each kind is stricter than their mix
+    assert own["threshold"] == data["embedding_threshold"] == 0.5
+    scores = {name: np.array(data["scores"][name]) for name in ("safe", "heldout", "red_star")}
+    assert own["validation_guided"] == pytest.approx(np.mean(scores["safe"] >= 0.5))
+    assert own["heldout_guided"] == pytest.approx(np.mean(scores["heldout"] >= 0.5))
+    assert own["red_star_guided"] == pytest.approx(np.mean(scores["red_star"] >= 0.5))
     assert len(data["scores"]["safe"]) == len(data["scores"]["safe_kinds"]) == 16
 
 
